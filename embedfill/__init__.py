@@ -1,0 +1,1 @@
+"""embedfill: backfill a pgvector column from an OpenAI-compatible embeddings API."""

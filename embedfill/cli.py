@@ -1,0 +1,219 @@
+"""The command line: parse, resolve the settings once, delegate, map errors to exit codes."""
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import os
+import sys
+import traceback
+
+from . import config, logs
+from .config import OPTIONS, resolve
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError
+from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
+
+log = logging.getLogger(__name__)
+
+VERBS = ("run", "init", "status", "demo", "search")
+
+EXAMPLES = """\
+examples:
+  python etl.py --workers 4 --batch-size 20
+  nohup python etl.py --workers 4 --batch-size 20 > etl.log 2>&1 &    # rerun to resume
+  python etl.py --dry-run                  # rows, tokens, cost and ranges, no API calls
+  python etl.py init --dimensions 1536     # extension, ledger, column and partial index
+  python etl.py status                     # where the table stands, and whether a run is active
+  python etl.py demo                       # a local foods table, embedded (offline without a key)
+  python etl.py search "김치찌개" --top 5
+
+verbs: run (the default), init, status, demo, search; `python etl.py VERB --help` for each.
+Settings come from flags, then the environment, then config.env (see config.env.example).
+exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
+  3 finished but some rows failed (recorded in etl_failures), 130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+DESCRIPTIONS = {
+    "run": "Fill the pgvector column of every row whose embedding IS NULL, from parallel workers, "
+           "resumable by rerunning.",
+    "init": "Create what the tool relies on, idempotently: the vector extension, the etl_failures ledger, "
+            "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL.",
+    "status": "Show where the configured table stands: rows total (estimate), rows still NULL, failed rows "
+              "and their reasons, and whether a run is active now.",
+    "demo": "Create (or refresh) a foods table like the seed's in the database and backfill it. Without "
+            "OPENAI_API_KEY it embeds offline with the local provider.",
+    "search": "Embed a query with the configured provider and print the nearest rows by cosine distance.",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for a misspelled flag, and exit code 2 for usage errors."""
+
+    def error(self, message):
+        if "unrecognized arguments:" in message:
+            words = message.split("unrecognized arguments:", 1)[1].split()
+            known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+            for word in words:
+                guess = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if guess:
+                    message += f" (did you mean {guess[0]}?)"
+                    break
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _option_help(option):
+    text = option.help
+    details = []
+    if option.env:
+        details.append(f"env {option.env}")
+    if option.default not in (None, ()):
+        details.append(f"default {option.default}")
+    return f"{text} [{', '.join(details)}]" if details else text
+
+
+def build_parser(verb):
+    prog = "etl.py" if verb == "run" else f"etl.py {verb}"
+    parser = Parser(prog=prog, description=DESCRIPTIONS[verb], epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    if verb == "search":
+        parser.add_argument("query", help="the text to look for")
+        parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
+    if verb == "demo":
+        parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
+    if verb in ("run", "demo"):
+        parser.add_argument("--limit", type=_positive, help="stop after N rows [default: all rows]")
+        parser.add_argument("--retry-failed", action="store_true",
+                            help="take rows recorded in etl_failures again (a plain run skips them)")
+        parser.add_argument("--no-truncate", action="store_true",
+                            help="record over-long inputs as failed instead of truncating them")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="plan only: rows, estimated tokens, cost, time and ranges; no API calls")
+        parser.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
+                            help="seconds between progress lines when stderr is not a terminal [default 10]")
+    parser.add_argument("--config", metavar="PATH", help="settings file [default: ./config.env when present]")
+    group = parser.add_argument_group("settings (a flag wins over the environment, which wins over config.env)")
+    for option in OPTIONS:
+        if option.flag:
+            group.add_argument(option.flag, dest=option.dest, type=_flag_type(option), metavar=option.metavar,
+                               help=_option_help(option))
+    return parser
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _flag_type(option):
+    def parse(text):
+        try:
+            return option.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = option.dest
+    return parse
+
+
+def split_verb(argv):
+    if argv and argv[0] in VERBS:
+        return argv[0], argv[1:]
+    return "run", argv
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code."""
+    verb, rest = split_verb(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser(verb).parse_args(rest)
+    level = "INFO"
+    try:
+        flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
+        flags.update(limit=getattr(args, "limit", None), retry_failed=getattr(args, "retry_failed", None),
+                     dry_run=getattr(args, "dry_run", None))
+        if getattr(args, "no_truncate", False):
+            flags["truncate"] = False
+        config_path = args.config or "config.env"
+        file_values = config.read_config_file(config_path, explicit=args.config is not None)
+        preliminary = resolve(flags, os.environ, file_values)
+        level = preliminary.log_level
+        logs.configure(preliminary.log_level, preliminary.log_file)
+        return dispatch(verb, args, flags, file_values, preliminary)
+    except EtlError as error:
+        _report(error, level)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as error:  # a bug: one line unless DEBUG
+        _report(EtlError(f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"),
+                level, error)
+        return EXIT_FATAL
+
+
+def _report(error, level, original=None):
+    if level == "DEBUG":
+        traceback.print_exception(original or error, file=sys.stderr)
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def dispatch(verb, args, flags, file_values, preliminary):
+    from . import admin, demo, driver
+    from .pgserver import embedded_database_url
+
+    embedded = preliminary.database_url is None
+    if embedded:
+        flags = {**flags, "database_url": embedded_database_url(preliminary.pgdata)}
+    extras = {"progress_interval": getattr(args, "progress_interval", 10.0)}
+
+    if verb == "demo":
+        return run_demo(args, flags, file_values, extras, driver, demo)
+    if verb in ("status", "search") and embedded and not preliminary.table:
+        # Without configuration these look at the demo's table, with the demo's provider.
+        flags = _demo_flags(flags, preliminary)
+    if verb == "init":
+        settings = _resolve(flags, file_values, ("table",))
+        return admin.init_schema(settings, sys.stdout)
+    if verb == "status":
+        settings = _resolve(flags, file_values, ("table", "text_columns"))
+        return admin.show_status(settings, sys.stdout)
+    if verb == "search":
+        settings = _resolve(flags, file_values, ("table", "text_columns"))
+        return admin.search(settings, args.query, args.top, sys.stdout)
+    settings = _resolve(flags, file_values, ("table", "text_columns"), extras)
+    return driver.run_backfill(settings)
+
+
+def _resolve(flags, file_values, required, extras=None):
+    settings = resolve(flags, os.environ, file_values, required=required)
+    if extras:
+        settings = dataclasses.replace(settings, extras=extras)
+    return settings
+
+
+def _demo_flags(flags, preliminary):
+    flags = {**flags, "table": "foods", "text_columns": ("name", "category", "description")}
+    if not preliminary.api_key and flags.get("provider") is None:
+        flags["provider"] = "local"
+    return flags
+
+
+def run_demo(args, flags, file_values, extras, driver, demo):
+    flags = _demo_flags(flags, resolve(flags, os.environ, file_values))
+    flags["table"], flags["id_column"], flags["embedding_column"] = "foods", "id", "embedding"
+    settings = _resolve(flags, file_values, (), extras)
+    if settings.provider == "local":
+        dimensions = settings.dimensions or LOCAL_DEFAULT_DIMENSIONS
+        print("no OPENAI_API_KEY: embedding with the offline local provider (lexical hashing, not semantic)",
+              file=sys.stderr)
+    else:
+        info = model_info(settings.model) or model_info(DEFAULT_MODEL)
+        dimensions = settings.dimensions or info.dimensions
+    demo.create_demo_table(settings.database_url, args.rows, dimensions, sys.stdout)
+    code = driver.run_backfill(settings)
+    if code == 0 and not settings.dry_run:
+        print('next: python etl.py search "김치찌개"', file=sys.stdout)
+    return code
+

@@ -1,0 +1,200 @@
+"""Settings: resolved once from command-line flags > environment > config.env, then frozen.
+
+Every configurable name lives in OPTIONS below; the argument parser, the help text,
+config.env.example and the resolution all read that one table.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from dotenv import dotenv_values
+
+from .errors import ConfigError, UsageError
+from .models import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MODEL, LOCAL_MODEL, MAX_INPUTS_PER_REQUEST, model_info
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _batch_size(text):
+    value = _positive_int(text)
+    if value > MAX_INPUTS_PER_REQUEST:
+        raise ValueError(f"must be at most {MAX_INPUTS_PER_REQUEST} (the API's limit of inputs per request)")
+    return value
+
+
+def _columns(text):
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("needs at least one column name")
+    return names
+
+
+def _provider(text):
+    if text not in ("openai", "local"):
+        raise ValueError("must be openai or local")
+    return text
+
+
+def _log_level(text):
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it can come from, its default, how to parse it, what it means."""
+
+    dest: str
+    env: str | None
+    flag: str | None
+    default: object
+    parse: object
+    help: str
+    metavar: str | None = None
+
+
+OPTIONS = [
+    Option("database_url", "DATABASE_URL", "--database-url", None, str,
+           "PostgreSQL connection URL; when unset, an embedded PostgreSQL in ETL_PGDATA is used", "URL"),
+    Option("pgdata", "ETL_PGDATA", "--pgdata", ".pgdata", str,
+           "data folder of the embedded PostgreSQL (used only without DATABASE_URL)", "DIR"),
+    Option("api_key", "OPENAI_API_KEY", None, None, str, "API key of the embeddings provider"),
+    Option("base_url", "OPENAI_BASE_URL", "--base-url", None, str,
+           "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL"),
+    Option("provider", "ETL_PROVIDER", "--provider", "openai", _provider,
+           "openai (any OpenAI-compatible API) or local (offline lexical hashing, no key)", "NAME"),
+    Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str, "embedding model name", "NAME"),
+    Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, _positive_int,
+           "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N"),
+    Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME"),
+    Option("id_column", "ETL_ID_COLUMN", "--id-column", "id", str,
+           "unique, btree-orderable id column (integer, bigint, uuid, text)", "NAME"),
+    Option("text_columns", "ETL_TEXT_COLUMNS", "--text-columns", None, _columns,
+           "comma-separated columns whose non-blank values, joined by newlines, are embedded", "A,B"),
+    Option("embedding_column", "ETL_EMBEDDING_COLUMN", "--embedding-column", "embedding", str,
+           "pgvector column to fill", "NAME"),
+    Option("workers", "ETL_WORKERS", "--workers", 4, _positive_int, "worker processes", "N"),
+    Option("batch_size", "ETL_BATCH_SIZE", "--batch-size", 20, _batch_size,
+           "rows per API request and per commit (at most 2048)", "N"),
+    Option("rpm", "ETL_RPM", "--max-requests-per-minute", None, _positive_float,
+           "request budget shared by all workers (unset: no limit)", "N"),
+    Option("tpm", "ETL_TPM", "--max-tokens-per-minute", None, _positive_float,
+           "token budget shared by all workers (unset: no limit)", "N"),
+    Option("max_attempts", "ETL_MAX_ATTEMPTS", "--max-attempts", 6, _positive_int,
+           "attempts per batch on transient errors before its rows are recorded as failed", "N"),
+    Option("request_timeout", "ETL_REQUEST_TIMEOUT", "--request-timeout", 60.0, _positive_float,
+           "seconds before one API request is abandoned and retried", "S"),
+    Option("max_input_tokens", "ETL_MAX_INPUT_TOKENS", "--max-input-tokens", None, _positive_int,
+           "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N"),
+    Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
+           "USD per million tokens for the cost estimate (default: known OpenAI prices)", "USD"),
+    Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
+    Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
+           "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
+]
+
+OPTIONS_BY_DEST = {option.dest: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, resolved once and passed down (picklable for the worker pool)."""
+
+    database_url: str | None
+    pgdata: str
+    api_key: str | None
+    base_url: str | None
+    provider: str
+    model: str
+    dimensions: int | None
+    table: str | None
+    id_column: str
+    text_columns: tuple
+    embedding_column: str
+    workers: int
+    batch_size: int
+    rpm: float | None
+    tpm: float | None
+    max_attempts: int
+    request_timeout: float
+    max_input_tokens: int | None
+    price: float | None
+    log_file: str | None
+    log_level: str
+    limit: int | None = None
+    truncate: bool = True
+    retry_failed: bool = False
+    dry_run: bool = False
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def input_token_limit(self):
+        """The longest input in tokens that is sent unchanged."""
+        if self.max_input_tokens:
+            return self.max_input_tokens
+        info = model_info(self.model)
+        return info.max_input_tokens if info else DEFAULT_MAX_INPUT_TOKENS
+
+    @property
+    def model_name(self):
+        """The model as reported to the user (the local provider has its own name)."""
+        return LOCAL_MODEL if self.provider == "local" else self.model
+
+
+def read_config_file(path, explicit):
+    """The name=value pairs of a config.env file; {} when the default file is absent."""
+    if not os.path.exists(path):
+        if explicit:
+            raise UsageError(f"config file {path} does not exist (given with --config)")
+        return {}
+    if os.path.isdir(path):
+        raise UsageError(f"config file {path} is a directory")
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
+
+
+def resolve(flags, environ, file_values, required=()):
+    """Build Settings: a flag wins over the environment, which wins over config.env.
+
+    `flags` maps option dest to an already-parsed value (None when not given); values from
+    the environment and the file are parsed here. `required` names dests that must be set.
+    """
+    values = {}
+    for option in OPTIONS:
+        value = flags.get(option.dest)
+        if value is None and option.env:
+            raw = environ.get(option.env)
+            source = "environment"
+            if raw is None or raw == "":
+                raw = file_values.get(option.env)
+                source = "config.env"
+            if raw is not None and raw != "":
+                try:
+                    value = option.parse(raw)
+                except ValueError as error:
+                    raise ConfigError(f"{option.env}={raw!r} in the {source} is invalid: {error}") from None
+        values[option.dest] = option.default if value is None else value
+    for dest in required:
+        if values.get(dest) in (None, ()):
+            option = OPTIONS_BY_DEST[dest]
+            where = f"{option.env} in config.env or the environment"
+            if option.flag:
+                where += f", or pass {option.flag}"
+            raise ConfigError(f"{option.env} is not set: set {where}")
+    for key in ("limit", "truncate", "retry_failed", "dry_run"):
+        if flags.get(key) is not None:
+            values[key] = flags[key]
+    return Settings(**values)

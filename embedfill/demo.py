@@ -1,0 +1,104 @@
+"""`etl.py demo`: a foods table shaped like the seed's, generated fast with COPY, then backfilled."""
+
+import io
+import logging
+import random
+
+from psycopg2 import sql
+
+from . import db
+from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+DEMO_TABLE = "foods"
+DEMO_TEXT_COLUMNS = ("name", "category", "description")
+
+DISHES = [
+    ("김치찌개", "kimchi stew"), ("된장찌개", "soybean paste stew"), ("순두부찌개", "soft tofu stew"),
+    ("부대찌개", "army base stew"), ("비빔밥", "mixed rice with vegetables"), ("돌솥비빔밥", "stone pot bibimbap"),
+    ("불고기", "marinated grilled beef"), ("제육볶음", "spicy stir-fried pork"), ("닭갈비", "spicy stir-fried chicken"),
+    ("삼겹살", "grilled pork belly"), ("갈비탕", "short rib soup"), ("설렁탕", "ox bone soup"),
+    ("삼계탕", "ginseng chicken soup"), ("떡볶이", "spicy rice cakes"), ("김밥", "seaweed rice roll"),
+    ("잡채", "glass noodles with vegetables"), ("냉면", "cold buckwheat noodles"), ("칼국수", "knife-cut noodle soup"),
+    ("김치전", "kimchi pancake"), ("해물파전", "seafood scallion pancake"), ("계란말이", "rolled omelette"),
+    ("미역국", "seaweed soup"), ("콩나물국", "bean sprout soup"), ("오징어볶음", "stir-fried squid"),
+    ("고등어구이", "grilled mackerel"), ("감자조림", "braised potatoes"), ("두부조림", "braised tofu"),
+    ("시금치나물", "seasoned spinach"), ("배추김치", "napa cabbage kimchi"), ("깍두기", "radish kimchi"),
+    ("Caesar salad", "romaine, parmesan, croutons"), ("Margherita pizza", "tomato, mozzarella, basil"),
+    ("Spaghetti carbonara", "egg, pecorino, guanciale"), ("Chicken curry", "spiced chicken in sauce"),
+    ("Beef burger", "grilled patty in a bun"), ("Greek yogurt", "strained cultured milk"),
+    ("Oatmeal", "rolled oats cooked in milk"), ("Miso soup", "fermented soybean broth"),
+    ("Pad thai", "stir-fried rice noodles"), ("Fish and chips", "battered fish with fries"),
+]
+CATEGORIES = {
+    "찌개": "찌개/stew", "탕": "탕/soup", "국": "국/soup", "볶음": "볶음/stir-fry", "구이": "구이/grill",
+    "전": "전/pancake", "김치": "김치/kimchi", "조림": "조림/braise", "밥": "밥/rice", "면": "면/noodles",
+}
+STYLES = ["", "매운 ", "순한 ", "집밥 ", "Homemade ", "Spicy ", "Low-salt ", "Vegan "]
+
+
+def _category(name):
+    for suffix, category in CATEGORIES.items():
+        if suffix in name:
+            return category
+    return "기타/other"
+
+
+def generate_rows(count, seed=42):
+    """Yield COPY text lines: name, category, description (nutrients per 100 g written as text)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        name, english = DISHES[rng.randrange(len(DISHES))]
+        style = STYLES[rng.randrange(len(STYLES))]
+        kcal = rng.randint(40, 600)
+        protein, fat, carbs = rng.uniform(0, 30), rng.uniform(0, 35), rng.uniform(0, 80)
+        sodium = rng.randint(50, 1800)
+        description = (f"{english}. 100 g당 열량 {kcal} kcal, 단백질 {protein:.1f} g, 지방 {fat:.1f} g, "
+                       f"탄수화물 {carbs:.1f} g, 나트륨 {sodium} mg")
+        yield f"{style}{name}\t{_category(name)}\t{description}\n"
+
+
+class _LineReader(io.RawIOBase):
+    """A file-like object over a generator of lines, so COPY streams without building a list."""
+
+    def __init__(self, lines):
+        self._lines = lines
+        self._buffer = b""
+
+    def readable(self):
+        return True
+
+    def readinto(self, target):
+        while len(self._buffer) < len(target):
+            chunk = "".join(line for _, line in zip(range(2000), self._lines))
+            if not chunk:
+                break
+            self._buffer += chunk.encode("utf-8")
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+
+def create_demo_table(url, rows, dimensions, out):
+    """Drop and recreate `foods` with `rows` generated rows, NULL embeddings and the partial index."""
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(db.load_sql("extension"))
+            cur.execute(sql.SQL(db.load_sql("demo_table")).format(dimensions=sql.Literal(dimensions)))
+            cur.copy_expert("COPY foods (name, category, description) FROM STDIN",
+                            io.BufferedReader(_LineReader(generate_rows(rows)), buffer_size=1 << 20))
+            cur.execute(db.load_sql("ledger"))
+            cur.execute("DELETE FROM etl_failures WHERE table_name = 'public.foods'")
+        conn.commit()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE INDEX IF NOT EXISTS foods_embedding_null_idx ON foods (id) WHERE embedding IS NULL")
+            cur.execute("ANALYZE foods")
+    except Exception as error:
+        raise DatabaseError(f"could not create the demo table: {db.first_line(error)}") from error
+    finally:
+        conn.close()
+    print(f"demo table foods: {rows} rows, embedding vector({dimensions})", file=out, flush=True)

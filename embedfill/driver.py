@@ -1,0 +1,216 @@
+"""The driver: checks the table, plans the ranges, runs the worker pool, reports, picks the exit code."""
+
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+import time
+
+from . import db, planner
+from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied)
+from .embedders import make_embedder
+from .models import estimate_cost
+from .progress import Progress, format_eta
+from .ratelimit import RateLimiter
+from .shared import SharedState
+from .tokens import count_tokens, load_encoding
+from .worker import embed_range, init_worker
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 7.0       # after SIGINT/SIGTERM, how long in-flight batches may finish
+POLL_SECONDS = 0.2
+
+
+def prepare(settings):
+    """Check the table, make sure the ledger exists, plan the ranges (one short connection)."""
+    conn = db.connect(settings.database_url)
+    try:
+        target = db.inspect_target(conn, settings)
+        db.ensure_ledger(conn)
+        if not db.has_partial_index(conn, target):
+            statement, _ = db.partial_index_sql(target)
+            log.warning("no partial index on %s WHERE %s IS NULL: every claim scans more than it needs. "
+                        "Create it with: %s (or run `python etl.py init`)",
+                        target.display, target.embedding_column, statement)
+        ranges = planner.plan_ranges(conn, target, settings.workers)
+    finally:
+        conn.close()
+    return target, ranges
+
+
+class _Counts:
+    """Rows to embed and known failures, counted in the background once the workers run."""
+
+    def __init__(self, settings, target):
+        self.settings = settings
+        self.target = target
+        self.null_rows = None
+        self.known_failures = 0
+        self.ready = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self._count, name="count", daemon=True).start()
+
+    def _count(self):
+        try:
+            conn = db.connect(self.settings.database_url)
+            try:
+                self.null_rows = db.count_null(conn, self.target)
+                if not self.settings.retry_failed:
+                    self.known_failures = db.count_known_failures(conn, self.target)
+            finally:
+                conn.close()
+        except Exception:  # the total only feeds the display
+            log.debug("counting the rows to embed failed", exc_info=True)
+        self.ready.set()
+
+    def total(self):
+        if self.null_rows is None:
+            return None
+        total = self.null_rows - self.known_failures
+        if self.settings.limit is not None:
+            total = min(total, self.settings.limit)
+        return max(total, 0)
+
+
+def run_backfill(settings, out=None):
+    """Fill the embedding column; returns the process exit code."""
+    out = out or sys.stdout
+    started = time.monotonic()
+    if settings.provider == "openai":
+        make_embedder(settings)  # fails fast on a missing key; the real clients live in the workers
+    target, ranges = prepare(settings)
+    load_encoding()  # once, before the fork, so every worker shares it
+    if settings.dry_run:
+        return dry_run(settings, target, ranges, out)
+
+    context = multiprocessing.get_context("fork")
+    shared = SharedState(context, settings.workers, settings.limit)
+    limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        shared.request_stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
+    counts = _Counts(settings, target)
+    fatal = None
+    pool = context.Pool(settings.workers, initializer=init_worker, initargs=(settings, target, shared, limiter))
+    try:
+        results = pool.imap_unordered(embed_range, ranges)
+        counts.start()
+        stop_seen = None
+        total_applied = False
+        while True:
+            try:
+                results.next(timeout=POLL_SECONDS)
+            except multiprocessing.TimeoutError:
+                pass
+            except StopIteration:
+                break
+            except EtlError as error:
+                fatal = fatal or error
+                shared.request_stop(fatal=True)
+            if counts.ready.is_set() and not total_applied:
+                total_applied = True
+                progress.set_total(counts.total())
+                if counts.known_failures:
+                    log.info("skipping %d rows recorded in etl_failures (use --retry-failed to take them again)",
+                             counts.known_failures)
+            progress.update(shared.totals())
+            if not shared.stopping() and shared.workers_started > settings.workers:
+                fatal = WorkerDied("a worker process died unexpectedly (killed by the OOM killer or a signal?); "
+                                   "its batch was rolled back: rerun to resume")
+                shared.request_stop(fatal=True)
+            if shared.stopping():
+                # In-flight batches may finish; past the grace period (or at a second Ctrl-C)
+                # the workers are terminated and PostgreSQL rolls their batches back.
+                stop_seen = stop_seen or time.monotonic()
+                waited = time.monotonic() - stop_seen
+                if waited > GRACE_SECONDS or len(received) > 1:
+                    log.warning("stopping workers that did not finish within %.1f s; their batches roll back",
+                                waited)
+                    break
+    finally:
+        pool.terminate() if shared.stopping() else pool.close()
+        pool.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        progress.update(shared.totals(), force_line=True)
+        progress.close()
+
+    counts.ready.wait(timeout=2.0)
+    totals = shared.totals()
+    elapsed = time.monotonic() - started
+    print(summary_line(settings, totals, elapsed, counts.known_failures), file=out, flush=True)
+    if totals["truncated"]:
+        log.warning("%d inputs were longer than %d tokens and were truncated before sending",
+                    totals["truncated"], settings.input_token_limit)
+    if fatal is not None:
+        raise EtlError(str(fatal))
+    if received:
+        signum = received[0]
+        log.warning("interrupted by %s: committed batches are kept; rerun to resume", signal.Signals(signum).name)
+        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+    if totals["failed"]:
+        log.warning("%d rows could not be embedded; each is recorded in etl_failures "
+                    "(`python etl.py status` shows why; rerun with --retry-failed to try them again)",
+                    totals["failed"])
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def summary_line(settings, totals, elapsed, skipped):
+    rate = (totals["embedded"] + totals["failed"]) / elapsed if elapsed > 0 else 0.0
+    cost = estimate_cost(settings.model_name, totals["tokens"], settings.price)
+    return (
+        f"summary embedded={totals['embedded']} failed={totals['failed']} skipped_known_failures={skipped} "
+        f"elapsed_s={elapsed:.1f} rows_per_s={rate:.1f} tokens={totals['tokens']} "
+        f"cost_usd={'unknown' if cost is None else f'{cost:.4f}'} requests={totals['requests']} "
+        f"retries={totals['retries']} rate_limited={totals['rate_limited']} truncated={totals['truncated']}"
+    )
+
+
+def dry_run(settings, target, ranges, out):
+    """Plan without calling the API: rows, tokens, cost, time at the rate limits, ranges."""
+    conn = db.connect(settings.database_url)
+    try:
+        null_rows = db.count_null(conn, target)
+        known = 0 if settings.retry_failed else db.count_known_failures(conn, target)
+        with conn.cursor() as cur:
+            cur.execute(target.query("sample_texts"), {"limit": 1000})
+            samples = cur.fetchall()
+        conn.rollback()
+    finally:
+        conn.close()
+    from .worker import row_text
+
+    rows = max(0, null_rows - known)
+    if settings.limit is not None:
+        rows = min(rows, settings.limit)
+    texts = [row_text(values) for values in samples]
+    texts = [text for text in texts if text]
+    mean = sum(min(count_tokens(t), settings.input_token_limit) for t in texts) / len(texts) if texts else 0.0
+    tokens = int(mean * rows)
+    cost = estimate_cost(settings.model_name, tokens, settings.price)
+    minutes = []
+    if settings.tpm:
+        minutes.append(tokens / settings.tpm)
+    if settings.rpm:
+        minutes.append(rows / settings.batch_size / settings.rpm)
+    print(f"dry-run table={target.display} rows_to_embed={rows} skipped_known_failures={known} "
+          f"estimated_tokens={tokens} tokens_per_row={mean:.1f} sample_rows={len(samples)} "
+          f"estimated_cost_usd={'unknown' if cost is None else f'{cost:.4f}'} "
+          f"estimated_time={format_eta(max(minutes) * 60) if minutes else 'unbounded (no ETL_TPM or ETL_RPM set)'} "
+          f"model={settings.model_name} workers={settings.workers} batch_size={settings.batch_size} "
+          f"ranges={len(ranges)}", file=out)
+    for index, (after, upto) in enumerate(ranges):
+        worker = index % settings.workers + 1
+        low = "(start" if after is None else f"({after}"
+        high = "end)" if upto is None else f"{upto}]"
+        print(f"range {index + 1}: {low}, {high} first taken by w{worker}", file=out)
+    return EXIT_OK

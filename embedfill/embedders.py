@@ -1,0 +1,238 @@
+"""Embedding providers behind one interface: `embed(texts) -> Embedding`.
+
+The worker never knows which provider it has. Provider errors are wrapped here, once, into
+the project's own exception types (errors.py), which say whether to retry, split or stop.
+"""
+
+import base64
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .errors import ConfigError, FatalProviderError, InvalidInputError, TransientProviderError
+from .models import LOCAL_DEFAULT_DIMENSIONS
+from .tokens import count_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Embedding:
+    """The vectors of one request, row i for input i, plus what the provider reported."""
+
+    vectors: np.ndarray
+    tokens: int
+    headers: dict
+
+
+class Embedder:
+    """The interface: turn a list of non-empty texts into a float32 matrix, in input order."""
+
+    name = "embedder"
+
+    def embed(self, texts):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+def make_embedder(settings, column_dimensions=None):
+    """The provider the settings ask for (created inside the process that uses it).
+
+    The local provider makes vectors of any size: EMBEDDING_DIMENSIONS, else the column's."""
+    if settings.provider == "local":
+        return LocalEmbedder(settings.dimensions or column_dimensions or LOCAL_DEFAULT_DIMENSIONS)
+    if not settings.api_key:
+        raise ConfigError(
+            "OPENAI_API_KEY is not set: put it in config.env or the environment "
+            "(or use --provider local for offline lexical embeddings)"
+        )
+    return OpenAIEmbedder(settings)
+
+
+def retry_after_seconds(headers):
+    """Seconds the server asked us to wait (retry-after-ms, retry-after), or None."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+                return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_reset(value):
+    """OpenAI's x-ratelimit-reset-* values ('1s', '6m0s', '120ms', '0.5') in seconds, or None."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    total, matched = 0.0, False
+    for number, unit in _DURATION_PART.findall(value):
+        matched = True
+        total += float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return total if matched else None
+
+
+class OpenAIEmbedder(Embedder):
+    """Any OpenAI-compatible /embeddings endpoint, through the official SDK.
+
+    The SDK's own retries are off (max_retries=0): the worker's retry loop owns the whole
+    budget (--max-attempts) and shares 429 cool-downs across processes.
+    """
+
+    def __init__(self, settings):
+        import openai
+
+        self._openai = openai
+        self.model = settings.model
+        self.dimensions = settings.dimensions
+        self.base_url = settings.base_url or "https://api.openai.com/v1"
+        self.client = openai.OpenAI(
+            api_key=settings.api_key,
+            base_url=settings.base_url,
+            max_retries=0,
+            timeout=settings.request_timeout,
+        )
+        self.name = settings.model
+
+    def embed(self, texts):
+        openai = self._openai
+        params = {"input": list(texts), "model": self.model, "encoding_format": "base64"}
+        if self.dimensions:
+            params["dimensions"] = self.dimensions
+        try:
+            raw = self.client.embeddings.with_raw_response.create(**params)
+            response = raw.parse()
+        except openai.APITimeoutError as error:
+            raise TransientProviderError(f"request timed out ({error})") from error
+        except openai.APIConnectionError as error:
+            cause = error.__cause__ or error
+            raise TransientProviderError(f"connection error: {type(cause).__name__}: {cause}") from error
+        except openai.APIStatusError as error:
+            raise self._wrap_status(error) from error
+        except (openai.APIResponseValidationError, ValueError) as error:
+            raise TransientProviderError(f"malformed response: {error}") from error
+        return Embedding(self._matrix(response.data, len(texts)), _usage(response), dict(raw.headers))
+
+    def _wrap_status(self, error):
+        status = error.status_code
+        message = _api_message(error)
+        headers = error.response.headers if error.response is not None else None
+        if status in (401, 403):
+            return FatalProviderError(
+                f"the API refused the key ({status}: {message}); check OPENAI_API_KEY"
+                + ("" if status == 401 else " and the key's access to the model")
+            )
+        if status == 404:
+            return FatalProviderError(
+                f"model {self.model} was not found at {self.base_url} (404: {message}); "
+                "check EMBEDDING_MODEL and OPENAI_BASE_URL"
+            )
+        if status == 429:
+            if "insufficient_quota" in (getattr(error, "code", None) or "") or "quota" in message.lower() and "exceeded" in message.lower():
+                return FatalProviderError(f"the account's quota is used up (429: {message}); check billing")
+            return TransientProviderError(f"rate limited (429: {message})", retry_after_seconds(headers), True)
+        if status in (408, 409) or status >= 500:
+            return TransientProviderError(f"server error ({status}: {message})", retry_after_seconds(headers))
+        if status in (400, 413, 422):
+            return InvalidInputError(f"{status}: {message}")
+        return FatalProviderError(f"the API answered {status}: {message}")
+
+    def _matrix(self, data, count):
+        """Place each embedding at the row of its input, by `index` (never by position)."""
+        if len(data) != count:
+            raise TransientProviderError(f"the API returned {len(data)} embeddings for {count} inputs")
+        rows = [None] * count
+        for item in data:
+            index = item.index
+            if not isinstance(index, int) or not 0 <= index < count or rows[index] is not None:
+                raise TransientProviderError(f"the API returned a bad or repeated index {index!r}")
+            value = item.embedding
+            if isinstance(value, str):
+                rows[index] = np.frombuffer(base64.b64decode(value), dtype="<f4")
+            else:  # servers that ignore encoding_format send floats
+                rows[index] = np.asarray(value, dtype=np.float32)
+        widths = {row.shape[0] for row in rows}
+        if len(widths) != 1:
+            raise TransientProviderError(f"the API returned vectors of different lengths {sorted(widths)}")
+        return np.vstack(rows).astype(np.float32, copy=False)
+
+    def close(self):
+        self.client.close()
+
+
+def _usage(response):
+    usage = getattr(response, "usage", None)
+    tokens = getattr(usage, "prompt_tokens", None) or getattr(usage, "total_tokens", None)
+    return int(tokens or 0)
+
+
+def _api_message(error):
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"]).splitlines()[0][:300]
+        if isinstance(inner, str):
+            return inner[:300]
+    return str(error).splitlines()[0][:300]
+
+
+class LocalEmbedder(Embedder):
+    """Offline lexical embeddings: feature hashing of character n-grams and words.
+
+    Deterministic, any dimension, works for any script (Korean included). It captures
+    spelling overlap, not meaning: "김치찌개" is near "김치전", not near "stew".
+    """
+
+    name = "local-hashing"
+
+    def __init__(self, dimensions):
+        self.dimensions = dimensions
+
+    def embed(self, texts):
+        matrix = np.zeros((len(texts), self.dimensions), dtype=np.float32)
+        tokens = 0
+        for row, text in enumerate(texts):
+            features = _features(text)
+            hashes = np.fromiter((zlib.crc32(f.encode("utf-8")) for f in features), dtype=np.uint64,
+                                 count=len(features))
+            signs = np.where(hashes & (1 << 31), -1.0, 1.0).astype(np.float32)
+            np.add.at(matrix[row], (hashes % self.dimensions).astype(np.intp), signs)
+            norm = float(np.linalg.norm(matrix[row]))
+            if norm > 0:
+                matrix[row] /= norm
+            tokens += count_tokens(text)
+        return Embedding(matrix, tokens, {})
+
+
+def _features(text):
+    normalized = " ".join(text.lower().split())
+    padded = f" {normalized} "
+    grams = [padded[i:i + n] for n in (2, 3) for i in range(len(padded) - n + 1)]
+    words = ["w:" + word for word in normalized.split()]
+    return grams + words or ["<empty>"]

@@ -1,0 +1,56 @@
+"""The project's exception types and the exit codes they map to (documented in README.md)."""
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class EtlError(Exception):
+    """A failure the user can act on: its message is one line, printed without a traceback."""
+
+    exit_code = EXIT_FATAL
+
+
+class UsageError(EtlError):
+    """Bad command-line or configuration input (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(EtlError):
+    """A setting is missing or wrong (exit 1)."""
+
+
+class DatabaseError(EtlError):
+    """The database is unreachable or the table is not what the configuration says."""
+
+
+class ProviderError(EtlError):
+    """An error from the embeddings provider, wrapped once from the SDK's exception."""
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying: 408/409/429/5xx, a timeout, a dropped connection."""
+
+    def __init__(self, message, retry_after=None, rate_limited=False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.rate_limited = rate_limited
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.retry_after, self.rate_limited))
+
+
+class InvalidInputError(ProviderError):
+    """The provider refused the inputs of a request (400/422): split the batch to find the culprit."""
+
+
+class FatalProviderError(ProviderError):
+    """Bad key, no access, unknown model, a dimension mismatch: stop every worker."""
+
+
+class WorkerDied(EtlError):
+    """A worker process ended without reporting (OOM killer, segfault)."""

@@ -1,0 +1,43 @@
+"""What the tool knows about embedding models: the one place for names, sizes and prices."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    dimensions: int
+    max_input_tokens: int
+    usd_per_million_tokens: float
+
+
+# Prices are OpenAI's list prices (standard tier) per million input tokens; override with
+# ETL_PRICE_PER_MILLION_TOKENS for other providers or tiers.
+KNOWN_MODELS = {
+    "text-embedding-3-small": ModelInfo(1536, 8191, 0.02),
+    "text-embedding-3-large": ModelInfo(3072, 8191, 0.13),
+    "text-embedding-ada-002": ModelInfo(1536, 8191, 0.10),
+}
+
+DEFAULT_MODEL = "text-embedding-3-small"
+DEFAULT_MAX_INPUT_TOKENS = 8191
+LOCAL_MODEL = "local-hashing"
+LOCAL_DEFAULT_DIMENSIONS = 256
+
+# Limits of one request to the OpenAI embeddings endpoint.
+MAX_INPUTS_PER_REQUEST = 2048
+MAX_TOKENS_PER_REQUEST = 300_000
+
+
+def model_info(model):
+    """The known facts about `model`, or None for a model this tool has no table entry for."""
+    return KNOWN_MODELS.get(model)
+
+
+def estimate_cost(model, tokens, price_override=None):
+    """US dollars for `tokens` input tokens, or None when the price is unknown."""
+    if price_override is not None:
+        return tokens * price_override / 1e6
+    info = model_info(model)
+    if info is None:
+        return 0.0 if model == LOCAL_MODEL else None
+    return tokens * info.usd_per_million_tokens / 1e6

@@ -1,0 +1,81 @@
+"""The one progress display, in the parent, fed by the workers' shared counters.
+
+On a terminal it is a tqdm bar that starts at once (its total arrives when the count
+through the partial index finishes). Elsewhere (nohup, a log file) it is a plain log line
+every --progress-interval seconds, always with the same key=value pairs.
+"""
+
+import logging
+import time
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def format_eta(seconds):
+    if seconds is None:
+        return "unknown"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Progress:
+    def __init__(self, stream, interval=10.0, tty=None):
+        self.stream = stream
+        self.interval = interval
+        self.tty = stream.isatty() if tty is None else tty
+        self.started = time.monotonic()
+        self.total = None
+        self._last_line = self.started
+        self._done = 0
+        self.bar = None
+        if self.tty:
+            self.bar = tqdm(total=None, unit="row", file=stream, dynamic_ncols=True, smoothing=0.1,
+                            desc="embedding")
+
+    def set_total(self, total):
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def rate(self):
+        elapsed = time.monotonic() - self.started
+        return self._done / elapsed if elapsed > 0 else 0.0
+
+    def eta(self):
+        rate = self.rate()
+        if self.total is None or rate <= 0:
+            return None
+        return max(0.0, (self.total - self._done) / rate)
+
+    def update(self, totals, force_line=False):
+        done = totals["embedded"] + totals["failed"]
+        if self.bar is not None:
+            if done > self._done:
+                self.bar.update(done - self._done)
+            self.bar.set_postfix(failed=totals["failed"], refresh=False)
+            self._done = done
+            return
+        self._done = done
+        now = time.monotonic()
+        if force_line or now - self._last_line >= self.interval:
+            self._last_line = now
+            log.info("%s", self.line(totals))
+
+    def line(self, totals):
+        """The parseable progress line: the same keys every time."""
+        total = "unknown" if self.total is None else self.total
+        eta = self.eta()
+        return (
+            f"progress done={self._done} embedded={totals['embedded']} failed={totals['failed']} "
+            f"total={total} rows_per_s={self.rate():.1f} eta={format_eta(eta)} "
+            f"elapsed={format_eta(time.monotonic() - self.started)}"
+        )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,92 @@
+"""State shared by the parent and the worker processes, in lock-free shared memory where it can be.
+
+Counters are per worker slot: each process writes only its own slot, so a worker killed
+mid-update can never leave a lock held that the parent would wait on.
+"""
+
+import time
+
+FIELDS = ("embedded", "failed", "tokens", "requests", "retries", "rate_limited", "truncated")
+
+RUNNING, STOPPING, FATAL = 0, 1, 2
+
+
+class SharedState:
+    """Created by the parent before the pool; inherited by each worker through the initializer."""
+
+    def __init__(self, context, workers, limit=None):
+        self.slots = workers * 4 + 4
+        self._counters = context.RawArray("q", self.slots * len(FIELDS))
+        self._stop = context.RawValue("i", RUNNING)
+        self._started = context.Value("i", 0)
+        self._limit_left = context.Value("q", -1 if limit is None else limit)
+        self.workers = workers
+        self.slot = None
+
+    # --- worker side -------------------------------------------------------------------
+    def register_worker(self):
+        """Take a counter slot for this process; returns its 1-based worker number."""
+        with self._started.get_lock():
+            self._started.value += 1
+            number = self._started.value
+        self.slot = min(number, self.slots) - 1
+        return number
+
+    def add(self, **amounts):
+        base = self.slot * len(FIELDS)
+        for name, amount in amounts.items():
+            if amount:
+                self._counters[base + FIELDS.index(name)] += amount
+
+    def reserve_rows(self, wanted):
+        """Rows this worker may still claim under --limit (all of `wanted` without a limit)."""
+        with self._limit_left.get_lock():
+            left = self._limit_left.value
+            if left < 0:
+                return wanted
+            granted = min(wanted, left)
+            self._limit_left.value = left - granted
+            return granted
+
+    def release_rows(self, unused):
+        if unused > 0:
+            with self._limit_left.get_lock():
+                if self._limit_left.value >= 0:
+                    self._limit_left.value += unused
+
+    # --- both sides ----------------------------------------------------------------------
+    @property
+    def state(self):
+        return self._stop.value
+
+    def stopping(self):
+        return self._stop.value != RUNNING
+
+    def request_stop(self, fatal=False):
+        if fatal:
+            self._stop.value = FATAL
+        elif self._stop.value == RUNNING:
+            self._stop.value = STOPPING
+
+    def sleep(self, seconds):
+        """Sleep up to `seconds`, waking early when a stop is requested; True if stopped."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 0.1))
+        return True
+
+    # --- parent side ---------------------------------------------------------------------
+    @property
+    def workers_started(self):
+        return self._started.value
+
+    def totals(self):
+        sums = dict.fromkeys(FIELDS, 0)
+        for slot in range(self.slots):
+            base = slot * len(FIELDS)
+            for index, name in enumerate(FIELDS):
+                sums[name] += self._counters[base + index]
+        return sums

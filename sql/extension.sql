@@ -1,0 +1,2 @@
+-- pgvector must be installed in the database; idempotent.
+CREATE EXTENSION IF NOT EXISTS vector;

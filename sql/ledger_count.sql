@@ -1,0 +1,1 @@
+SELECT count(*) FROM etl_failures WHERE table_name = %(table_name)s;
