@@ -113,7 +113,7 @@ class OpenAIEmbedder(Embedder):
         self.base_url = settings.base_url or "https://api.openai.com/v1"
         self.client = openai.OpenAI(
             api_key=settings.api_key,
-            base_url=settings.base_url,
+            base_url=self.base_url,
             max_retries=0,
             timeout=settings.request_timeout,
         )

@@ -22,7 +22,7 @@ MAX_SAMPLE_PAGES = 50_000     # never sample more than this (400 MB) before fall
 
 def plan_ranges(conn, target, workers):
     """[(after, upto), ...] with text bounds (None = open) covering every id."""
-    pieces = max(1, workers * RANGES_PER_WORKER)
+    pieces = 1 if workers <= 1 else workers * RANGES_PER_WORKER
     if pieces == 1:
         return [(None, None)]
     fractions = [k / pieces for k in range(1, pieces)]

@@ -99,7 +99,7 @@ class Worker:
                 self.store.rollback()
                 self.shared.release_rows(granted)
                 break
-            except psycopg2.OperationalError as error:
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
                 self.shared.release_rows(granted)
                 self._reconnect(error)
                 continue  # the batch was rolled back: claim it again from the same place

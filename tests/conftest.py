@@ -129,7 +129,7 @@ def make_foods(conn, rows, table="foods", id_type="bigint", dims=8, ids=None, te
             if texts is not None:
                 name, category, description = texts[position]
             else:
-                name, category, description = f"food {row_id}", f"category {row_id % 7}", f"description of {row_id}"
+                name, category, description = f"food {row_id}", f"category {position % 7}", f"description of {row_id}"
             values.append((row_id, name, category, description))
         from psycopg2.extras import execute_values
 

@@ -77,6 +77,8 @@ class FakeOpenAI:
             self.tokens_served = 0
             self.first_request_at = None
             self.auth_failures = 0
+            self.batch_sizes = []
+            self.arrivals = []
 
     def add_faults(self, *actions):
         """Queue actions for the next requests: {'status': 429, 'headers': {...}}, {'drop': True},
@@ -142,6 +144,7 @@ class FakeOpenAI:
         """(status, response headers, payload dict or None for a dropped connection, hang seconds)."""
         with self.lock:
             self.requests += 1
+            self.arrivals.append(time.monotonic())
             if self.first_request_at is None:
                 self.first_request_at = time.time()
             action = self.script.popleft() if self.script else None
@@ -205,6 +208,7 @@ class FakeOpenAI:
             random.shuffle(data)
         with self.lock:
             self.inputs += len(inputs)
+            self.batch_sizes.append(len(inputs))
             self.texts.update(inputs)
             self.tokens_served += total
         self._count_status(200)

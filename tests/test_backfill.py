@@ -1,13 +1,176 @@
-"""The backfill end to end: every row gets the vector of its own text, through the real CLI."""
+"""The backfill end to end through the real CLI: every row gets the vector of its own text."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
 
 from tests.conftest import check_table, env_for_table, make_foods
+
+DIMS = {"EMBEDDING_DIMENSIONS": 8}
+
+
+def run_ok(etl, *args, **env):
+    result = etl.run(*args, **env_for_table(**DIMS, **env))
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_every_row_gets_the_vector_of_its_own_text(etl, db):
     make_foods(db, 500)
-    result = etl.run("--workers", "4", "--batch-size", "20", **env_for_table(EMBEDDING_DIMENSIONS=8))
-    assert result.returncode == 0, result.stderr
+    result = run_ok(etl, "--workers", "4", "--batch-size", "20")
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 500
     assert "summary embedded=500 failed=0" in result.stdout
     assert etl.fake.inputs == 500
+    assert max(etl.fake.batch_sizes) == 20
+    assert max(etl.fake.texts.values()) == 1  # nothing embedded twice
+
+
+def test_rows_that_already_have_a_vector_are_untouched(etl, db):
+    make_foods(db, 200)
+    with db.cursor() as cur:
+        cur.execute("UPDATE foods SET embedding = '[1,1,1,1,1,1,1,1]' WHERE id % 3 = 0")
+    run_ok(etl, "--workers", "2")
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM foods WHERE id % 3 = 0 AND embedding = '[1,1,1,1,1,1,1,1]'")
+        assert cur.fetchone()[0] == 66
+    assert etl.fake.inputs == 200 - 66
+    embedded, null = check_table_except_preset(db)
+    assert null == [] and len(embedded) == 134
+
+
+def check_table_except_preset(db):
+    with db.cursor() as cur:
+        cur.execute("CREATE TEMP VIEW rest AS SELECT * FROM foods WHERE id % 3 <> 0")
+    return check_table(db, table="rest")
+
+
+def test_ids_with_gaps(etl, db):
+    ids = sorted(set(np.random.default_rng(7).integers(1, 10_000_000, size=700).tolist()))
+    make_foods(db, 0, ids=ids)
+    run_ok(etl, "--workers", "3", "--batch-size", "17")
+    embedded, null = check_table(db)
+    assert null == [] and sorted(map(int, embedded)) == ids
+
+
+@pytest.mark.parametrize("id_type", ["uuid", "text", "integer"])
+def test_other_id_types(etl, db, id_type):
+    import uuid
+
+    if id_type == "uuid":
+        ids = [str(uuid.UUID(int=int(x))) for x in np.random.default_rng(3).integers(0, 2**62, size=300)]
+    elif id_type == "text":
+        ids = [f"Food-{n}" for n in range(300)] + ["a", "B", "ä", "10", "9"]
+    else:
+        ids = list(range(-150, 150))
+    make_foods(db, 0, ids=ids, id_type=id_type)
+    run_ok(etl, "--workers", "4", "--batch-size", "9")
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == len(ids)
+    assert max(etl.fake.texts.values()) == 1
+
+
+def test_null_and_blank_text_and_several_columns(etl, db):
+    texts = [
+        ("김치찌개", None, "spicy stew"),        # NULL in the middle is skipped
+        ("  ", "soup", ""),                      # blank values are skipped
+        (None, None, None),                      # nothing to embed
+        ("", "   ", None),                       # only blanks: nothing to embed
+        (" padded ", "x", "line1\nline2"),       # values are otherwise unchanged
+    ]
+    make_foods(db, 0, ids=[1, 2, 3, 4, 5], texts=texts)
+    result = etl.run(**env_for_table(**DIMS))
+    assert result.returncode == 3, result.stderr
+    embedded, null = check_table(db)
+    assert sorted(embedded) == ["1", "2", "5"] and sorted(null) == ["3", "4"]
+    assert set(etl.fake.texts) == {"김치찌개\nspicy stew", "soup", " padded \nx\nline1\nline2"}
+    with db.cursor() as cur:
+        cur.execute("SELECT row_id, reason FROM etl_failures ORDER BY row_id")
+        assert cur.fetchall() == [("3", "empty text"), ("4", "empty text")]
+    assert "summary embedded=3 failed=2" in result.stdout
+
+
+def test_limit_stops_after_n_rows_and_a_rerun_resumes(etl, db):
+    make_foods(db, 300)
+    result = run_ok(etl, "--limit", "70", "--workers", "3", "--batch-size", "20")
+    assert "summary embedded=70 " in result.stdout
+    embedded, null = check_table(db)
+    assert len(embedded) == 70 and len(null) == 230
+    result = run_ok(etl, "--workers", "3")
+    embedded, null = check_table(db)
+    assert len(embedded) == 300 and null == []
+    assert etl.fake.inputs == 300  # the rerun only looked at rows still NULL
+    assert "summary embedded=230 " in result.stdout
+
+
+def test_resume_after_a_partial_run_with_skewed_nulls(etl, db):
+    make_foods(db, 1000)
+    with db.cursor() as cur:  # a previous run embedded the first 900 ids
+        cur.execute("UPDATE foods SET embedding = array_fill(0.5, ARRAY[8])::vector WHERE id <= 900")
+    run_ok(etl, "--workers", "4", "--batch-size", "10")
+    assert etl.fake.inputs == 100
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM foods WHERE embedding IS NULL")
+        assert cur.fetchone()[0] == 0
+
+
+def test_two_runs_at_once_never_embed_a_row_twice(etl, db):
+    make_foods(db, 1500)
+    etl.fake.latency = 0.03
+    env = env_for_table(**DIMS)
+    first = etl.start("--workers", "3", "--batch-size", "10", **env)
+    second = etl.start("--workers", "3", "--batch-size", "10", **env)
+    out1, err1 = first.communicate(timeout=120)
+    out2, err2 = second.communicate(timeout=120)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 1500
+    assert max(etl.fake.texts.values()) == 1
+    assert etl.fake.inputs == 1500
+    counts = [int(out.split("embedded=")[1].split()[0]) for out in (out1, out2)]
+    assert sum(counts) == 1500
+    assert min(counts) > 0  # both runs really worked on the table at the same time
+
+
+def test_schema_qualified_table_and_custom_columns(etl, db):
+    with db.cursor() as cur:
+        cur.execute("CREATE SCHEMA catalog")
+        cur.execute('CREATE TABLE catalog."Items" (item_no bigint PRIMARY KEY, title text, body text, vec vector(8))')
+        cur.execute("INSERT INTO catalog.\"Items\" SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 50) g")
+    result = etl.run("--table", "catalog.Items", "--id-column", "item_no", "--text-columns", "title,body",
+                     "--embedding-column", "vec", **DIMS)
+    assert result.returncode == 0, result.stderr
+    assert "no partial index on catalog.Items WHERE vec IS NULL" in result.stderr
+    assert 'CREATE INDEX CONCURRENTLY IF NOT EXISTS Items_vec_null_idx ON catalog."Items" (item_no) WHERE vec IS NULL;' in result.stderr
+    with db.cursor() as cur:
+        cur.execute('SELECT count(*) FROM catalog."Items" WHERE vec IS NULL')
+        assert cur.fetchone()[0] == 0
+
+
+def test_float_encoding_servers_and_base64_agree(etl, db):
+    """The SDK asks for base64; a server that answers floats anyway is understood too."""
+    make_foods(db, 60)
+    original = etl.fake.handle
+
+    def floats_only(headers, body):
+        body = dict(body, encoding_format="float")
+        return original(headers, body)
+
+    etl.fake.handle = floats_only
+    run_ok(etl, "--batch-size", "7")
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 60
+
+
+def test_progress_lines_when_not_a_terminal(etl, db):
+    make_foods(db, 200)
+    etl.fake.latency = 0.05
+    result = run_ok(etl, "--workers", "2", "--batch-size", "10", "--progress-interval", "0.3")
+    lines = [line for line in result.stderr.splitlines() if "progress " in line]
+    assert len(lines) >= 2
+    keys = [[pair.split("=")[0] for pair in line.split("progress ", 1)[1].split()] for line in lines]
+    assert all(k == ["done", "embedded", "failed", "total", "rows_per_s", "eta", "elapsed"] for k in keys)
+    assert "done=200 embedded=200 failed=0 total=200" in lines[-1]
