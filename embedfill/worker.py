@@ -100,6 +100,9 @@ class Worker:
                 self.shared.release_rows(granted)
                 break
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
+                if not self.store.conn.closed:
+                    self.store.rollback()
+                    raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
                 self.shared.release_rows(granted)
                 self._reconnect(error)
                 continue  # the batch was rolled back: claim it again from the same place

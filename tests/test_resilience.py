@@ -1,0 +1,239 @@
+"""What real runs meet: 429 storms, 5xx, dropped connections, hangs, poison rows, over-long
+inputs, signals, SIGKILL and dead workers. Nothing lost, nothing misplaced, nothing paid twice."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from embedfill.tokens import fit
+from tests.conftest import check_table, env_for_table, make_foods
+from tests.fake_openai import expected_vector
+
+DIMS = {"EMBEDDING_DIMENSIONS": 8}
+
+
+def env(**extra):
+    return env_for_table(**DIMS, **extra)
+
+
+def ledger(db):
+    with db.cursor() as cur:
+        cur.execute("SELECT row_id, reason, attempts FROM etl_failures ORDER BY row_id::bigint")
+        return cur.fetchall()
+
+
+def embedded_count(db):
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM foods WHERE embedding IS NOT NULL")
+        return cur.fetchone()[0]
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("fault", [
+    {"status": 429, "headers": {"retry-after-ms": "50"}},
+    {"status": 429},
+    {"status": 500},
+    {"status": 503, "headers": {"retry-after": "0"}},
+    {"drop": True},
+])
+def test_transient_errors_are_retried_and_every_row_lands(etl, db, fault):
+    make_foods(db, 200)
+    etl.fake.add_faults(*[fault] * 4)
+    result = etl.run("--workers", "2", "--batch-size", "20", **env())
+    assert result.returncode == 0, result.stderr
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 200
+    assert "retries=4" in result.stdout
+    if fault.get("status") == 429:
+        assert "rate_limited=4" in result.stdout
+    assert ledger(db) == []
+
+
+def test_a_429_pauses_every_worker(etl, db):
+    make_foods(db, 400)
+    etl.fake.latency = 0.02
+    etl.fake.add_faults({"status": 429, "headers": {"retry-after-ms": "1500"}})
+    result = etl.run("--workers", "4", "--batch-size", "10", **env())
+    assert result.returncode == 0, result.stderr
+    arrivals = etl.fake.arrivals
+    first = arrivals[0]
+    # Requests already in flight when the 429 came back may land; after that, silence.
+    quiet = [t for t in arrivals[1:] if first + 0.3 < t < first + 1.4]
+    assert quiet == [], f"{len(quiet)} requests were sent during the shared cool-down"
+    assert check_table(db)[1] == []
+
+
+def test_sdk_retries_do_not_stack_on_ours(etl, db):
+    """max_retries=0 in the SDK: --max-attempts is the whole budget per batch."""
+    make_foods(db, 20)
+    etl.fake.add_faults(*[{"status": 500}] * 50)
+    result = etl.run("--workers", "1", "--batch-size", "20", "--max-attempts", "3", **env())
+    assert result.returncode == 3, result.stderr
+    assert etl.fake.requests == 3
+    rows = ledger(db)
+    assert len(rows) == 20
+    assert all(reason.startswith("gave up after 3 attempts: server error (500") and attempts == 3
+               for _, reason, attempts in rows)
+
+
+def test_known_failures_are_skipped_then_retried_on_request(etl, db):
+    make_foods(db, 40)
+    etl.fake.add_faults(*[{"status": 500}] * 2)
+    result = etl.run("--workers", "1", "--batch-size", "20", "--max-attempts", "2", **env())
+    assert result.returncode == 3
+    assert len(ledger(db)) == 20 and embedded_count(db) == 20
+
+    etl.fake.reset_counters()
+    result = etl.run("--workers", "2", **env())
+    assert result.returncode == 0, result.stderr
+    assert etl.fake.requests == 0  # known-bad rows are not paid for again
+    assert "skipping 20 rows recorded in etl_failures" in result.stderr
+    assert "skipped_known_failures=20" in result.stdout
+
+    result = etl.run("--workers", "2", "--retry-failed", **env())
+    assert result.returncode == 0, result.stderr
+    assert ledger(db) == []  # rows that succeed leave the ledger
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 40
+
+
+def test_a_poison_input_fails_alone(etl, db):
+    texts = [(f"dish {i}", "cat", "desc") for i in range(20)]
+    texts[13] = ("dish 13", "POISON", "desc")
+    make_foods(db, 0, ids=range(1, 21), texts=texts)
+    result = etl.run("--workers", "1", "--batch-size", "20", **env())
+    assert result.returncode == 3, result.stderr
+    embedded, null = check_table(db)
+    assert null == ["14"] and len(embedded) == 19
+    rows = ledger(db)
+    assert [(row_id, attempts) for row_id, _, attempts in rows] == [("14", 1)]
+    assert "refused by the API: 400: Invalid input" in rows[0][1]
+    assert etl.fake.requests <= 2 * 5 + 1  # halving isolates one row in about 2·log2(20) requests
+
+
+def test_over_long_input_is_truncated_and_embedded(etl, db):
+    long_text = "김치찌개 recipe step " * 3000  # far over 8191 tokens
+    make_foods(db, 0, ids=[1, 2], texts=[(long_text, None, None), ("short", None, None)])
+    result = etl.run(**env())
+    assert result.returncode == 0, result.stderr
+    assert "1 inputs were longer than 8191 tokens and were truncated" in result.stderr
+    assert "truncated=1" in result.stdout
+    with db.cursor() as cur:
+        cur.execute("SELECT embedding::text FROM foods WHERE id = 1")
+        stored = [float(x) for x in cur.fetchone()[0].strip("[]").split(",")]
+    truncated, tokens, cut = fit(long_text, 8191)
+    assert cut and tokens <= 8191
+    assert stored == pytest.approx(expected_vector(truncated, 8).tolist(), abs=1e-6)
+
+
+def test_no_truncate_records_over_long_inputs(etl, db):
+    make_foods(db, 0, ids=[1, 2], texts=[("word " * 9000, None, None), ("short", None, None)])
+    result = etl.run("--no-truncate", **env())
+    assert result.returncode == 3
+    assert [row[0] for row in ledger(db)] == ["1"]
+    assert "over the model's limit of 8191 tokens" in ledger(db)[0][1]
+    assert embedded_count(db) == 1
+
+
+def test_a_hung_request_is_abandoned_at_the_timeout(etl, db):
+    make_foods(db, 30)
+    etl.fake.add_faults({"hang": 5})
+    started = time.monotonic()
+    result = etl.run("--workers", "1", "--request-timeout", "1", **env())
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 5
+    assert "request timed out" in result.stderr
+    assert check_table(db)[1] == []
+
+
+def test_lost_database_connections_are_reopened(etl, db):
+    make_foods(db, 600)
+    etl.fake.latency = 0.05
+    run = etl.start("--workers", "2", "--batch-size", "10", **env())
+    assert wait_for(lambda: embedded_count(db) > 50)
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'embedfill:%'")
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "reconnected to the database" in err
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 600
+
+
+def children_of(pid):
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_cleanly_and_a_rerun_completes(etl, db, signum, code):
+    make_foods(db, 3000)
+    etl.fake.latency = 0.05
+    run = etl.start("--workers", "3", "--batch-size", "10", **env())
+    assert wait_for(lambda: embedded_count(db) > 100)
+    workers = children_of(run.pid)
+    assert len(workers) >= 3
+    sent = time.monotonic()
+    run.send_signal(signum)
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == code, err
+    assert time.monotonic() - sent < 10
+    assert "summary embedded=" in out
+    assert "interrupted by" in err and "rerun to resume" in err
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    done = embedded_count(db)
+    assert 100 < done < 3000
+    assert int(out.split("embedded=")[1].split()[0]) == done  # the summary counts what was committed
+    etl.fake.latency = 0
+    result = etl.run("--workers", "3", **env())
+    assert result.returncode == 0, result.stderr
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 3000
+
+
+def test_sigkill_of_the_process_group_loses_nothing(etl, db):
+    make_foods(db, 3000)
+    etl.fake.latency = 0.05
+    workers, batch = 3, 10
+    run = etl.start("--workers", str(workers), "--batch-size", str(batch), **env())
+    assert wait_for(lambda: embedded_count(db) > 200)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate(timeout=30)
+    before = embedded_count(db)
+    sent_first = etl.fake.inputs
+    etl.fake.latency = 0
+    result = etl.run("--workers", str(workers), **env())
+    assert result.returncode == 0, result.stderr
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 3000
+    # Only the batches in flight at the kill were paid for twice.
+    paid_twice = sent_first - before
+    assert 0 <= paid_twice <= workers * batch
+    assert etl.fake.inputs == 3000 + paid_twice
+
+
+def test_a_killed_worker_does_not_hang_the_run(etl, db):
+    make_foods(db, 3000)
+    etl.fake.latency = 0.05
+    run = etl.start("--workers", "3", "--batch-size", "10", **env())
+    assert wait_for(lambda: embedded_count(db) > 100)
+    victim = children_of(run.pid)[0]
+    victim.kill()
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1, err
+    assert "error: a worker process died unexpectedly" in err
+    etl.fake.latency = 0
+    result = etl.run("--workers", "3", **env())
+    assert result.returncode == 0, result.stderr
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 3000
