@@ -131,6 +131,9 @@ def run_backfill(settings, out=None):
                 # the workers are terminated and PostgreSQL rolls their batches back.
                 stop_seen = stop_seen or time.monotonic()
                 waited = time.monotonic() - stop_seen
+                dead = shared.workers_started - settings.workers
+                if dead > 0 and shared.busy_workers() <= dead:
+                    break  # the survivors are idle; the dead worker's range never reports back
                 if waited > GRACE_SECONDS or len(received) > 1:
                     log.warning("stopping workers that did not finish within %.1f s; their batches roll back",
                                 waited)

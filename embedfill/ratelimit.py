@@ -27,8 +27,9 @@ class RateLimiter:
         self.workers = workers
         self._lock = context.Lock()
         self._state = context.RawArray("d", 4)
-        self._state[_TOKENS] = self._capacity(self.tpm) if self.tpm else 0.0
-        self._state[_REQUESTS] = self._capacity(self.rpm) if self.rpm else 0.0
+        # Buckets start empty: the run ramps up at the configured rate instead of bursting.
+        self._state[_TOKENS] = 0.0
+        self._state[_REQUESTS] = 0.0
         self._state[_STAMP] = time.monotonic()
         self._state[_COOLDOWN] = 0.0
 

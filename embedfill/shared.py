@@ -20,6 +20,7 @@ class SharedState:
         self._stop = context.RawValue("i", RUNNING)
         self._started = context.Value("i", 0)
         self._limit_left = context.Value("q", -1 if limit is None else limit)
+        self._busy = context.RawArray("b", self.slots)
         self.workers = workers
         self.slot = None
 
@@ -37,6 +38,10 @@ class SharedState:
         for name, amount in amounts.items():
             if amount:
                 self._counters[base + FIELDS.index(name)] += amount
+
+    def set_busy(self, busy):
+        """Mark this worker as inside a range (the parent stops waiting for idle workers)."""
+        self._busy[self.slot] = 1 if busy else 0
 
     def reserve_rows(self, wanted):
         """Rows this worker may still claim under --limit (all of `wanted` without a limit)."""
@@ -82,6 +87,10 @@ class SharedState:
     @property
     def workers_started(self):
         return self._started.value
+
+    def busy_workers(self):
+        """Workers inside a range now (a dead worker's slot stays busy forever)."""
+        return sum(self._busy)
 
     def totals(self):
         sums = dict.fromkeys(FIELDS, 0)

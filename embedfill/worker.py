@@ -280,6 +280,7 @@ def embed_range(bounds):
     worker = _worker
     if worker.shared.stopping():
         return 0
+    worker.shared.set_busy(True)
     try:
         worker.open()
         return worker.run_range(*bounds)
@@ -293,3 +294,5 @@ def embed_range(bounds):
         worker.shared.request_stop(fatal=True)
         log.error("unexpected error in worker", exc_info=True)
         raise EtlError(f"unexpected error in worker w{worker.number}: {type(error).__name__}: {error}") from None
+    finally:
+        worker.shared.set_busy(False)
