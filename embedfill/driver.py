@@ -34,7 +34,7 @@ def prepare(settings):
             log.warning("no partial index on %s WHERE %s IS NULL: every claim scans more than it needs. "
                         "Create it with: %s (or run `python etl.py init`)",
                         target.display, target.embedding_column, statement)
-        ranges = planner.plan_ranges(conn, target, settings.workers)
+        ranges = planner.plan_ranges(conn, target, settings.workers, settings.batch_size)
     finally:
         conn.close()
     return target, ranges
@@ -211,9 +211,10 @@ def dry_run(settings, target, ranges, out):
           f"estimated_time={format_eta(max(minutes) * 60) if minutes else 'unbounded (no ETL_TPM or ETL_RPM set)'} "
           f"model={settings.model_name} workers={settings.workers} batch_size={settings.batch_size} "
           f"ranges={len(ranges)}", file=out)
+    print(f"ranges: w1..w{settings.workers} take ranges 1..{min(settings.workers, len(ranges))} first, then each "
+          "free worker takes the next; ranges shrink toward the end so that the workers finish together", file=out)
     for index, (after, upto) in enumerate(ranges):
-        worker = index % settings.workers + 1
         low = "(start" if after is None else f"({after}"
         high = "end)" if upto is None else f"{upto}]"
-        print(f"range {index + 1}: {low}, {high} first taken by w{worker}", file=out)
+        print(f"range {index + 1}: {low}, {high}", file=out)
     return EXIT_OK

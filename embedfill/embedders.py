@@ -5,6 +5,7 @@ the project's own exception types (errors.py), which say whether to retry, split
 """
 
 import base64
+import json
 import logging
 import re
 import zlib
@@ -126,7 +127,10 @@ class OpenAIEmbedder(Embedder):
             params["dimensions"] = self.dimensions
         try:
             raw = self.client.embeddings.with_raw_response.create(**params)
-            response = raw.parse()
+            # The JSON is read directly: building the SDK's typed objects costs more CPU than
+            # everything else a worker does per row.
+            payload = json.loads(raw.content)
+            data = payload["data"]
         except openai.APITimeoutError as error:
             raise TransientProviderError(f"request timed out ({error})") from error
         except openai.APIConnectionError as error:
@@ -134,9 +138,9 @@ class OpenAIEmbedder(Embedder):
             raise TransientProviderError(f"connection error: {type(cause).__name__}: {cause}") from error
         except openai.APIStatusError as error:
             raise self._wrap_status(error) from error
-        except (openai.APIResponseValidationError, ValueError) as error:
-            raise TransientProviderError(f"malformed response: {error}") from error
-        return Embedding(self._matrix(response.data, len(texts)), _usage(response), dict(raw.headers))
+        except (openai.APIResponseValidationError, ValueError, KeyError, TypeError) as error:
+            raise TransientProviderError(f"malformed response: {type(error).__name__}: {error}") from error
+        return Embedding(self._matrix(data, len(texts)), _usage(payload), raw.headers)
 
     def _wrap_status(self, error):
         status = error.status_code
@@ -168,10 +172,10 @@ class OpenAIEmbedder(Embedder):
             raise TransientProviderError(f"the API returned {len(data)} embeddings for {count} inputs")
         rows = [None] * count
         for item in data:
-            index = item.index
+            index = item.get("index") if isinstance(item, dict) else None
             if not isinstance(index, int) or not 0 <= index < count or rows[index] is not None:
                 raise TransientProviderError(f"the API returned a bad or repeated index {index!r}")
-            value = item.embedding
+            value = item.get("embedding")
             if isinstance(value, str):
                 rows[index] = np.frombuffer(base64.b64decode(value), dtype="<f4")
             else:  # servers that ignore encoding_format send floats
@@ -185,10 +189,12 @@ class OpenAIEmbedder(Embedder):
         self.client.close()
 
 
-def _usage(response):
-    usage = getattr(response, "usage", None)
-    tokens = getattr(usage, "prompt_tokens", None) or getattr(usage, "total_tokens", None)
-    return int(tokens or 0)
+def _usage(payload):
+    usage = payload.get("usage") or {}
+    try:
+        return int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _api_message(error):

@@ -1,9 +1,12 @@
-"""The planner: cut the id space of the rows still to embed into ranges of about equal work.
+"""The planner: cut the id space of the rows still to embed into ranges for the workers.
 
 Cut points are quantiles of the NULL rows' ids, not min..max divided evenly (after a partial
-run the NULL rows are skewed), taken from a block sample on big tables and from the partial
-index when the NULL rows are few. The ranges always cover the whole id space (the first
-and last are open-ended), so a poor sample costs balance, never rows.
+run the NULL rows are skewed), read from a block sample on big tables and from the partial
+index when the NULL rows are few. Range sizes follow guided scheduling: each range holds
+about 1/(2·workers) of what is left, down to two batches, so the pool's queue hands out big
+ranges first and small ones last, and no worker is left alone with a long range at the end.
+The ranges always cover the whole id space (the first and last are open-ended), so a poor
+sample costs balance, never rows.
 """
 
 import logging
@@ -12,36 +15,37 @@ from . import db
 
 log = logging.getLogger(__name__)
 
-RANGES_PER_WORKER = 4
+GRID = 1000                   # quantiles read from the server; cut points are picked among them
 SAMPLE_PAGES = 300            # pages a block sample aims to read (about 30k small rows)
-MIN_SAMPLE_PER_RANGE = 20     # NULL ids wanted per range before trusting a sample
+MIN_SAMPLE = 2000             # NULL ids wanted before trusting a sample
 SCAN_CAP = 200_000            # most ids read through the partial index
 SMALL_TABLE_PAGES = 2_000     # below this (16 MB), scan instead of sampling
 MAX_SAMPLE_PAGES = 50_000     # never sample more than this (400 MB) before falling back
 
 
-def plan_ranges(conn, target, workers):
+def plan_ranges(conn, target, workers, batch_size):
     """[(after, upto), ...] with text bounds (None = open) covering every id."""
-    pieces = 1 if workers <= 1 else workers * RANGES_PER_WORKER
-    if pieces == 1:
+    if workers <= 1:
         return [(None, None)]
-    fractions = [k / pieces for k in range(1, pieces)]
-    cuts = None
-    pages = db.table_pages(conn, target)
-    if pages > SMALL_TABLE_PAGES:
-        percent = min(100.0, 100.0 * SAMPLE_PAGES / pages)
-        while True:
-            sampled, values = _query(conn, target, "quantiles_sample", fractions=fractions, percent=percent)
-            if sampled >= pieces * MIN_SAMPLE_PER_RANGE:
-                cuts = values
-                log.debug("cut points from a %.3f%% sample (%d NULL rows seen)", percent, sampled)
-                break
-            if percent >= 100.0 or pages * percent * 10 / 100 > MAX_SAMPLE_PAGES:
-                break  # the NULL rows are rare: the partial index is the cheaper way
-            percent = min(100.0, percent * 10)
-    if cuts is None:
-        _, cuts = _query(conn, target, "quantiles_scan", fractions=fractions, cap=SCAN_CAP)
-    return ranges_from_cuts(cuts or [])
+    estimate, grid = _quantile_grid(conn, target)
+    if not grid:
+        return [(None, None)]
+    fractions = guided_fractions(workers, batch_size, estimate)
+    cuts = [grid[min(len(grid) - 1, max(0, round(f * GRID) - 1))] for f in fractions]
+    return ranges_from_cuts(cuts)
+
+
+def guided_fractions(workers, batch_size, estimate):
+    """Cumulative fractions of the rows at which to cut: chunks of remaining/(2·workers),
+    never smaller than two batches, at most GRID of them."""
+    smallest = max(1.0 / GRID, min(1.0, 2 * batch_size / estimate)) if estimate > 0 else 1.0 / (4 * workers)
+    fractions, done = [], 0.0
+    while True:
+        chunk = max((1.0 - done) / (2 * workers), smallest)
+        if done + chunk >= 1.0 - 1e-9:
+            return fractions
+        done += chunk
+        fractions.append(done)
 
 
 def ranges_from_cuts(cuts):
@@ -54,9 +58,27 @@ def ranges_from_cuts(cuts):
     return list(zip(edges[:-1], edges[1:]))
 
 
+def _quantile_grid(conn, target):
+    """(estimated NULL rows, ids at every 1/GRID quantile of the NULL rows)."""
+    fractions = [k / GRID for k in range(1, GRID)]
+    pages = db.table_pages(conn, target)
+    if pages > SMALL_TABLE_PAGES:
+        percent = min(100.0, 100.0 * SAMPLE_PAGES / pages)
+        while True:
+            sampled, values = _query(conn, target, "quantiles_sample", fractions=fractions, percent=percent)
+            if sampled >= MIN_SAMPLE:
+                log.debug("cut points from a %.3f%% sample (%d NULL rows seen)", percent, sampled)
+                return sampled * 100.0 / percent, values
+            if percent >= 100.0 or pages * percent * 10 / 100 > MAX_SAMPLE_PAGES:
+                break  # the NULL rows are rare: the partial index is the cheaper way
+            percent = min(100.0, percent * 10)
+    count, values = _query(conn, target, "quantiles_scan", fractions=fractions, cap=SCAN_CAP)
+    return count, values
+
+
 def _query(conn, target, name, **params):
     with conn.cursor() as cur:
         cur.execute(target.query(name), params)
         count, values = cur.fetchone()
     conn.rollback()
-    return count, values
+    return count, values or []

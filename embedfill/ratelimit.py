@@ -84,10 +84,11 @@ class RateLimiter:
                 continue
             if reset is None or remaining >= need:
                 continue
-            # The bucket refills linearly: (limit - remaining) comes back in `reset` seconds.
+            # The limit is per minute and refills continuously: what is missing comes back at
+            # limit/60 per second, and all of it by `reset`.
             wait = reset
-            if limit > remaining and reset > 0:
-                wait = min(reset, (need - remaining) * reset / (limit - remaining))
+            if limit > 0:
+                wait = min(reset, (need - remaining) / (limit / 60.0))
             pause = max(pause, wait)
         if pause > 0:
             self.pause(pause)

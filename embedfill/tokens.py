@@ -30,8 +30,16 @@ def count_tokens(text):
     return len(load_encoding().encode_ordinary(text))
 
 
-def fit(text, limit):
-    """(text, tokens, truncated): `text` cut to at most `limit` tokens, with its token count."""
+def fit(text, limit, exact=True):
+    """(text, tokens, truncated): `text` cut to at most `limit` tokens, with its token count.
+
+    With exact=False a short text is not tokenized: every token is at least one UTF-8 byte,
+    so its byte length is an upper bound, good enough for packing requests (it can only
+    overestimate) and several times cheaper."""
+    if not exact:
+        size = len(text.encode("utf-8"))
+        if size <= limit:
+            return text, size, False
     encoding = load_encoding()
     tokens = encoding.encode_ordinary(text)
     if len(tokens) <= limit:

