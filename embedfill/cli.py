@@ -54,7 +54,8 @@ class Parser(argparse.ArgumentParser):
             words = message.split("unrecognized arguments:", 1)[1].split()
             known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
             for word in words:
-                guess = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                candidates = known if word.startswith("-") else list(VERBS)
+                guess = difflib.get_close_matches(word.split("=")[0], candidates, n=1)
                 if guess:
                     message += f" (did you mean {guess[0]}?)"
                     break

@@ -1,5 +1,6 @@
 """The driver: checks the table, plans the ranges, runs the worker pool, reports, picks the exit code."""
 
+import importlib
 import logging
 import multiprocessing
 import signal
@@ -9,13 +10,13 @@ import time
 
 from . import db, planner
 from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied)
-from .embedders import make_embedder
+from .embedders import check_provider
 from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
 from .shared import SharedState
 from .tokens import count_tokens, load_encoding
-from .worker import embed_range, init_worker
+from .worker import embed_ranges, init_worker
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,18 @@ def run_backfill(settings, out=None):
     """Fill the embedding column; returns the process exit code."""
     out = out or sys.stdout
     started = time.monotonic()
+    importer = None
     if settings.provider == "openai":
-        make_embedder(settings)  # fails fast on a missing key; the real clients live in the workers
+        check_provider(settings)  # fails fast on a missing key; the real clients live in the workers
+        # The SDK takes half a second to import: do it while the database is checked and the
+        # ranges planned, and before the fork, so that the workers inherit it.
+        importer = threading.Thread(target=importlib.import_module, args=("openai",), daemon=True)
+        importer.start()
     target, ranges = prepare(settings)
-    load_encoding()  # once, before the fork, so every worker shares it
+    if importer is not None:
+        importer.join()
+    if settings.tpm or settings.dry_run:
+        load_encoding()  # exact counts needed: load once, before the fork, so every worker shares it
     if settings.dry_run:
         return dry_run(settings, target, ranges, out)
 
@@ -96,12 +105,14 @@ def run_backfill(settings, out=None):
         shared.request_stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     counts = _Counts(settings, target)
     fatal = None
-    pool = context.Pool(settings.workers, initializer=init_worker, initargs=(settings, target, shared, limiter))
+    pool = context.Pool(settings.workers, initializer=init_worker,
+                        initargs=(settings, target, ranges, shared, limiter))
+    # Threads (the count, tqdm) start only after the fork.
+    progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     try:
-        results = pool.imap_unordered(embed_range, ranges)
+        results = pool.imap_unordered(embed_ranges, range(settings.workers))
         counts.start()
         stop_seen = None
         total_applied = False

@@ -49,12 +49,17 @@ def make_embedder(settings, column_dimensions=None):
     The local provider makes vectors of any size: EMBEDDING_DIMENSIONS, else the column's."""
     if settings.provider == "local":
         return LocalEmbedder(settings.dimensions or column_dimensions or LOCAL_DEFAULT_DIMENSIONS)
-    if not settings.api_key:
+    check_provider(settings)
+    return OpenAIEmbedder(settings)
+
+
+def check_provider(settings):
+    """The settings the OpenAI-compatible provider cannot do without."""
+    if settings.provider == "openai" and not settings.api_key:
         raise ConfigError(
             "OPENAI_API_KEY is not set: put it in config.env or the environment "
             "(or use --provider local for offline lexical embeddings)"
         )
-    return OpenAIEmbedder(settings)
 
 
 def retry_after_seconds(headers):

@@ -33,6 +33,7 @@ class Progress:
         self._done = 0
         self.bar = None
         if self.tty:
+            tqdm.monitor_interval = 0  # no monitor thread: the pool may fork again later
             self.bar = tqdm(total=None, unit="row", file=stream, dynamic_ncols=True, smoothing=0.1,
                             desc="embedding")
 

@@ -13,7 +13,7 @@ import time
 from .embedders import parse_reset
 
 # Burst allowance: how many seconds of budget may be spent at once.
-BURST_SECONDS = 2.0
+BURST_SECONDS = 1.0
 
 _TOKENS, _REQUESTS, _STAMP, _COOLDOWN = range(4)
 

@@ -21,6 +21,7 @@ class SharedState:
         self._started = context.Value("i", 0)
         self._limit_left = context.Value("q", -1 if limit is None else limit)
         self._busy = context.RawArray("b", self.slots)
+        self._next_range = context.Value("i", 0)
         self.workers = workers
         self.slot = None
 
@@ -38,6 +39,13 @@ class SharedState:
         for name, amount in amounts.items():
             if amount:
                 self._counters[base + FIELDS.index(name)] += amount
+
+    def take_range(self):
+        """The index of the next range to walk (past the end when none is left)."""
+        with self._next_range.get_lock():
+            index = self._next_range.value
+            self._next_range.value += 1
+            return index
 
     def set_busy(self, busy):
         """Mark this worker as inside a range (the parent stops waiting for idle workers)."""

@@ -1,6 +1,9 @@
 """The worker: a pool process that embeds id ranges batch by batch and commits each batch.
 
-`init_worker` and `embed_range` are top-level functions so the pool can pickle them. Each
+Ranges come from a queue in shared memory (an index into the planner's list), so a worker
+that finishes early takes the next range.
+
+`init_worker` and `embed_ranges` are top-level functions so the pool can pickle them. Each
 process opens its own database connection and its own API client on its first range;
 nothing that holds a socket crosses the fork.
 """
@@ -49,9 +52,10 @@ def row_text(values):
 class Worker:
     """The per-process state: settings, shared memory, and (once opened) connection and client."""
 
-    def __init__(self, settings, target, shared, limiter, number):
+    def __init__(self, settings, target, ranges, shared, limiter, number):
         self.settings = settings
         self.target = target
+        self.ranges = ranges
         self.shared = shared
         self.limiter = limiter
         self.number = number
@@ -78,40 +82,58 @@ class Worker:
         if self.embedder is not None:
             self.embedder.close()
 
-    # --- one range -----------------------------------------------------------------------------
-    def run_range(self, after, upto):
-        """Embed every claimable row in (after, upto]; returns rows handled."""
-        handled = 0
-        while not self.shared.stopping():
-            granted = self.shared.reserve_rows(self.settings.batch_size)
-            if granted == 0:
-                break
+    # --- the ranges ----------------------------------------------------------------------------
+    def run(self):
+        """Walk ranges from the shared queue until none is left, one transaction per batch.
+
+        A batch may draw from several ranges, so every request but the last is full. When a
+        lost connection rolls a batch back, the ranges it drew from are walked again from
+        where the batch started."""
+        retry, current, done = [], None, False
+        size = self.settings.batch_size
+        while not done and not self.shared.stopping():
+            batch, touched, reserved = [], [], 0
             try:
-                rows = self.store.claim(after, upto, granted)
-                self.shared.release_rows(granted - len(rows))
-                if not rows:
-                    self.store.commit()
-                    break
-                written, failed, truncated = self.process_batch(rows)
+                while len(batch) < size:
+                    if current is None:
+                        current = retry.pop(0) if retry else self._take_range()
+                        if current is None:
+                            done = True
+                            break
+                    granted = self.shared.reserve_rows(size - len(batch))
+                    if granted == 0:  # --limit reached
+                        done = True
+                        break
+                    touched.append(tuple(current))
+                    rows = self.store.claim(current[0], current[1], granted)
+                    self.shared.release_rows(granted - len(rows))
+                    reserved += len(rows)
+                    batch.extend(rows)
+                    current = [rows[-1][0], current[1]] if len(rows) == granted else None
+                counts = self.process_batch(batch) if batch else (0, 0, 0)
                 self.store.commit()
-                self.shared.add(embedded=written, failed=failed, truncated=truncated)
             except Interrupted:
                 self.store.rollback()
-                self.shared.release_rows(granted)
-                break
+                self.shared.release_rows(reserved)
+                return
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
                 if not self.store.conn.closed:
                     self.store.rollback()
                     raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
-                self.shared.release_rows(granted)
+                self.shared.release_rows(reserved)
                 self._reconnect(error)
-                continue  # the batch was rolled back: claim it again from the same place
+                retry = [list(segment) for segment in touched] + retry
+                current, done = None, False
+                continue
             except psycopg2.Error as error:
                 self.store.rollback()
                 raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
-            after = rows[-1][0]
-            handled += len(rows)
-        return handled
+            written, failed, truncated = counts
+            self.shared.add(embedded=written, failed=failed, truncated=truncated)
+
+    def _take_range(self):
+        index = self.shared.take_range()
+        return list(self.ranges[index]) if index < len(self.ranges) else None
 
     def _reconnect(self, error):
         log.warning("lost the database connection (%s); reconnecting for up to %.0f s",
@@ -262,7 +284,7 @@ def pack_requests(rows):
 _worker = None
 
 
-def init_worker(settings, target, shared, limiter):
+def init_worker(settings, target, ranges, shared, limiter):
     """Pool initializer: runs once in each new worker process."""
     global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
@@ -272,21 +294,22 @@ def init_worker(settings, target, shared, limiter):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    _worker = Worker(settings, target, shared, limiter, number)
+    _worker = Worker(settings, target, ranges, shared, limiter, number)
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 
 
-def embed_range(bounds):
-    """Pool task: embed one id range. Fatal errors stop every worker and reach the parent."""
+def embed_ranges(_task):
+    """Pool task (one per worker): embed ranges from the shared queue until none is left.
+    Fatal errors stop every worker and reach the parent."""
     worker = _worker
     if worker.shared.stopping():
-        return 0
+        return
     worker.shared.set_busy(True)
     try:
         worker.open()
-        return worker.run_range(*bounds)
+        worker.run()
     except Interrupted:
-        return 0
+        return
     except EtlError as error:
         worker.shared.request_stop(fatal=True)
         log.debug("fatal error", exc_info=True)

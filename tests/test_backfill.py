@@ -174,3 +174,68 @@ def test_progress_lines_when_not_a_terminal(etl, db):
     keys = [[pair.split("=")[0] for pair in line.split("progress ", 1)[1].split()] for line in lines]
     assert all(k == ["done", "embedded", "failed", "total", "rows_per_s", "eta", "elapsed"] for k in keys)
     assert "done=200 embedded=200 failed=0 total=200" in lines[-1]
+
+
+def test_a_terminal_gets_one_tqdm_bar(etl, db):
+    """On a terminal the parent draws one tqdm bar (workers draw nothing); stdout keeps the summary."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.conftest import ETL
+
+    make_foods(db, 300)
+    etl.fake.latency = 0.02
+    leader, follower = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    process = subprocess.Popen([sys.executable, ETL, "--workers", "2", "--batch-size", "10"], cwd=etl.workdir,
+                               env=etl.env(**env_for_table(**DIMS)), stdout=subprocess.PIPE, stderr=follower,
+                               text=True)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    out, _ = process.communicate(timeout=60)
+    os.close(leader)
+    assert process.returncode == 0
+    text = screen.decode("utf-8", "replace")
+    assert "embedding: " in text and "row/s" in text and "300/300" in text
+    assert "progress done=" not in text  # no plain lines on a terminal
+    assert text.count("embedding: 100%") >= 1
+    assert "summary embedded=300" in out
+
+
+def test_requests_stay_under_300k_tokens_and_2048_inputs(etl, db):
+    """--batch-size is the user's knob; a request is split at the API's per-request limits."""
+    long_texts = [(f"dish {i} " + "kimchi stew with tofu " * 900, None, None) for i in range(90)]
+    make_foods(db, 0, ids=range(1, 91), texts=long_texts)  # about 4,500 tokens each, 400k in all
+    result = run_ok(etl, "--workers", "1", "--batch-size", "90")
+    assert etl.fake.statuses[400] == 0
+    assert len(etl.fake.batch_sizes) >= 2 and sum(etl.fake.batch_sizes) == 90
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 90
+    assert "summary embedded=90 " in result.stdout
+
+
+def test_summary_reports_tokens_and_cost(etl, db):
+    make_foods(db, 100)
+    result = run_ok(etl)
+    tokens = etl.fake.tokens_served
+    assert f"tokens={tokens} " in result.stdout
+    assert f"cost_usd={tokens * 0.02 / 1e6:.4f}" in result.stdout  # text-embedding-3-small list price
+    with db.cursor() as cur:
+        cur.execute("UPDATE foods SET embedding = NULL")
+    etl.fake.reset_counters()
+    result = run_ok(etl, "--price-per-million-tokens", "1000")
+    assert f"cost_usd={etl.fake.tokens_served * 1000 / 1e6:.4f}" in result.stdout

@@ -129,3 +129,9 @@ def test_debug_level_shows_the_traceback(etl, db):
     result = etl.run("--log-level", "DEBUG", **env_for_table(table="nope"))
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "error: table nope does not exist" in result.stderr
+
+
+def test_a_misspelled_verb_gets_a_suggestion(etl):
+    result = etl.run("staus")
+    assert result.returncode == 2
+    assert "unrecognized arguments: staus (did you mean status?)" in result.stderr

@@ -1,0 +1,62 @@
+"""The planner's ranges cover every id once and hold about the work guided scheduling asks for."""
+
+import pytest
+
+from embedfill import db as dbmod
+from embedfill.config import resolve
+from embedfill.planner import guided_fractions, plan_ranges
+
+
+def settings_for(url):
+    return resolve({"database_url": url, "table": "big", "text_columns": ("body",)}, {}, {})
+
+
+def null_rows_per_range(conn, ranges):
+    counts = []
+    with conn.cursor() as cur:
+        for after, upto in ranges:
+            cur.execute("SELECT count(*) FROM big WHERE embedding IS NULL "
+                        "AND (%(a)s::bigint IS NULL OR id > %(a)s::bigint) AND (%(u)s::bigint IS NULL OR id <= %(u)s::bigint)",
+                        {"a": after, "u": upto})
+            counts.append(cur.fetchone()[0])
+    return counts
+
+
+@pytest.fixture
+def big(db):
+    with db.cursor() as cur:  # about 35 MB: big enough for the block-sample path
+        cur.execute("CREATE TABLE big (id bigint PRIMARY KEY, body text, embedding vector(8))")
+        cur.execute("INSERT INTO big SELECT g * 3, repeat('food ' || g, 20) FROM generate_series(1, 200000) g")
+        cur.execute("CREATE INDEX ON big (id) WHERE embedding IS NULL")
+        cur.execute("VACUUM ANALYZE big")
+    return db
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_ranges_follow_the_null_rows(big, database_url, skewed):
+    if skewed:  # a previous run embedded the first 80%
+        with big.cursor() as cur:
+            cur.execute("UPDATE big SET embedding = array_fill(0, ARRAY[8])::vector WHERE id <= 480000")
+            cur.execute("VACUUM ANALYZE big")
+    conn = dbmod.connect(database_url)
+    target = dbmod.inspect_target(conn, settings_for(database_url))
+    assert dbmod.table_pages(conn, target) > 2000
+    ranges = plan_ranges(conn, target, workers=4, batch_size=50)
+    conn.close()
+    assert ranges[0][0] is None and ranges[-1][1] is None
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous: every id is in one range
+    counts = null_rows_per_range(big, ranges)
+    total = sum(counts)
+    assert total == (40000 if skewed else 200000)
+    # Guided scheduling: the first range holds about 1/(2·workers) of the work, the last few are small.
+    assert counts[0] == pytest.approx(total / 8, rel=0.25)
+    assert max(counts[-3:]) < total / 20
+
+
+def test_guided_fractions_shrink_to_two_batches():
+    fractions = guided_fractions(workers=4, batch_size=20, estimate=8000)
+    chunks = [b - a for a, b in zip([0.0] + fractions, fractions + [1.0])]
+    assert chunks[0] == pytest.approx(1 / 8)
+    assert all(x >= y - 1e-12 for x, y in zip(chunks, chunks[1:-1]))
+    assert min(chunks[:-1]) == pytest.approx(40 / 8000)
+    assert guided_fractions(workers=4, batch_size=2048, estimate=100) == []
