@@ -204,19 +204,20 @@ def main():
 
     # DB-bound: raw write limit vs the tool at zero latency.
     if wanted("db"):
-        batch = 200
-        create_foods(url, args.rows)
-        written, seconds = raw_write_limit(url, 2, batch)
-        raw_rate = written / seconds
-        row("raw write limit", f"2 connections, batch {batch}, no API", written, f"{seconds:.1f}",
-            f"{raw_rate:,.0f} rows/s", "", "", "")
-        create_foods(url, args.rows)
-        fake = FakeServer()
-        seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", "4", "--batch-size", str(batch))
-        fake.stop()
-        rate = int(summary["embedded"]) / seconds
-        row("DB-bound", f"--workers 4 --batch-size {batch}, 0 ms API", summary["embedded"], f"{seconds:.1f}",
-            f"{rate:,.0f} rows/s", f"{raw_rate:,.0f} rows/s", f"{rate / raw_rate:.2f}", "≥ 0.6, < 30 s")
+        for workers, batch in ((4, 200), (2, 500)):
+            create_foods(url, args.rows)
+            written, seconds = raw_write_limit(url, 2, batch)
+            raw_rate = written / seconds
+            row("raw write limit", f"2 connections, batch {batch}, no API", written, f"{seconds:.1f}",
+                f"{raw_rate:,.0f} rows/s", "", "", "")
+            create_foods(url, args.rows)
+            fake = FakeServer()
+            seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", str(workers), "--batch-size", str(batch))
+            fake.stop()
+            rate = int(summary["embedded"]) / seconds
+            row("DB-bound", f"--workers {workers} --batch-size {batch}, 0 ms API", summary["embedded"],
+                f"{seconds:.1f}", f"{rate:,.0f} rows/s", f"{raw_rate:,.0f} rows/s", f"{rate / raw_rate:.2f}",
+                "≥ 0.6, < 30 s", "whole command, start-up included")
 
     # Latency-bound: 200 ms per request.
     latency = 0.2
