@@ -98,6 +98,8 @@ OPTIONS = [
            "attempts per batch on transient errors before its rows are recorded as failed", "N"),
     Option("request_timeout", "ETL_REQUEST_TIMEOUT", "--request-timeout", 60.0, _positive_float,
            "seconds before one API request is abandoned and retried", "S"),
+    Option("reconnect_seconds", "ETL_RECONNECT_SECONDS", "--reconnect-seconds", 30.0, _positive_float,
+           "how long a worker tries to reopen a lost database connection before the run stops", "S"),
     Option("max_input_tokens", "ETL_MAX_INPUT_TOKENS", "--max-input-tokens", None, _positive_int,
            "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N"),
     Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
@@ -131,6 +133,7 @@ class Settings:
     tpm: float | None
     max_attempts: int
     request_timeout: float
+    reconnect_seconds: float
     max_input_tokens: int | None
     price: float | None
     log_file: str | None

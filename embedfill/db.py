@@ -276,6 +276,19 @@ class WorkerStore:
     def commit(self):
         self.conn.commit()
 
+    def alive(self):
+        """Roll back after an error; False when the connection itself is gone."""
+        if self.conn.closed:
+            return False
+        try:
+            self.conn.rollback()
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            self.conn.rollback()
+            return True
+        except psycopg2.Error:
+            return False
+
     def rollback(self):
         try:
             self.conn.rollback()

@@ -9,7 +9,7 @@ import threading
 import time
 
 from . import db, planner
-from .errors import (EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied)
+from .errors import (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied)
 from .embedders import check_provider
 from .models import estimate_cost
 from .progress import Progress, format_eta

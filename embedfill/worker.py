@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-RECONNECT_WINDOW = 30.0
 # A worker that has never embedded anything and sees this many single inputs refused is
 # misconfigured (a `dimensions` the model does not take, say), not unlucky.
 REFUSALS_BEFORE_FATAL = 3
@@ -116,18 +115,14 @@ class Worker:
                 self.store.rollback()
                 self.shared.release_rows(reserved)
                 return
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
-                if not self.store.conn.closed:
-                    self.store.rollback()
+            except psycopg2.Error as error:
+                if self.store.alive():  # an error in SQL, not in the connection: stop
                     raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
                 self.shared.release_rows(reserved)
                 self._reconnect(error)
                 retry = [list(segment) for segment in touched] + retry
                 current, done = None, False
                 continue
-            except psycopg2.Error as error:
-                self.store.rollback()
-                raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
             written, failed, truncated = counts
             self.shared.add(embedded=written, failed=failed, truncated=truncated)
 
@@ -136,13 +131,13 @@ class Worker:
         return list(self.ranges[index]) if index < len(self.ranges) else None
 
     def _reconnect(self, error):
-        log.warning("lost the database connection (%s); reconnecting for up to %.0f s",
-                    db.first_line(error), RECONNECT_WINDOW)
+        window = self.settings.reconnect_seconds
+        log.warning("lost the database connection (%s); reconnecting for up to %.0f s", db.first_line(error), window)
         self.store.close()
         self.store = None
         waited = 0.0
         delay = 0.5
-        while waited < RECONNECT_WINDOW:
+        while waited < window:
             if self.shared.sleep(delay):
                 raise Interrupted()
             waited += delay
@@ -153,8 +148,8 @@ class Worker:
             except DatabaseError:
                 delay = min(delay * 2, 5.0)
         raise DatabaseError(
-            f"lost the database connection and could not reconnect within {RECONNECT_WINDOW:.0f} s: "
-            f"{db.first_line(error)}"
+            f"lost the database connection and could not reconnect within {window:.0f} s "
+            f"({db.first_line(error)}); check the server, then rerun to resume"
         )
 
     # --- one batch -----------------------------------------------------------------------------

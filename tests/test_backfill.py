@@ -1,7 +1,5 @@
 """The backfill end to end through the real CLI: every row gets the vector of its own text."""
 
-import threading
-import time
 
 import numpy as np
 import pytest

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import check_table, env_for_table, make_foods
+from tests.conftest import env_for_table, make_foods
 
 
 def one_line_error(result):

