@@ -187,3 +187,31 @@ def test_the_readme_quick_start_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "summary embedded=10000 failed=0" in result.stdout
     assert (clone / ".pgdata" / "PG_VERSION").exists()
+
+
+NOHUP = "nohup python etl.py --workers 4 --batch-size 20 > etl.log 2>&1 &"
+
+
+def test_the_readme_background_command_runs_as_written(etl, db):
+    """The README's nohup line, then its resume line, with settings from config.env."""
+    assert NOHUP in (ROOT / "README.md").read_text()
+    make_foods(db, 400)
+    (etl.workdir / "config.env").write_text(
+        f"DATABASE_URL={etl.database_url}\nOPENAI_API_KEY=test-key\nOPENAI_BASE_URL={etl.fake.base_url}\n"
+        "ETL_TABLE=foods\nETL_TEXT_COLUMNS=name,category,description\nEMBEDDING_DIMENSIONS=8\n"
+        "ETL_LIMIT_IS_NOT_A_SETTING=1\n")
+    shutil.copy(ETL, etl.workdir / "etl.py")  # the command runs `python etl.py` in its own folder
+    for folder in ("embedfill", "sql"):
+        shutil.copytree(ROOT / folder, etl.workdir / folder)
+    env = clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run(f"{NOHUP} wait $!; echo exit=$?", shell=True, cwd=etl.workdir, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "exit=0" in result.stdout
+    log = (etl.workdir / "etl.log").read_text()
+    assert "progress done=400 embedded=400 failed=0 total=400" in log
+    assert "summary embedded=400 failed=0" in log
+    rerun = subprocess.run("python etl.py --workers 4 --batch-size 20", shell=True, cwd=etl.workdir, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "summary embedded=0 failed=0" in rerun.stdout
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 400
