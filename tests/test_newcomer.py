@@ -215,3 +215,14 @@ def test_the_readme_background_command_runs_as_written(etl, db):
     assert rerun.returncode == 0 and "summary embedded=0 failed=0" in rerun.stdout
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 400
+
+
+def test_search_with_the_openai_compatible_provider(etl, db):
+    make_foods(db, 50)
+    assert etl.run(**env_for_table(EMBEDDING_DIMENSIONS=8)).returncode == 0
+    found = etl.run("search", "food 17\ncategory 2\ndescription of 17", "--top", "2",
+                    **env_for_table(EMBEDDING_DIMENSIONS=8))
+    assert found.returncode == 0, found.stderr
+    first = found.stdout.splitlines()[0].split()
+    assert first[1] == "17" and float(first[0]) == pytest.approx(0.0, abs=1e-5)
+    assert len(found.stdout.splitlines()) == 2
