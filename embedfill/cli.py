@@ -195,7 +195,9 @@ def _resolve(flags, file_values, required, extras=None):
 
 
 def _demo_flags(flags, preliminary):
-    flags = {**flags, "table": "foods", "text_columns": ("name", "category", "description")}
+    from .demo import DEMO_TABLE, DEMO_TEXT_COLUMNS
+
+    flags = {**flags, "table": DEMO_TABLE, "text_columns": DEMO_TEXT_COLUMNS}
     if not preliminary.api_key and flags.get("provider") is None:
         flags["provider"] = "local"
     return flags
@@ -203,7 +205,7 @@ def _demo_flags(flags, preliminary):
 
 def run_demo(args, flags, file_values, extras, driver, demo):
     flags = _demo_flags(flags, resolve(flags, os.environ, file_values))
-    flags["table"], flags["id_column"], flags["embedding_column"] = "foods", "id", "embedding"
+    flags["id_column"], flags["embedding_column"] = "id", "embedding"
     settings = _resolve(flags, file_values, (), extras)
     if settings.provider == "local":
         dimensions = settings.dimensions or LOCAL_DEFAULT_DIMENSIONS

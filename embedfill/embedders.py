@@ -17,7 +17,6 @@ import numpy as np
 
 from .errors import ConfigError, FatalProviderError, InvalidInputError, TransientProviderError
 from .models import LOCAL_DEFAULT_DIMENSIONS
-from .tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +161,8 @@ class OpenAIEmbedder(Embedder):
                 "check EMBEDDING_MODEL and OPENAI_BASE_URL"
             )
         if status == 429:
-            if "insufficient_quota" in (getattr(error, "code", None) or "") or "quota" in message.lower() and "exceeded" in message.lower():
+            lowered = message.lower()
+            if "insufficient_quota" in (getattr(error, "code", None) or "") or ("quota" in lowered and "exceeded" in lowered):
                 return FatalProviderError(f"the account's quota is used up (429: {message}); check billing")
             return TransientProviderError(f"rate limited (429: {message})", retry_after_seconds(headers), True)
         if status in (408, 409) or status >= 500:
@@ -217,7 +217,8 @@ class LocalEmbedder(Embedder):
     """Offline lexical embeddings: feature hashing of character n-grams and words.
 
     Deterministic, any dimension, works for any script (Korean included). It captures
-    spelling overlap, not meaning: "김치찌개" is near "김치전", not near "stew".
+    spelling overlap, not meaning: "김치찌개" is near "김치전", not near "stew". It bills no
+    tokens, so a run with it reports tokens=0.
     """
 
     name = "local-hashing"
@@ -227,7 +228,6 @@ class LocalEmbedder(Embedder):
 
     def embed(self, texts):
         matrix = np.zeros((len(texts), self.dimensions), dtype=np.float32)
-        tokens = 0
         for row, text in enumerate(texts):
             features = _features(text)
             hashes = np.fromiter((zlib.crc32(f.encode("utf-8")) for f in features), dtype=np.uint64,
@@ -237,8 +237,7 @@ class LocalEmbedder(Embedder):
             norm = float(np.linalg.norm(matrix[row]))
             if norm > 0:
                 matrix[row] /= norm
-            tokens += count_tokens(text)
-        return Embedding(matrix, tokens, {})
+        return Embedding(matrix, 0, {})  # no API, no tokens billed
 
 
 def _features(text):
