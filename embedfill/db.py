@@ -167,12 +167,21 @@ def has_partial_index(conn, target):
     return found
 
 
+LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
+
+
 def ensure_ledger(conn):
-    """Create the failure ledger when it is missing (the one thing a backfill needs)."""
+    """Create the failure ledger when it is missing (the one thing a backfill needs).
+
+    Two runs started at the same moment would both pass CREATE TABLE IF NOT EXISTS and one
+    would fail on the catalog's unique index, so the check and the creation happen under a
+    transaction-level advisory lock.
+    """
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL")
         exists = cur.fetchone()[0]
         if not exists:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEDGER_LOCK_KEY,))
             cur.execute(load_sql("ledger"))
     conn.commit()
 

@@ -16,8 +16,8 @@ from . import db
 log = logging.getLogger(__name__)
 
 GRID = 1000                   # quantiles read from the server; cut points are picked among them
-SAMPLE_PAGES = 300            # pages a block sample aims to read (about 30k small rows)
-MIN_SAMPLE = 2000             # NULL ids wanted before trusting a sample
+SAMPLE_PAGES = 1000           # pages the first block sample aims to read (8 MB)
+MIN_NULL_PAGES = 800          # sampled pages holding NULL rows wanted before trusting a sample
 SCAN_CAP = 200_000            # most ids read through the partial index
 SMALL_TABLE_PAGES = 2_000     # below this (16 MB), scan instead of sampling
 MAX_SAMPLE_PAGES = 50_000     # never sample more than this (400 MB) before falling back
@@ -65,13 +65,18 @@ def _quantile_grid(conn, target):
     if pages > SMALL_TABLE_PAGES:
         percent = min(100.0, 100.0 * SAMPLE_PAGES / pages)
         while True:
-            sampled, values = _query(conn, target, "quantiles_sample", fractions=fractions, percent=percent)
-            if sampled >= MIN_SAMPLE:
-                log.debug("cut points from a %.3f%% sample (%d NULL rows seen)", percent, sampled)
-                return sampled * 100.0 / percent, values
-            if percent >= 100.0 or pages * percent * 10 / 100 > MAX_SAMPLE_PAGES:
-                break  # the NULL rows are rare: the partial index is the cheaper way
-            percent = min(100.0, percent * 10)
+            sampled, null_pages, values = _query(conn, target, "quantiles_sample", fractions=fractions,
+                                                 percent=percent)
+            estimate = sampled * 100.0 / percent
+            if null_pages >= MIN_NULL_PAGES or percent >= 100.0:
+                log.debug("cut points from a %.3f%% sample (%d NULL rows on %d pages)", percent, sampled, null_pages)
+                return estimate, values
+            if estimate <= SCAN_CAP / 2:
+                break  # few NULL rows: the partial index gives exact cut points cheaply
+            # Grow the sample by what the NULL pages seen so far say is needed (at most 10x).
+            percent = min(100.0, percent * min(10.0, 1.25 * MIN_NULL_PAGES / max(null_pages, 1)))
+            if pages * percent / 100 > MAX_SAMPLE_PAGES:
+                break
     count, values = _query(conn, target, "quantiles_scan", fractions=fractions, cap=SCAN_CAP)
     return count, values
 
@@ -79,6 +84,6 @@ def _quantile_grid(conn, target):
 def _query(conn, target, name, **params):
     with conn.cursor() as cur:
         cur.execute(target.query(name), params)
-        count, values = cur.fetchone()
+        *counts, values = cur.fetchone()
     conn.rollback()
-    return count, values or []
+    return (*counts, values or [])

@@ -1,5 +1,6 @@
 """The backfill end to end through the real CLI: every row gets the vector of its own text."""
 
+import threading
 
 import numpy as np
 import pytest
@@ -237,3 +238,32 @@ def test_summary_reports_tokens_and_cost(etl, db):
     etl.fake.reset_counters()
     result = run_ok(etl, "--price-per-million-tokens", "1000")
     assert f"cost_usd={etl.fake.tokens_served * 1000 / 1e6:.4f}" in result.stdout
+
+
+def test_runs_started_together_create_the_ledger_once(database_url, db):
+    # Runs started by the same cron tick all find no ledger and create it at the same moment;
+    # none of them may fail on the catalog's unique index.
+    from embedfill import db as store
+    starters = 8
+    barrier = threading.Barrier(starters)
+    errors = []
+
+    def start():
+        conn = store.connect(database_url)
+        try:
+            barrier.wait()
+            store.ensure_ledger(conn)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=start) for _ in range(starters)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_class WHERE relname = 'etl_failures'")
+        assert cur.fetchone()[0] == 1

@@ -49,7 +49,10 @@ def test_ranges_follow_the_null_rows(big, database_url, skewed):
     total = sum(counts)
     assert total == (40000 if skewed else 200000)
     # Guided scheduling: the first range holds about 1/(2·workers) of the work, the last few are small.
-    assert counts[0] == pytest.approx(total / 8, rel=0.25)
+    # The uniform case cuts from a block sample of at least 800 pages with NULL rows: over 200
+    # plans its first range had a standard deviation of 8.5% (min 0.78, max 1.24 of the target),
+    # so 40% is about 4.7 sigma. The skewed case (40k NULL rows) is cut exactly from the index.
+    assert counts[0] == pytest.approx(total / 8, rel=0.4 if not skewed else 0.01)
     assert max(counts[-3:]) < total / 20
 
 
