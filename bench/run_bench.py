@@ -38,11 +38,13 @@ MODEL = "text-embedding-3-small"
 class FakeServer:
     """tests/fake_openai.py in its own process."""
 
-    def __init__(self, latency=0.0, tpm=None, burst_seconds=60.0):
+    def __init__(self, latency=0.0, tpm=None, burst_seconds=60.0, exact_usage=False):
         args = [sys.executable, "-m", "tests.fake_openai", "--port", "0", "--latency", str(latency),
                 "--burst-seconds", str(burst_seconds)]
         if tpm:
             args += ["--tpm", str(tpm)]
+        if not exact_usage:  # tiktoken in the stand-in would take the shared CPU from the tool
+            args += ["--estimate-usage"]
         self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         self.base_url = self.process.stdout.readline().strip()
 
@@ -236,7 +238,7 @@ def main():
     # Seed baseline on a sample, at the same latency.
     if wanted("seed"):
         create_foods(url, 1000)
-        fake = FakeServer(latency=latency)
+        fake = FakeServer(latency=latency, exact_usage=True)
         done, seconds = seed_baseline(url, fake, 100 if not args.quick else 30)
         fake.stop()
         seed_rate = done / seconds
@@ -254,7 +256,7 @@ def main():
             create_foods(url, args.rows)
             # The server's bucket holds 5 s of quota (OpenAI's holds a minute): a short run
             # cannot hide inside the first minute's burst.
-            fake = FakeServer(latency=0.05, tpm=tpm, burst_seconds=5.0)
+            fake = FakeServer(latency=0.05, tpm=tpm, burst_seconds=5.0, exact_usage=True)
             limit = str(int(tpm / 60 * args.quota_seconds / tokens_per_row()))  # about quota_seconds of work
             seconds, summary, peak, start, stats = run_etl(url, fake, "--workers", "4", "--batch-size", "50",
                                                            "--limit", limit, *extra)

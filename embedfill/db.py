@@ -262,9 +262,11 @@ class WorkerStore:
             parts.append(field)
             parts.append(vector.tobytes())
         parts.append(_COPY_TRAILER)
+        payload = b"".join(parts)
         with self.conn.cursor() as cur:
-            cur.copy_expert(
-                "COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)", io.BytesIO(b"".join(parts))
+            cur.copy_expert(  # in one piece (the default reads the buffer 8 KB at a time)
+                "COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)", io.BytesIO(payload),
+                size=len(payload),
             )
             cur.execute(self._write)
             written = cur.rowcount

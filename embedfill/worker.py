@@ -183,7 +183,7 @@ class Worker:
                 blocks.append(vectors)
         written = 0
         if ids:
-            matrix = np.vstack(blocks)
+            matrix = blocks[0] if len(blocks) == 1 else np.vstack(blocks)
             self.check_dimensions(matrix.shape[1])
             finite = np.isfinite(matrix).all(axis=1)
             if not finite.all():

@@ -164,6 +164,56 @@ def test_float_encoding_servers_and_base64_agree(etl, db):
     assert null == [] and len(embedded) == 60
 
 
+def _rewrite_embeddings(handle, change):
+    """Wrap the fake's handler so that each base64 embedding string passes through `change`."""
+    import json
+
+    from tests.fake_openai import RawJson
+
+    def handler(headers, body):
+        status, out_headers, payload, hang = handle(headers, body)
+        if status == 200:
+            document = json.loads(payload)
+            for item in document["data"]:
+                item["embedding"] = change(item["embedding"])
+            payload = RawJson(json.dumps(document).encode())
+        return status, out_headers, payload, hang
+    return handler
+
+
+def test_base64_with_line_breaks_is_read(etl, db):
+    """Servers that wrap base64 at 76 characters (Python's encodebytes) are understood."""
+    make_foods(db, 40)
+    etl.fake.handle = _rewrite_embeddings(
+        etl.fake.handle, lambda text: "\n".join(text[i:i + 76] for i in range(0, len(text), 76)))
+    run_ok(etl, "--batch-size", "7")
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 40
+
+
+def test_unreadable_base64_is_retried_then_written(etl, db):
+    """A response whose vectors cannot be decoded is a transient error, not a traceback."""
+    make_foods(db, 30)
+    broken = {"left": 1}
+
+    def cut(text):
+        return text[:-3] if broken["left"] else text
+
+    handle = _rewrite_embeddings(etl.fake.handle, cut)
+
+    def once_broken(headers, body):
+        answer = handle(headers, body)
+        broken["left"] = 0
+        return answer
+
+    etl.fake.handle = once_broken
+    result = run_ok(etl, "--batch-size", "30")
+    assert "malformed response: embedding" in result.stderr
+    assert " retries=1 " in result.stdout
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 30
+
+
 def test_progress_lines_when_not_a_terminal(etl, db):
     make_foods(db, 200)
     etl.fake.latency = 0.05
