@@ -3,6 +3,12 @@
 Ranges come from a queue in shared memory (an index into the planner's list), so a worker
 that finishes early takes the next range.
 
+Each process runs LANES lanes (threads), each with its own connection and its own loop of
+claim, embed, write, commit. A gate lets one request per process be in flight at a time, so
+`--workers N` still means N concurrent requests; while one lane waits on the API, the other
+writes, commits and claims its next batch, and its request goes out as soon as the first
+answer is in. Row locks stay with the lane (and transaction) that embeds the rows.
+
 `init_worker` and `embed_ranges` are top-level functions so the pool can pickle them. Each
 process opens its own database connection and its own API client on its first range;
 nothing that holds a socket crosses the fork.
@@ -12,6 +18,7 @@ import logging
 import multiprocessing.util
 import random
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +37,7 @@ BACKOFF_CAP = 30.0
 # A worker that has never embedded anything and sees this many single inputs refused is
 # misconfigured (a `dimensions` the model does not take, say), not unlucky.
 REFUSALS_BEFORE_FATAL = 3
+LANES = 2  # per worker process: one waits on the API while the other uses the database
 
 
 class Interrupted(Exception):
@@ -49,15 +57,18 @@ def row_text(values):
 
 
 class Worker:
-    """The per-process state: settings, shared memory, and (once opened) connection and client."""
+    """One lane of a worker process: settings, shared memory, the process's request gate and
+    (once opened) its own connection and client."""
 
-    def __init__(self, settings, target, ranges, shared, limiter, number):
+    def __init__(self, settings, target, ranges, shared, limiter, number, lane=0, gate=None):
         self.settings = settings
         self.target = target
         self.ranges = ranges
         self.shared = shared
         self.limiter = limiter
         self.number = number
+        self.lane = lane
+        self.gate = gate or threading.Lock()
         self.store = None
         self.embedder = None
         self.succeeded = 0
@@ -71,7 +82,7 @@ class Worker:
             self.embedder = make_embedder(self.settings, self.target.dimensions)
 
     def _connect(self):
-        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}"
+        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}.{self.lane}"
         conn = db.connect(self.settings.database_url, application_name=name)
         return db.WorkerStore(conn, self.target, self.settings.retry_failed)
 
@@ -215,9 +226,10 @@ class Worker:
         """([(rows, vectors)], failures) for one request's rows, retrying and splitting as needed."""
         attempt = 0
         while True:
-            self.wait_for_budget(sum(row.tokens for row in rows))
             try:
-                result = self.embedder.embed([row.text for row in rows])
+                with self.gate:  # one request in flight per process; back-offs happen outside
+                    self.wait_for_budget(sum(row.tokens for row in rows))
+                    result = self.embedder.embed([row.text for row in rows])
             except TransientProviderError as error:
                 attempt += 1
                 self.shared.add(retries=1, rate_limited=int(error.rate_limited), requests=1)
@@ -276,42 +288,58 @@ def pack_requests(rows):
         yield chunk
 
 
-_worker = None
+_lanes = []
 
 
 def init_worker(settings, target, ranges, shared, limiter):
     """Pool initializer: runs once in each new worker process."""
-    global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
     # from the parent (pool.terminate after the grace period) ends the process: its open
-    # transaction is rolled back by PostgreSQL.
+    # transactions are rolled back by PostgreSQL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    _worker = Worker(settings, target, ranges, shared, limiter, number)
-    multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
+    gate = threading.Lock()
+    _lanes[:] = [Worker(settings, target, ranges, shared, limiter, number, lane, gate) for lane in range(LANES)]
+    for lane in _lanes:
+        multiprocessing.util.Finalize(lane, lane.close, exitpriority=10)
 
 
 def embed_ranges(_task):
-    """Pool task (one per worker): embed ranges from the shared queue until none is left.
+    """Pool task (one per worker): run the lanes until no range is left.
     Fatal errors stop every worker and reach the parent."""
-    worker = _worker
-    if worker.shared.stopping():
+    shared = _lanes[0].shared
+    if shared.stopping():
         return
-    worker.shared.set_busy(True)
+    shared.set_busy(True)
     try:
-        worker.open()
-        worker.run()
+        errors = []
+        others = [threading.Thread(target=_run_lane, args=(lane, errors), name=f"lane{lane.lane}", daemon=True)
+                  for lane in _lanes[1:]]
+        for thread in others:
+            thread.start()
+        _run_lane(_lanes[0], errors)
+        for thread in others:
+            thread.join()
+        if errors:
+            raise errors[0]
+    finally:
+        shared.set_busy(False)
+
+
+def _run_lane(lane, errors):
+    """One lane's loop; a fatal error stops every worker and is kept for the parent."""
+    try:
+        lane.open()
+        lane.run()
     except Interrupted:
         return
     except EtlError as error:
-        worker.shared.request_stop(fatal=True)
+        lane.shared.request_stop(fatal=True)
         log.debug("fatal error", exc_info=True)
-        raise EtlError(str(error)) from None
+        errors.append(EtlError(str(error)))
     except Exception as error:  # a bug: stop everything, keep the traceback in the log
-        worker.shared.request_stop(fatal=True)
+        lane.shared.request_stop(fatal=True)
         log.error("unexpected error in worker", exc_info=True)
-        raise EtlError(f"unexpected error in worker w{worker.number}: {type(error).__name__}: {error}") from None
-    finally:
-        worker.shared.set_busy(False)
+        errors.append(EtlError(f"unexpected error in worker w{lane.number}: {type(error).__name__}: {error}"))

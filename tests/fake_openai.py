@@ -7,7 +7,8 @@
 * Faults: a script of actions for the next requests (429 with or without Retry-After, 500,
   a dropped connection, a hang), inputs refused with 400 when they contain a marker, inputs
   over the token limit refused like the real API, an optional tokens/requests-per-minute
-  limit that answers 429 past it, fixed latency.
+  limit that answers 429 past it, a fixed response time (--latency: each answer leaves that
+  long after its request came in, however long computing it took).
 * Counters: requests, inputs, statuses, and how many times each text was embedded.
 
 Run standalone for the benchmark: python -m tests.fake_openai --port 8911 --latency 0.2
@@ -126,6 +127,8 @@ class FakeOpenAI:
             self.auth_failures = 0
             self.batch_sizes = []
             self.arrivals = []
+            self.in_flight = 0
+            self.max_in_flight = 0
 
     def add_faults(self, *actions):
         """Queue actions for the next requests: {'status': 429, 'headers': {...}}, {'drop': True},
@@ -321,9 +324,20 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             return self._send(400, {}, _error("body is not JSON"))
-        status, headers, payload, hang = self.owner.handle(self.headers, body)
-        if hang:
-            time.sleep(hang)
+        owner = self.owner
+        with owner.lock:
+            owner.in_flight += 1
+            owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+        arrived = time.monotonic()
+        try:
+            status, headers, payload, hang = owner.handle(self.headers, body)
+            if hang:
+                time.sleep(hang)
+            if status is not None and owner.latency:  # the answer leaves `latency` after the request came
+                time.sleep(max(0.0, arrived + hang + owner.latency - time.monotonic()))
+        finally:
+            with owner.lock:  # before answering: the client's next request cannot overlap this one
+                owner.in_flight -= 1
         if status is None:  # drop the connection without answering
             self.close_connection = True
             try:
@@ -331,8 +345,6 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
-        if self.owner.latency:
-            time.sleep(self.owner.latency)
         self._send(status, headers, payload)
 
     def _send(self, status, headers, payload):

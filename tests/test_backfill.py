@@ -290,6 +290,17 @@ def test_summary_reports_tokens_and_cost(etl, db):
     assert f"cost_usd={etl.fake.tokens_served * 1000 / 1e6:.4f}" in result.stdout
 
 
+def test_never_more_requests_in_flight_than_workers(etl, db):
+    """Each worker has two lanes (connections) but one request in flight at a time."""
+    make_foods(db, 300)
+    etl.fake.latency = 0.05
+    run_ok(etl, "--workers", "2", "--batch-size", "5")
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 300
+    assert etl.fake.inputs == 300 and max(etl.fake.texts.values()) == 1
+    assert etl.fake.max_in_flight == 2
+
+
 def test_runs_started_together_create_the_ledger_once(database_url, db):
     # Runs started by the same cron tick all find no ledger and create it at the same moment;
     # none of them may fail on the catalog's unique index.
