@@ -211,7 +211,7 @@ def main():
 
     # DB-bound: raw write limit vs the tool at zero latency.
     if wanted("db"):
-        for workers, batch in ((4, 200), (4, 500), (2, 500)):
+        for workers, batch in ((4, 200), (2, 500)):
             create_foods(url, args.rows)
             written, seconds = raw_write_limit(url, 2, batch)
             raw_rate = written / seconds

@@ -10,8 +10,8 @@ writes, commits and claims its next batch, and its request goes out as soon as t
 answer is in. Row locks stay with the lane (and transaction) that embeds the rows.
 
 `init_worker` and `embed_ranges` are top-level functions so the pool can pickle them. Each
-process opens its own database connection and its own API client on its first range;
-nothing that holds a socket crosses the fork.
+lane opens its own database connection and each process its own API client on its first
+range; nothing that holds a socket crosses the fork.
 """
 
 import logging
@@ -56,6 +56,28 @@ def row_text(values):
     return "\n".join(value for value in values if value is not None and value.strip())
 
 
+class Gate:
+    """What the lanes of one process share: the lock that keeps one request in flight, and
+    the API client (one HTTP connection per worker, whatever its lanes)."""
+
+    def __init__(self, settings, target):
+        self.settings = settings
+        self.target = target
+        self.lock = threading.Lock()
+        self._made = threading.Lock()
+        self._embedder = None
+
+    def embedder(self):
+        with self._made:
+            if self._embedder is None:
+                self._embedder = make_embedder(self.settings, self.target.dimensions)
+            return self._embedder
+
+    def close(self):
+        if self._embedder is not None:
+            self._embedder.close()
+
+
 class Worker:
     """One lane of a worker process: settings, shared memory, the process's request gate and
     (once opened) its own connection and client."""
@@ -68,7 +90,7 @@ class Worker:
         self.limiter = limiter
         self.number = number
         self.lane = lane
-        self.gate = gate or threading.Lock()
+        self.gate = gate or Gate(settings, target)
         self.store = None
         self.embedder = None
         self.succeeded = 0
@@ -79,7 +101,7 @@ class Worker:
         if self.store is None:
             self.store = self._connect()
         if self.embedder is None:
-            self.embedder = make_embedder(self.settings, self.target.dimensions)
+            self.embedder = self.gate.embedder()
 
     def _connect(self):
         name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}.{self.lane}"
@@ -89,8 +111,6 @@ class Worker:
     def close(self):
         if self.store is not None:
             self.store.close()
-        if self.embedder is not None:
-            self.embedder.close()
 
     # --- the ranges ----------------------------------------------------------------------------
     def run(self):
@@ -227,7 +247,7 @@ class Worker:
         attempt = 0
         while True:
             try:
-                with self.gate:  # one request in flight per process; back-offs happen outside
+                with self.gate.lock:  # one request in flight per process; back-offs happen outside
                     self.wait_for_budget(sum(row.tokens for row in rows))
                     result = self.embedder.embed([row.text for row in rows])
             except TransientProviderError as error:
@@ -300,10 +320,11 @@ def init_worker(settings, target, ranges, shared, limiter):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    gate = threading.Lock()
+    gate = Gate(settings, target)
     _lanes[:] = [Worker(settings, target, ranges, shared, limiter, number, lane, gate) for lane in range(LANES)]
     for lane in _lanes:
         multiprocessing.util.Finalize(lane, lane.close, exitpriority=10)
+    multiprocessing.util.Finalize(gate, gate.close, exitpriority=5)
 
 
 def embed_ranges(_task):
