@@ -205,26 +205,38 @@ def main():
 
     # Warm-up, not reported: a new cluster creates its WAL segment files the first time a
     # gigabyte of WAL goes through, and later runs recycle them. Without this pass whichever
-    # scenario runs first is measured on a slower database than the others.
+    # scenario runs first is measured on a slower database than the others. The server keeps
+    # its default settings: a 140k-row pass writes about 1 GB of WAL (max_wal_size), so one
+    # checkpoint falls somewhere in most passes, hence the best of two runs on both sides.
     create_foods(url, args.rows)
     raw_write_limit(url, 2, 200)
 
     # DB-bound: raw write limit vs the tool at zero latency.
     if wanted("db"):
         for workers, batch in ((4, 200), (2, 500)):
-            create_foods(url, args.rows)
-            written, seconds = raw_write_limit(url, 2, batch)
+            trials = []
+            for _ in range(2):  # the limit is the better of two runs
+                create_foods(url, args.rows)
+                trials.append(raw_write_limit(url, 2, batch))
+            written, seconds = min(trials, key=lambda trial: trial[1])
             raw_rate = written / seconds
             row("raw write limit", f"2 connections, batch {batch}, no API", written, f"{seconds:.1f}",
-                f"{raw_rate:,.0f} rows/s", "", "", "")
-            create_foods(url, args.rows)
-            fake = FakeServer()
-            seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", str(workers), "--batch-size", str(batch))
-            fake.stop()
-            rate = int(summary["embedded"]) / seconds
-            row("DB-bound", f"--workers {workers} --batch-size {batch}, 0 ms API", summary["embedded"],
+                f"{raw_rate:,.0f} rows/s", "", "", "",
+                "best of 2 runs: " + " and ".join(f"{w / s:,.0f}" for w, s in trials) + " rows/s")
+            runs = []
+            for _ in range(2):  # the same treatment as the raw limit: the better of two runs
+                create_foods(url, args.rows)
+                fake = FakeServer()
+                seconds, summary, peak, start, _ = run_etl(url, fake, "--workers", str(workers),
+                                                           "--batch-size", str(batch))
+                fake.stop()
+                runs.append((int(summary["embedded"]), seconds))
+            embedded, seconds = min(runs, key=lambda run: run[1])
+            rate = embedded / seconds
+            row("DB-bound", f"--workers {workers} --batch-size {batch}, 0 ms API", embedded,
                 f"{seconds:.1f}", f"{rate:,.0f} rows/s", f"{raw_rate:,.0f} rows/s", f"{rate / raw_rate:.2f}",
-                "≥ 0.6, < 30 s", "whole command, start-up included")
+                "≥ 0.6, < 30 s", "whole command, start-up included; best of 2 runs: "
+                + " and ".join(f"{e / s:,.0f}" for e, s in runs) + " rows/s")
 
     # Latency-bound: 200 ms per request.
     latency = 0.2
