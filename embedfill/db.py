@@ -1,7 +1,6 @@
 """Database access: connections, the named SQL files, the table's shape, claims and writes."""
 
 import functools
-import io
 import logging
 import re
 import struct
@@ -222,6 +221,44 @@ def count_known_failures(conn, target):
     return count
 
 
+COPY_CHUNK_BYTES = 1 << 20  # the COPY is sent in pieces of about this size, never built whole
+
+
+class _CopyStream:
+    """The binary COPY of (row_id text, embedding vector) rows, read a chunk of rows at a time,
+    so that a batch's vectors exist once in memory (the matrix), not two or three times."""
+
+    def __init__(self, row_ids, vectors):
+        self.row_ids = row_ids
+        self.vectors = vectors
+        dims = vectors.shape[1]
+        self.field = struct.pack(">ihh", 4 + 4 * dims, dims, 0)
+        self.per_chunk = max(1, COPY_CHUNK_BYTES // (4 * dims + 64))
+        self.position = 0
+        self.state = "header"
+
+    def read(self, size=-1):
+        if self.state == "header":
+            self.state = "rows"
+            return _COPY_HEADER
+        if self.position >= len(self.row_ids):
+            if self.state == "rows":
+                self.state = "done"
+                return _COPY_TRAILER
+            return b""
+        end = min(len(self.row_ids), self.position + self.per_chunk)
+        big_endian = self.vectors[self.position:end].astype(">f4")
+        parts = []
+        for row_id, vector in zip(self.row_ids[self.position:end], big_endian):
+            encoded = row_id.encode("utf-8")
+            parts.append(struct.pack(">hi", 2, len(encoded)))
+            parts.append(encoded)
+            parts.append(self.field)
+            parts.append(vector.tobytes())
+        self.position = end
+        return b"".join(parts)
+
+
 class WorkerStore:
     """One worker's connection and the statements of the hot path."""
 
@@ -251,23 +288,9 @@ class WorkerStore:
         """Binary-COPY the vectors into the staging table, then move them into their rows."""
         if not row_ids:
             return 0
-        dims = vectors.shape[1]
-        field = struct.pack(">ihh", 4 + 4 * dims, dims, 0)
-        big_endian = vectors.astype(">f4", copy=False)
-        parts = [_COPY_HEADER]
-        for row_id, vector in zip(row_ids, big_endian):
-            encoded = row_id.encode("utf-8")
-            parts.append(struct.pack(">hi", 2, len(encoded)))
-            parts.append(encoded)
-            parts.append(field)
-            parts.append(vector.tobytes())
-        parts.append(_COPY_TRAILER)
-        payload = b"".join(parts)
         with self.conn.cursor() as cur:
-            cur.copy_expert(  # in one piece (the default reads the buffer 8 KB at a time)
-                "COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)", io.BytesIO(payload),
-                size=len(payload),
-            )
+            cur.copy_expert("COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)",
+                            _CopyStream(row_ids, vectors), size=COPY_CHUNK_BYTES)
             cur.execute(self._write)
             written = cur.rowcount
             if self.retry_failed:

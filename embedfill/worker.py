@@ -318,6 +318,7 @@ def init_worker(settings, target, ranges, shared, limiter):
     # transactions are rolled back by PostgreSQL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _return_big_buffers_to_the_os()
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
     gate = Gate(settings, target)
@@ -325,6 +326,19 @@ def init_worker(settings, target, ranges, shared, limiter):
     for lane in _lanes:
         multiprocessing.util.Finalize(lane, lane.close, exitpriority=10)
     multiprocessing.util.Finalize(gate, gate.close, exitpriority=5)
+
+
+def _return_big_buffers_to_the_os():
+    """Answers and matrices of tens of MB come and go every batch. glibc raises its mmap
+    threshold after each big free, so later ones land in the lanes' malloc arenas and stay
+    there; a fixed 1 MB threshold hands them back (peak RSS at batch 2048 with 3072-dim
+    vectors: 266 MB before, 208 MB after). glibc only; elsewhere nothing changes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def embed_ranges(_task):

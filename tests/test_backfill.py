@@ -328,3 +328,27 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_class WHERE relname = 'etl_failures'")
         assert cur.fetchone()[0] == 1
+
+
+def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(database_url, db, monkeypatch):
+    from embedfill import db as store
+    from embedfill.config import resolve
+
+    make_foods(db, 500)
+    monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 10 rows a chunk: 50 chunks
+    assert store._CopyStream(["1"] * 25, np.zeros((25, 8), np.float32)).per_chunk == 10
+    settings = resolve({"database_url": database_url, "table": "foods", "text_columns": ("name",)}, {}, {})
+    conn = store.connect(database_url)
+    target = store.inspect_target(conn, settings)
+    store.ensure_ledger(conn)
+    writer = store.WorkerStore(conn, target, retry_failed=False)
+    ids = [row[0] for row in writer.claim(None, None, 500)]
+    vectors = np.random.default_rng(7).standard_normal((len(ids), 8)).astype(np.float32)
+    assert writer.write(ids, vectors) == 500
+    writer.commit()
+    conn.close()
+    with db.cursor() as cur:
+        cur.execute("SELECT id::text, embedding::text FROM foods")
+        stored = {row_id: np.array(text.strip("[]").split(","), dtype=np.float32) for row_id, text in cur.fetchall()}
+    for row_id, vector in zip(ids, vectors):
+        assert np.allclose(stored[row_id], vector, atol=1e-6), row_id
