@@ -16,6 +16,7 @@ range; nothing that holds a socket crosses the fork.
 
 import logging
 import multiprocessing.util
+import os
 import random
 import signal
 import threading
@@ -104,7 +105,8 @@ class Worker:
             self.embedder = self.gate.embedder()
 
     def _connect(self):
-        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}.{self.lane}"
+        # w<N>p<pid>.<lane>: status counts processes (lane suffix dropped), two runs apart (pid)
+        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}p{os.getpid()}.{self.lane}"
         conn = db.connect(self.settings.database_url, application_name=name)
         return db.WorkerStore(conn, self.target, self.settings.retry_failed)
 

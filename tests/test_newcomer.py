@@ -121,9 +121,12 @@ def test_status_and_dry_run_on_a_partly_embedded_table(etl, db):
 
 
 def test_status_sees_an_active_run(etl, db):
-    make_foods(db, 2000)
+    """Each worker holds two connections (lanes); status counts worker processes, and the
+    workers of two runs at once apart."""
+    make_foods(db, 3000)
     etl.fake.latency = 0.05
-    run = etl.start("--workers", "2", "--batch-size", "10", **env_for_table(EMBEDDING_DIMENSIONS=8))
+    runs = [etl.start("--workers", "2", "--batch-size", "10", **env_for_table(EMBEDDING_DIMENSIONS=8))
+            for _ in range(2)]
     try:
         import time
 
@@ -131,12 +134,13 @@ def test_status_sees_an_active_run(etl, db):
         seen = ""
         while time.monotonic() < deadline:
             seen = etl.run("status", **env_for_table()).stdout
-            if "run_active=yes" in seen:
+            if "active_workers=4 " in seen:
                 break
-        assert "active_workers=2 run_active=yes" in seen
+        assert "active_workers=4 run_active=yes" in seen
     finally:
-        run.terminate()
-        run.communicate(timeout=30)
+        for run in runs:
+            run.terminate()
+            run.communicate(timeout=30)
 
 
 def test_init_creates_column_index_and_ledger_idempotently(etl, db):
