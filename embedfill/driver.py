@@ -1,6 +1,5 @@
 """The driver: checks the table, plans the ranges, runs the worker pool, reports, picks the exit code."""
 
-import importlib
 import logging
 import multiprocessing
 import signal
@@ -10,7 +9,7 @@ import time
 
 from . import db, planner
 from .errors import (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied)
-from .embedders import check_provider
+from .embedders import check_provider, load_client_library
 from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
@@ -80,12 +79,14 @@ def run_backfill(settings, out=None):
     """Fill the embedding column; returns the process exit code."""
     out = out or sys.stdout
     started = time.monotonic()
+    client_parts = {}
     importer = None
     if settings.provider == "openai":
         check_provider(settings)  # fails fast on a missing key; the real clients live in the workers
-        # The SDK takes half a second to import: do it while the database is checked and the
-        # ranges planned, and before the fork, so that the workers inherit it.
-        importer = threading.Thread(target=importlib.import_module, args=("openai",), daemon=True)
+        # The SDK takes half a second to import and its SSL context 20-40 ms to build: do both
+        # while the database is checked and the ranges planned, before the fork, so that every
+        # worker inherits them.
+        importer = threading.Thread(target=_load_client_library, args=(client_parts,), daemon=True)
         importer.start()
     target, ranges = prepare(settings)
     if importer is not None:
@@ -108,7 +109,7 @@ def run_backfill(settings, out=None):
     counts = _Counts(settings, target)
     fatal = None
     pool = context.Pool(settings.workers, initializer=init_worker,
-                        initargs=(settings, target, ranges, shared, limiter))
+                        initargs=(settings, target, ranges, shared, limiter, client_parts.get("tls")))
     # Threads (the count, tqdm) start only after the fork.
     progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     try:
@@ -176,6 +177,13 @@ def run_backfill(settings, out=None):
                     totals["failed"])
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _load_client_library(into):
+    try:
+        into["tls"] = load_client_library()
+    except Exception:  # each worker then builds its own client as usual and reports any error
+        log.debug("loading the API client library before the fork failed", exc_info=True)
 
 
 def summary_line(settings, totals, elapsed, skipped):

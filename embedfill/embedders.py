@@ -1,4 +1,4 @@
-"""Embedding providers behind one interface: `embed(texts) -> Embedding`.
+"""Embedding providers behind one interface: `embed(texts) -> Embedding` (= `decode(fetch(texts))`).
 
 The worker never knows which provider it has. Provider errors are wrapped here, once, into
 the project's own exception types (errors.py), which say whether to retry, split or stop.
@@ -37,26 +37,62 @@ class Embedding:
     headers: dict
 
 
+class Answer:
+    """A provider's answer as received: read, not yet decoded."""
+
+    def __init__(self, body, headers, count):
+        self._body = body
+        self.headers = headers
+        self.count = count
+
+    def take_body(self):
+        body, self._body = self._body, None
+        return body
+
+
 class Embedder:
-    """The interface: turn a list of non-empty texts into a float32 matrix, in input order."""
+    """The interface: turn a list of non-empty texts into a float32 matrix, in input order.
+
+    `embed` is `decode(fetch(texts))`. A worker calls `fetch` while it holds its one request
+    slot and `decode` after letting go of it, so its other lane's request goes out as soon as
+    an answer's bytes are in."""
 
     name = "embedder"
 
     def embed(self, texts):
+        return self.decode(self.fetch(texts))
+
+    def fetch(self, texts):
         raise NotImplementedError
+
+    def decode(self, answer):
+        return answer
 
     def close(self):
         pass
 
 
-def make_embedder(settings, column_dimensions=None):
+def make_embedder(settings, column_dimensions=None, tls=None):
     """The provider the settings ask for (created inside the process that uses it).
 
-    The local provider makes vectors of any size: EMBEDDING_DIMENSIONS, else the column's."""
+    The local provider makes vectors of any size: EMBEDDING_DIMENSIONS, else the column's.
+    `tls` is an SSL context from `load_client_library`, shared by the workers."""
     if settings.provider == "local":
         return LocalEmbedder(settings.dimensions or column_dimensions or LOCAL_DEFAULT_DIMENSIONS)
     check_provider(settings)
-    return OpenAIEmbedder(settings)
+    return OpenAIEmbedder(settings, tls)
+
+
+def load_client_library():
+    """Import the SDK and build the default SSL context of its HTTP library; returns the context.
+
+    The parent does this once before forking the workers: the import takes half a second and
+    the context (the CA bundle, honouring SSL_CERT_FILE and SSL_CERT_DIR) 20-40 ms, which
+    eight workers starting at once on two cores would otherwise each pay. The context holds
+    no socket, so it crosses the fork safely."""
+    import openai
+
+    return _http_library(openai).create_ssl_context()
 
 
 def check_provider(settings):
@@ -116,7 +152,7 @@ class OpenAIEmbedder(Embedder):
     budget (--max-attempts) and shares 429 cool-downs across processes.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, tls=None):
         import openai
 
         self._openai = openai
@@ -128,11 +164,13 @@ class OpenAIEmbedder(Embedder):
             base_url=self.base_url,
             max_retries=0,
             timeout=settings.request_timeout,
+            http_client=None if tls is None else openai.DefaultHttpxClient(verify=tls),
         )
-        self._raw_response = _sdk_response_class(openai)
+        self._raw_response = _http_library(openai).Response
         self.name = settings.model
 
-    def embed(self, texts):
+    def fetch(self, texts):
+        """Send one request and read its answer's bytes (the part that needs the connection)."""
         openai = self._openai
         body = {"input": list(texts), "model": self.model, "encoding_format": "base64"}
         if self.dimensions:
@@ -141,14 +179,9 @@ class OpenAIEmbedder(Embedder):
             # The SDK's documented raw request: auth, base URL, timeout and error types are the
             # SDK's, but neither the typed parameter transform (which walks every input string)
             # nor the typed response objects: together they cost more CPU than all the rest a
-            # worker does per row. The JSON is read directly.
+            # worker does per row. The JSON is read by `decode`.
             response = self.client.post("/embeddings", body=body, cast_to=self._raw_response)
-            headers = response.headers
-            text = response.content.decode("utf-8")
-            del response  # the body now lives once, as text: a 2048 × 3072 answer is 33 MB
-            payload = json.loads(text)
-            del text
-            data = payload["data"]
+            return Answer(response.content, response.headers, len(texts))
         except openai.APITimeoutError as error:
             raise TransientProviderError(f"request timed out ({error})") from error
         except openai.APIConnectionError as error:
@@ -156,9 +189,18 @@ class OpenAIEmbedder(Embedder):
             raise TransientProviderError(f"connection error: {type(cause).__name__}: {cause}") from error
         except openai.APIStatusError as error:
             raise self._wrap_status(error) from error
-        except (openai.APIResponseValidationError, ValueError, KeyError, TypeError) as error:
+        except openai.APIResponseValidationError as error:
             raise TransientProviderError(f"malformed response: {type(error).__name__}: {error}") from error
-        return Embedding(self._matrix(data, len(texts)), _usage(payload), headers)
+
+    def decode(self, answer):
+        """The answer's vectors, row i for input i, and its usage (CPU only: no connection)."""
+        try:
+            text = answer.take_body().decode("utf-8")  # the body lives once, as text: a 2048 × 3072 answer is 33 MB
+            payload = json.loads(text)
+            del text
+            return Embedding(self._matrix(payload["data"], answer.count), _usage(payload), answer.headers)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise TransientProviderError(f"malformed response: {type(error).__name__}: {error}") from error
 
     def _wrap_status(self, error):
         status = error.status_code
@@ -218,11 +260,10 @@ class OpenAIEmbedder(Embedder):
         self.client.close()
 
 
-def _sdk_response_class(openai):
-    """The Response class of the HTTP library under the SDK (httpx, or httpx2 in newer SDKs).
-    Given as `cast_to`, the SDK hands back the HTTP response untouched, headers included."""
-    library = openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]
-    return importlib.import_module(library).Response
+def _http_library(openai):
+    """The HTTP library under the SDK (httpx, or httpx2 in newer SDKs). Its Response class,
+    given as `cast_to`, makes the SDK hand back the HTTP response untouched, headers included."""
+    return importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
 
 
 def _b64decode(value):
@@ -266,7 +307,7 @@ class LocalEmbedder(Embedder):
     def __init__(self, dimensions):
         self.dimensions = dimensions
 
-    def embed(self, texts):
+    def fetch(self, texts):
         matrix = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         for row, text in enumerate(texts):
             features = _features(text)

@@ -3,7 +3,7 @@
 Cut points are quantiles of the NULL rows' ids, not min..max divided evenly (after a partial
 run the NULL rows are skewed), read from a block sample on big tables and from the partial
 index when the NULL rows are few. Range sizes follow guided scheduling: each range holds
-about 1/(2·workers) of what is left, down to two batches, so the pool's queue hands out big
+about 1/(2·workers) of what is left, down to one batch, so the pool's queue hands out big
 ranges first and small ones last, and no worker is left alone with a long range at the end.
 The ranges always cover the whole id space (the first and last are open-ended), so a poor
 sample costs balance, never rows.
@@ -37,8 +37,8 @@ def plan_ranges(conn, target, workers, batch_size):
 
 def guided_fractions(workers, batch_size, estimate):
     """Cumulative fractions of the rows at which to cut: chunks of remaining/(2·workers),
-    never smaller than two batches, at most GRID of them."""
-    smallest = max(1.0 / GRID, min(1.0, 2 * batch_size / estimate)) if estimate > 0 else 1.0 / (4 * workers)
+    never smaller than one batch, at most GRID of them."""
+    smallest = max(1.0 / GRID, min(1.0, batch_size / estimate)) if estimate > 0 else 1.0 / (4 * workers)
     fractions, done = [], 0.0
     while True:
         chunk = max((1.0 - done) / (2 * workers), smallest)

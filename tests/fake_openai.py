@@ -129,6 +129,10 @@ class FakeOpenAI:
             self.arrivals = []
             self.in_flight = 0
             self.max_in_flight = 0
+            self.last_answer_at = None
+            self.idle_seconds = 0.0  # per connection: from an answer leaving to the next request
+            self.idle_gaps = 0
+            self.spans = []  # per connection: [first request arrived, last answer left, requests]
 
     def add_faults(self, *actions):
         """Queue actions for the next requests: {'status': 429, 'headers': {...}}, {'drop': True},
@@ -312,7 +316,9 @@ class _Handler(BaseHTTPRequestHandler):
         with owner.lock:
             stats = {"requests": owner.requests, "inputs": owner.inputs, "tokens_served": owner.tokens_served,
                      "statuses": {str(k): v for k, v in owner.statuses.items()},
-                     "first_request_at": owner.first_request_at}
+                     "first_request_at": owner.first_request_at, "last_answer_at": owner.last_answer_at,
+                     "idle_seconds": owner.idle_seconds, "idle_gaps": owner.idle_gaps,
+                     "spans": owner.spans}
         self._send(200, {}, stats)
 
     def do_POST(self):
@@ -325,10 +331,18 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self._send(400, {}, _error("body is not JSON"))
         owner = self.owner
+        arrived = time.monotonic()
         with owner.lock:
             owner.in_flight += 1
             owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
-        arrived = time.monotonic()
+            answered = getattr(self, "_answered", None)
+            if not hasattr(self, "_span"):
+                self._span = [time.time(), None, 0]
+                owner.spans.append(self._span)
+            self._span[2] += 1
+            if answered is not None:
+                owner.idle_seconds += arrived - answered
+                owner.idle_gaps += 1
         try:
             status, headers, payload, hang = owner.handle(self.headers, body)
             if hang:
@@ -357,6 +371,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
+            span = getattr(self, "_span", None)
+            if span is not None:
+                self._answered = time.monotonic()
+                with self.owner.lock:
+                    self.owner.last_answer_at = span[1] = time.time()
         except OSError:  # the client gave up (timeout): nothing to answer
             self.close_connection = True
 

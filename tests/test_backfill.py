@@ -352,3 +352,29 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
         stored = {row_id: np.array(text.strip("[]").split(","), dtype=np.float32) for row_id, text in cur.fetchall()}
     for row_id, vector in zip(ids, vectors):
         assert np.allclose(stored[row_id], vector, atol=1e-6), row_id
+
+
+def test_the_largest_requests_land_every_vector_in_its_row(etl, db):
+    """2048 inputs of 3072 dimensions: 33 MB answers, decoded inside the request gate and with
+    big buffers handed back to the OS at once (worker.tune_malloc); two such batches a worker."""
+    make_foods(db, 4096, dims=3072)
+    result = etl.run("--workers", "1", "--batch-size", "2048",
+                     **env_for_table(EMBEDDING_MODEL="text-embedding-3-large"))
+    assert result.returncode == 0, result.stderr
+    embedded, null = check_table(db, dims=3072)
+    assert null == [] and len(embedded) == 4096
+    assert etl.fake.batch_sizes == [2048, 2048]
+    assert etl.fake.max_in_flight == 1
+
+
+def test_the_shared_tls_context_still_verifies_certificates():
+    """The parent builds the SDK's SSL context once for every worker; it must be the library's
+    default one: certificates and host names checked."""
+    import ssl
+
+    from embedfill.embedders import load_client_library
+
+    context = load_client_library()
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] > 0

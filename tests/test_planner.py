@@ -56,10 +56,10 @@ def test_ranges_follow_the_null_rows(big, database_url, skewed):
     assert max(counts[-3:]) < total / 20
 
 
-def test_guided_fractions_shrink_to_two_batches():
+def test_guided_fractions_shrink_to_one_batch():
     fractions = guided_fractions(workers=4, batch_size=20, estimate=8000)
     chunks = [b - a for a, b in zip([0.0] + fractions, fractions + [1.0])]
     assert chunks[0] == pytest.approx(1 / 8)
     assert all(x >= y - 1e-12 for x, y in zip(chunks, chunks[1:-1]))
-    assert min(chunks[:-1]) == pytest.approx(40 / 8000)
+    assert min(chunks[:-1]) == pytest.approx(20 / 8000)
     assert guided_fractions(workers=4, batch_size=2048, estimate=100) == []
