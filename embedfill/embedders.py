@@ -194,11 +194,12 @@ class OpenAIEmbedder(Embedder):
 
     def decode(self, answer):
         """The answer's vectors, row i for input i, and its usage (CPU only: no connection)."""
+        rows = _Rows(answer.count)
         try:
             text = answer.take_body().decode("utf-8")  # the body lives once, as text: a 2048 × 3072 answer is 33 MB
-            payload = json.loads(text)
+            payload = json.loads(text, object_hook=rows.take)
             del text
-            return Embedding(self._matrix(payload["data"], answer.count), _usage(payload), answer.headers)
+            return Embedding(rows.matrix_for(payload["data"]), _usage(payload), answer.headers)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise TransientProviderError(f"malformed response: {type(error).__name__}: {error}") from error
 
@@ -227,37 +228,55 @@ class OpenAIEmbedder(Embedder):
             return InvalidInputError(f"{status}: {message}")
         return FatalProviderError(f"the API answered {status}: {message}")
 
-    def _matrix(self, data, count):
-        """Place each embedding at the row of its input, by `index` (never by position)."""
-        if len(data) != count:
-            raise TransientProviderError(f"the API returned {len(data)} embeddings for {count} inputs")
-        matrix = None
-        seen = np.zeros(count, dtype=bool)
-        for item in data:
-            index = item.get("index") if isinstance(item, dict) else None
-            if not isinstance(index, int) or not 0 <= index < count or seen[index]:
-                raise TransientProviderError(f"the API returned a bad or repeated index {index!r}")
-            seen[index] = True
-            value = item.pop("embedding", None)  # each string is freed once decoded
-            try:
-                if isinstance(value, str):
-                    vector = np.frombuffer(_b64decode(value), dtype="<f4")
-                else:  # servers that ignore encoding_format send floats
-                    vector = np.asarray(value, dtype=np.float32)
-            except (binascii.Error, ValueError, TypeError) as error:
-                raise TransientProviderError(f"malformed response: embedding {index} cannot be read ({error})") from None
-            if vector.ndim != 1:
-                raise TransientProviderError(f"malformed response: embedding {index} is not a flat list of numbers")
-            if matrix is None:  # every vector is decoded straight into its row of one matrix
-                matrix = np.empty((count, vector.shape[0]), dtype=np.float32)
-            elif vector.shape[0] != matrix.shape[1]:
-                raise TransientProviderError(
-                    f"the API returned vectors of different lengths ({matrix.shape[1]} and {vector.shape[0]})")
-            matrix[index] = vector
-        return matrix
-
     def close(self):
         self.client.close()
+
+
+class _Rows:
+    """Decodes each embedding the moment the JSON parser has read its item, straight into the
+    row of its `index` (never its position) in one matrix. The item is replaced by its index,
+    so its base64 string is freed at once: a 2048 × 3072 answer never holds its 33 MB of
+    strings all together."""
+
+    def __init__(self, count):
+        self.count = count
+        self.matrix = None
+        self.seen = np.zeros(count, dtype=bool)
+
+    def take(self, item):
+        if "embedding" not in item:
+            return item  # the usage, the answer itself
+        index = item.get("index")
+        if not isinstance(index, int) or not 0 <= index < self.count or self.seen[index]:
+            raise TransientProviderError(f"the API returned a bad or repeated index {index!r} "
+                                         f"(for {self.count} inputs)")
+        value = item["embedding"]
+        try:
+            if isinstance(value, str):
+                vector = np.frombuffer(_b64decode(value), dtype="<f4")
+            else:  # servers that ignore encoding_format send floats
+                vector = np.asarray(value, dtype=np.float32)
+        except (binascii.Error, ValueError, TypeError) as error:
+            raise TransientProviderError(f"malformed response: embedding {index} cannot be read ({error})") from None
+        if vector.ndim != 1:
+            raise TransientProviderError(f"malformed response: embedding {index} is not a flat list of numbers")
+        if self.matrix is None:
+            self.matrix = np.empty((self.count, vector.shape[0]), dtype=np.float32)
+        elif vector.shape[0] != self.matrix.shape[1]:
+            raise TransientProviderError(
+                f"the API returned vectors of different lengths ({self.matrix.shape[1]} and {vector.shape[0]})")
+        self.matrix[index] = vector
+        self.seen[index] = True
+        return index
+
+    def matrix_for(self, data):
+        """The matrix, once every input has its vector and `data` holds nothing else."""
+        taken = int(self.seen.sum())
+        if not isinstance(data, list) or len(data) != self.count or taken != self.count:
+            raise TransientProviderError(
+                f"the API returned {len(data) if isinstance(data, list) else 'no list of'} embeddings "
+                f"for {self.count} inputs")
+        return self.matrix
 
 
 def _http_library(openai):

@@ -214,6 +214,44 @@ def test_unreadable_base64_is_retried_then_written(etl, db):
     assert null == [] and len(embedded) == 30
 
 
+def _short_vector(item):
+    import base64
+
+    item["embedding"] = base64.b64encode(base64.b64decode(item["embedding"])[:8]).decode()
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda data: data.pop(), "the API returned 5 embeddings for 6 inputs"),
+    (lambda data: data[1].update(index=data[0]["index"]), "bad or repeated index"),
+    (lambda data: _short_vector(data[2]), "vectors of different lengths"),
+])
+def test_answers_that_do_not_match_the_inputs_are_retried(etl, db, mangle, message):
+    """An answer with a missing vector, a repeated index or a vector of another length is a
+    transient error: nothing of it is written, and the retry's answer is."""
+    import json
+
+    from tests.fake_openai import RawJson
+
+    make_foods(db, 6)
+    handle, broken = etl.fake.handle, {"left": 1}
+
+    def once_broken(headers, body):
+        status, out_headers, payload, hang = handle(headers, body)
+        if broken["left"]:
+            broken["left"] = 0
+            document = json.loads(payload)
+            mangle(document["data"])
+            payload = RawJson(json.dumps(document).encode())
+        return status, out_headers, payload, hang
+
+    etl.fake.handle = once_broken
+    result = run_ok(etl, "--workers", "1", "--batch-size", "6")
+    assert message in result.stderr
+    assert " retries=1 " in result.stdout
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 6
+
+
 def test_progress_lines_when_not_a_terminal(etl, db):
     make_foods(db, 200)
     etl.fake.latency = 0.05
