@@ -54,8 +54,8 @@ class Embedder:
     """The interface: turn a list of non-empty texts into a float32 matrix, in input order.
 
     `embed` is `decode(fetch(texts))`. A worker calls `fetch` while it holds its one request
-    slot and `decode` after letting go of it, so its other lane's request goes out as soon as
-    an answer's bytes are in."""
+    slot and, unless the answers are big (worker.embed_rows), `decode` after letting go of
+    it, so its other lane's request goes out as soon as an answer's bytes are in."""
 
     name = "embedder"
 

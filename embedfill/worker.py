@@ -6,12 +6,13 @@ that finishes early takes the next range.
 Each process runs LANES lanes (threads), each with its own connection and its own loop of
 claim, embed, write, commit. A gate lets one request per process be in flight at a time, so
 `--workers N` still means N concurrent requests; while one lane waits on the API, the other
-writes, commits and claims its next batch, and its request goes out as soon as the first
-answer is in. Row locks stay with the lane (and transaction) that embeds the rows.
+decodes its answer, writes, commits and claims its next batch, and its request goes out as
+soon as the first answer's bytes are in. Row locks stay with the lane (and transaction) that embeds the rows.
 
 `init_worker` and `embed_ranges` are top-level functions so the pool can pickle them. Each
 lane opens its own database connection and each process its own API client on its first
-range; nothing that holds a socket crosses the fork.
+range; nothing that holds a socket crosses the fork (the SSL context the parent builds for
+them holds none).
 """
 
 import logging
@@ -28,7 +29,7 @@ import psycopg2
 from . import db, logs
 from .embedders import make_embedder
 from .errors import (DatabaseError, EtlError, FatalProviderError, InvalidInputError, TransientProviderError)
-from .models import DEFAULT_DIMENSIONS, MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
+from .models import DEFAULT_DIMENSIONS, MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST, model_info
 from .tokens import fit
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ BACKOFF_CAP = 30.0
 # misconfigured (a `dimensions` the model does not take, say), not unlucky.
 REFUSALS_BEFORE_FATAL = 3
 LANES = 2  # per worker process: one waits on the API while the other uses the database
+BIG_ANSWER_BYTES = 16 << 20  # answers over this are decoded inside the gate (see tune_malloc)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 
 
 class Interrupted(Exception):
@@ -340,14 +343,10 @@ def init_worker(settings, target, ranges, shared, limiter, tls=None):
     multiprocessing.util.Finalize(gate, gate.close, exitpriority=5)
 
 
-# glibc malloc settings (mallopt parameters) for the workers' buffers, measured on the bench.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-BIG_ANSWER_BYTES = 16 << 20
-
-
 def answer_bytes(settings, target):
     """About how big the largest answer of this run is: float32 vectors in base64."""
-    dimensions = target.dimensions or settings.dimensions or DEFAULT_DIMENSIONS
+    info = model_info(settings.model_name)
+    dimensions = target.dimensions or settings.dimensions or (info.dimensions if info else DEFAULT_DIMENSIONS)
     return min(settings.batch_size, MAX_INPUTS_PER_REQUEST) * dimensions * 4 * 4 // 3
 
 
@@ -362,18 +361,18 @@ def tune_malloc(largest_answer):
     82-88 MB. Answers over 16 MB (batch 2048 × 3072 dims) would keep that much more in each
     process, so there every buffer from 1 MB up is mapped and handed back at once, and the
     answer is decoded inside the request gate (peak RSS 177 MB in three runs, 175-217 MB
-    without these two, at 15% more CPU). glibc only; elsewhere nothing changes."""
+    without these two, at 15-25% more CPU). glibc only; elsewhere nothing changes."""
     if largest_answer > BIG_ANSWER_BYTES:
-        settings = ((M_MMAP_THRESHOLD, 1 << 20),)
+        parameters = ((M_MMAP_THRESHOLD, 1 << 20),)
     else:
-        settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 8 << 20), (M_TRIM_THRESHOLD, 16 << 20))
+        parameters = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 8 << 20), (M_TRIM_THRESHOLD, 16 << 20))
     try:
         import ctypes
 
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return
-    for parameter, value in settings:
+    for parameter, value in parameters:
         mallopt(parameter, value)
 
 
