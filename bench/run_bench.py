@@ -233,7 +233,7 @@ def main():
                                                                "--batch-size", str(batch))
                 fake.stop()
                 runs.append((int(summary["embedded"]), seconds, stats["etl_cpu_seconds"]))
-            embedded, seconds, cpu = min(runs, key=lambda run: run[1])
+            embedded, seconds, _ = min(runs, key=lambda run: run[1])
             rate = embedded / seconds
             row("DB-bound", f"--workers {workers} --batch-size {batch}, 0 ms API", embedded,
                 f"{seconds:.1f}", f"{rate:,.0f} rows/s", f"{raw_rate:,.0f} rows/s", f"{rate / raw_rate:.2f}",
@@ -252,7 +252,7 @@ def main():
             fake.stop()
             rate = int(summary["embedded"]) / seconds
             ideal = workers * batch / latency
-            ends = [span[1] for span in stats["spans"]]
+            ends = [span[1] for span in stats["spans"] if span[1]] or [0.0]
             gap_ms = 1000 * stats["idle_seconds"] / max(1, stats["idle_gaps"])
             row("latency-bound", f"--workers {workers} --batch-size {batch}, 200 ms API", summary["embedded"],
                 f"{seconds:.1f}", f"{rate:,.0f} rows/s", f"{ideal:,.0f} rows/s ideal", f"{rate / ideal:.2f}",

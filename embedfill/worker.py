@@ -7,7 +7,8 @@ Each process runs LANES lanes (threads), each with its own connection and its ow
 claim, embed, write, commit. A gate lets one request per process be in flight at a time, so
 `--workers N` still means N concurrent requests; while one lane waits on the API, the other
 decodes its answer, writes, commits and claims its next batch, and its request goes out as
-soon as the first answer's bytes are in. Row locks stay with the lane (and transaction) that embeds the rows.
+soon as the first answer's bytes are in. Row locks stay with the lane (and transaction) that
+embeds the rows.
 
 `init_worker` and `embed_ranges` are top-level functions so the pool can pickle them. Each
 lane opens its own database connection and each process its own API client on its first
@@ -88,7 +89,7 @@ class Worker:
     """One lane of a worker process: settings, shared memory, the process's request gate and
     (once opened) its own connection and client."""
 
-    def __init__(self, settings, target, ranges, shared, limiter, number, lane=0, gate=None):
+    def __init__(self, settings, target, ranges, shared, limiter, number, lane, gate):
         self.settings = settings
         self.target = target
         self.ranges = ranges
@@ -96,7 +97,7 @@ class Worker:
         self.limiter = limiter
         self.number = number
         self.lane = lane
-        self.gate = gate or Gate(settings, target)
+        self.gate = gate
         self.store = None
         self.embedder = None
         self.succeeded = 0
@@ -355,12 +356,13 @@ def tune_malloc(largest_answer):
     batch 500 with 1536 dimensions, 33 MB at batch 2048 with 3072. Buffers mapped fresh for
     each batch, or trimmed off the heap once freed, are page-faulted in again every batch.
 
-    Measured on the DB-bound bench (2 workers × 500, worker CPU a row, start-up included):
+    Measured on 2026-11-24 with the bench's `run_etl` (getrusage of etl.py and its workers,
+    start-up included) in one-off runs of the DB-bound case, 2 workers × 500, CPU a row:
     glibc's defaults 46 µs; every buffer over 1 MB mapped fresh 69 µs; one arena for both
     lanes, buffers up to 8 MB kept in it and up to 16 MB of free heap kept: 37 µs, peak RSS
     82-88 MB. Answers over 16 MB (batch 2048 × 3072 dims) would keep that much more in each
     process, so there every buffer from 1 MB up is mapped and handed back at once, and the
-    answer is decoded inside the request gate (peak RSS 177 MB in three runs, 175-217 MB
+    answer is decoded inside the request gate (peak RSS 177 MB in five runs, 175-217 MB
     without these two, at 15-25% more CPU). glibc only; elsewhere nothing changes."""
     if largest_answer > BIG_ANSWER_BYTES:
         parameters = ((M_MMAP_THRESHOLD, 1 << 20),)
