@@ -6,10 +6,10 @@ import psycopg2
 from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
-from . import db
+from . import catalog, db
 from .embedders import make_embedder
-from .errors import DatabaseError, EXIT_OK
-from .worker import row_text
+from .errors import EXIT_OK, DatabaseError
+from .texts import row_text
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ def init_schema(settings, out):
             cur.execute(db.load_sql("ledger"))
         print("extension vector: ready", file=out)
         print("ledger etl_failures: ready", file=out)
-        parts = db.split_table_name(settings.table)
+        parts = catalog.split_table_name(settings.table)
         with conn.cursor() as cur:
-            cur.execute(db.load_sql("table_columns"), {"relation": db.relation_literal(conn, parts)})
+            cur.execute(db.load_sql("table_columns"), {"relation": catalog.relation_literal(conn, parts)})
             columns = {row[0] for row in cur.fetchall()}
         if not columns:
             raise DatabaseError(f"table {'.'.join(parts)} does not exist (check ETL_TABLE or --table)")
@@ -37,13 +37,17 @@ def init_schema(settings, out):
                     "pass --dimensions N (or set EMBEDDING_DIMENSIONS) to add it as vector(N)"
                 )
             with conn.cursor() as cur:
-                cur.execute(sql.SQL(db.load_sql("add_embedding_column")).format(
-                    table=sql.Identifier(*parts), embedding=sql.Identifier(settings.embedding_column),
-                    dimensions=sql.Literal(settings.dimensions)))
+                cur.execute(
+                    sql.SQL(db.load_sql("add_embedding_column")).format(
+                        table=sql.Identifier(*parts),
+                        embedding=sql.Identifier(settings.embedding_column),
+                        dimensions=sql.Literal(settings.dimensions),
+                    )
+                )
             print(f"column {settings.embedding_column}: added as vector({settings.dimensions})", file=out)
-        target = db.inspect_target(conn, settings)
-        _, index = db.partial_index_sql(target)
-        if db.has_partial_index(conn, target):
+        target = catalog.inspect_target(conn, settings)
+        _, index = catalog.partial_index_sql(target)
+        if catalog.has_partial_index(conn, target):
             print("partial index: present", file=out)
         else:
             with conn.cursor() as cur:
@@ -60,9 +64,9 @@ def show_status(settings, out, top=5):
     """Rows total (estimate), rows still NULL, failures and their reasons, active runs."""
     conn = db.connect(settings.database_url)
     try:
-        target = db.inspect_target(conn, settings)
-        estimate = db.estimate_rows(conn, target)
-        null_rows = db.count_null(conn, target)
+        target = catalog.inspect_target(conn, settings)
+        estimate = catalog.estimate_rows(conn, target)
+        null_rows = catalog.count_null(conn, target)
         with conn.cursor() as cur:
             cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL")
             reasons, failed = [], 0
@@ -73,13 +77,16 @@ def show_status(settings, out, top=5):
                 reasons = cur.fetchall()
             pattern = f"{db.APPLICATION_PREFIX}:{target.qualified_name}:%"
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
-            active = cur.fetchone()[0]
+            runs, processes = cur.fetchone()
         conn.rollback()
     finally:
         conn.close()
     total = f"~{estimate}" if estimate >= 0 else "unknown"
-    print(f"status table={target.display} rows_total_estimate={total} rows_null={null_rows} "
-          f"rows_failed={failed} active_workers={active} run_active={'yes' if active else 'no'}", file=out)
+    print(
+        f"status table={target.display} rows_total_estimate={total} rows_null={null_rows} "
+        f"rows_failed={failed} active_runs={runs} active_processes={processes} run_active={'yes' if runs else 'no'}",
+        file=out,
+    )
     for reason, count in reasons:
         print(f"failed {count:>8}  {reason}", file=out)
     return EXIT_OK
@@ -89,7 +96,7 @@ def search(settings, query, top, out):
     """Embed `query` with the configured provider and print the nearest rows."""
     conn = db.connect(settings.database_url)
     try:
-        target = db.inspect_target(conn, settings)
+        target = catalog.inspect_target(conn, settings)
         embedder = make_embedder(settings, target.dimensions)
         try:
             vector = embedder.embed([query]).vectors[0]

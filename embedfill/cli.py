@@ -24,7 +24,7 @@ examples:
   python etl.py --dry-run                  # rows, tokens, cost and ranges, no API calls
   python etl.py init --dimensions 1536     # extension, ledger, column and partial index
   python etl.py status                     # where the table stands, and whether a run is active
-  python etl.py demo                       # a local foods table, embedded (offline without a key)
+  python etl.py demo                       # a local embedfill_demo table, embedded (offline without a key)
   python etl.py search "김치찌개" --top 5
 
 verbs: run (the default), init, status, demo, search; `python etl.py VERB --help` for each.
@@ -35,13 +35,14 @@ exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
 
 DESCRIPTIONS = {
     "run": "Fill the pgvector column of every row whose embedding IS NULL, from parallel workers, "
-           "resumable by rerunning.",
+    "resumable by rerunning.",
     "init": "Create what the tool relies on, idempotently: the vector extension, the etl_failures ledger, "
-            "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL.",
+    "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL.",
     "status": "Show where the configured table stands: rows total (estimate), rows still NULL, failed rows "
-              "and their reasons, and whether a run is active now.",
-    "demo": "Create (or refresh) a foods table like the seed's in the database and backfill it. Without "
-            "OPENAI_API_KEY it embeds offline with the local provider.",
+    "and their reasons, and whether a run is active now.",
+    "demo": "Create (or refresh) the embedfill_demo table, foods like the seed's, and backfill it; a table of that "
+    "name the demo did not make is never replaced. Without "
+    "OPENAI_API_KEY it embeds offline with the local provider.",
     "search": "Embed a query with the configured provider and print the nearest rows by cosine distance.",
 }
 
@@ -74,8 +75,9 @@ def _option_help(option):
 
 def build_parser(verb):
     prog = "etl.py" if verb == "run" else f"etl.py {verb}"
-    parser = Parser(prog=prog, description=DESCRIPTIONS[verb], epilog=EXAMPLES,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog=prog, description=DESCRIPTIONS[verb], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     if verb == "search":
         parser.add_argument("query", help="the text to look for")
         parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
@@ -83,20 +85,37 @@ def build_parser(verb):
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb in ("run", "demo"):
         parser.add_argument("--limit", type=_positive, help="stop after N rows [default: all rows]")
-        parser.add_argument("--retry-failed", action="store_true",
-                            help="take rows recorded in etl_failures again (a plain run skips them)")
-        parser.add_argument("--no-truncate", action="store_true",
-                            help="record over-long inputs as failed instead of truncating them")
-        parser.add_argument("--dry-run", action="store_true",
-                            help="plan only: rows, estimated tokens, cost, time and ranges; no API calls")
-        parser.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
-                            help="seconds between progress lines when stderr is not a terminal [default 10]")
+        parser.add_argument(
+            "--retry-failed",
+            action="store_true",
+            help="take rows recorded in etl_failures again (a plain run skips them)",
+        )
+        parser.add_argument(
+            "--no-truncate", action="store_true", help="record over-long inputs as failed instead of truncating them"
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="plan only: rows, estimated tokens, cost, time and ranges; no API calls",
+        )
+        parser.add_argument(
+            "--progress-interval",
+            type=float,
+            default=10.0,
+            metavar="S",
+            help="seconds between progress lines when stderr is not a terminal [default 10]",
+        )
     parser.add_argument("--config", metavar="PATH", help="settings file [default: ./config.env when present]")
     group = parser.add_argument_group("settings (a flag wins over the environment, which wins over config.env)")
     for option in OPTIONS:
         if option.flag:
-            group.add_argument(option.flag, dest=option.dest, type=_flag_type(option), metavar=option.metavar,
-                               help=_option_help(option))
+            group.add_argument(
+                option.flag,
+                dest=option.dest,
+                type=_flag_type(option),
+                metavar=option.metavar,
+                help=_option_help(option),
+            )
     return parser
 
 
@@ -131,8 +150,11 @@ def main(argv=None):
     level = "INFO"
     try:
         flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
-        flags.update(limit=getattr(args, "limit", None), retry_failed=getattr(args, "retry_failed", None),
-                     dry_run=getattr(args, "dry_run", None))
+        flags.update(
+            limit=getattr(args, "limit", None),
+            retry_failed=getattr(args, "retry_failed", None),
+            dry_run=getattr(args, "dry_run", None),
+        )
         if getattr(args, "no_truncate", False):
             flags["truncate"] = False
         config_path = args.config or "config.env"
@@ -148,8 +170,11 @@ def main(argv=None):
         print("error: interrupted", file=sys.stderr)
         return EXIT_SIGINT
     except Exception as error:  # a bug: one line unless DEBUG
-        _report(EtlError(f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"),
-                level, error)
+        _report(
+            EtlError(f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"),
+            level,
+            error,
+        )
         return EXIT_FATAL
 
 
@@ -209,8 +234,10 @@ def run_demo(args, flags, file_values, extras, driver, demo):
     settings = _resolve(flags, file_values, (), extras)
     if settings.provider == "local":
         dimensions = settings.dimensions or LOCAL_DEFAULT_DIMENSIONS
-        print("no OPENAI_API_KEY: embedding with the offline local provider (lexical hashing, not semantic)",
-              file=sys.stderr)
+        print(
+            "no OPENAI_API_KEY: embedding with the offline local provider (lexical hashing, not semantic)",
+            file=sys.stderr,
+        )
     else:
         info = model_info(settings.model) or model_info(DEFAULT_MODEL)
         dimensions = settings.dimensions or info.dimensions
@@ -219,4 +246,3 @@ def run_demo(args, flags, file_values, extras, driver, demo):
     if code == 0 and not settings.dry_run:
         print('next: python etl.py search "김치찌개"', file=sys.stdout)
     return code
-

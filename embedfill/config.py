@@ -67,6 +67,7 @@ class Option:
     metavar: str | None = None
 
 
+# fmt: off
 OPTIONS = [
     Option("database_url", "DATABASE_URL", "--database-url", None, str,
            "PostgreSQL connection URL; when unset, an embedded PostgreSQL in ETL_PGDATA is used", "URL"),
@@ -108,6 +109,7 @@ OPTIONS = [
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
 ]
+# fmt: on
 
 OPTIONS_BY_DEST = {option.dest: option for option in OPTIONS}
 

@@ -1,9 +1,10 @@
-"""`etl.py demo`: a foods table shaped like the seed's, generated fast with COPY, then backfilled."""
+"""`etl.py demo`: a table of foods shaped like the seed's, generated fast with COPY, then backfilled."""
 
 import io
 import logging
 import random
 
+import psycopg2
 from psycopg2 import sql
 
 from . import db
@@ -11,9 +12,11 @@ from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
-DEMO_TABLE = "foods"
+DEMO_TABLE = "embedfill_demo"
+DEMO_MARKER = "embedfill demo table: recreated by python etl.py demo"
 DEMO_TEXT_COLUMNS = ("name", "category", "description")
 
+# fmt: off
 DISHES = [
     ("김치찌개", "kimchi stew"), ("된장찌개", "soybean paste stew"), ("순두부찌개", "soft tofu stew"),
     ("부대찌개", "army base stew"), ("비빔밥", "mixed rice with vegetables"), ("돌솥비빔밥", "stone pot bibimbap"),
@@ -36,6 +39,7 @@ CATEGORIES = {
     "전": "전/pancake", "김치": "김치/kimchi", "조림": "조림/braise", "밥": "밥/rice", "면": "면/noodles",
 }
 STYLES = ["", "매운 ", "순한 ", "집밥 ", "Homemade ", "Spicy ", "Low-salt ", "Vegan "]
+# fmt: on
 
 
 def _category(name):
@@ -54,8 +58,10 @@ def generate_rows(count, seed=42):
         kcal = rng.randint(40, 600)
         protein, fat, carbs = rng.uniform(0, 30), rng.uniform(0, 35), rng.uniform(0, 80)
         sodium = rng.randint(50, 1800)
-        description = (f"{english}. 100 g당 열량 {kcal} kcal, 단백질 {protein:.1f} g, 지방 {fat:.1f} g, "
-                       f"탄수화물 {carbs:.1f} g, 나트륨 {sodium} mg")
+        description = (
+            f"{english}. 100 g당 열량 {kcal} kcal, 단백질 {protein:.1f} g, 지방 {fat:.1f} g, "
+            f"탄수화물 {carbs:.1f} g, 나트륨 {sodium} mg"
+        )
         yield f"{style}{name}\t{_category(name)}\t{description}\n"
 
 
@@ -82,23 +88,43 @@ class _LineReader(io.RawIOBase):
 
 
 def create_demo_table(url, rows, dimensions, out):
-    """Drop and recreate `foods` with `rows` generated rows, NULL embeddings and the partial index."""
+    """Recreate the demo's table with `rows` generated rows, NULL embeddings and the partial index.
+
+    Only a table that carries the demo's comment is ever replaced: a user's table of the same
+    name is left alone and the demo stops."""
     conn = db.connect(url)
+    where = f"database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
+    names = {"table": sql.Identifier(DEMO_TABLE), "name": sql.Literal(DEMO_TABLE)}
     try:
         with conn.cursor() as cur:
             cur.execute(db.load_sql("extension"))
-            cur.execute(sql.SQL(db.load_sql("demo_table")).format(dimensions=sql.Literal(dimensions)))
-            cur.copy_expert("COPY foods (name, category, description) FROM STDIN",
-                            io.BufferedReader(_LineReader(generate_rows(rows)), buffer_size=1 << 20))
             cur.execute(db.load_sql("ledger"))
-            cur.execute("DELETE FROM etl_failures WHERE table_name = 'public.foods'")
+            cur.execute(
+                "SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), 'pg_class')",
+                (DEMO_TABLE, DEMO_TABLE),
+            )
+            exists, comment = cur.fetchone()
+            if exists and comment != DEMO_MARKER:
+                raise DatabaseError(
+                    f"table {DEMO_TABLE} in {where} was not made by `etl.py demo`; "
+                    "the demo does not replace it: rename or drop it yourself, or use another database"
+                )
+            cur.execute(
+                sql.SQL(db.load_sql("demo_table")).format(
+                    dimensions=sql.Literal(dimensions), marker=sql.Literal(DEMO_MARKER), **names
+                )
+            )
+            cur.copy_expert(
+                sql.SQL("COPY {table} (name, category, description) FROM STDIN").format(**names),
+                io.BufferedReader(_LineReader(generate_rows(rows)), buffer_size=1 << 20),
+            )
         conn.commit()
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("CREATE INDEX IF NOT EXISTS foods_embedding_null_idx ON foods (id) WHERE embedding IS NULL")
-            cur.execute("ANALYZE foods")
-    except Exception as error:
+            cur.execute(sql.SQL("CREATE INDEX ON {table} (id) WHERE embedding IS NULL").format(**names))
+            cur.execute(sql.SQL("ANALYZE {table}").format(**names))
+    except psycopg2.Error as error:
         raise DatabaseError(f"could not create the demo table: {db.first_line(error)}") from error
     finally:
         conn.close()
-    print(f"demo table foods: {rows} rows, embedding vector({dimensions})", file=out, flush=True)
+    print(f"demo table {DEMO_TABLE} in {where}: {rows} rows, embedding vector({dimensions})", file=out, flush=True)

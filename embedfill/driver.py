@@ -7,34 +7,38 @@ import sys
 import threading
 import time
 
-from . import db, planner
-from .errors import (EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied)
+from . import catalog, db, planner
 from .embedders import check_provider, load_client_library
+from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied
 from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
 from .shared import SharedState
-from .tokens import count_tokens, load_encoding
-from .worker import embed_ranges, init_worker
+from .texts import count_tokens, load_encoding, row_text
+from .worker import PROCESSES_PER_WORKER, embed_ranges, init_worker
 
 log = logging.getLogger(__name__)
 
-GRACE_SECONDS = 7.0       # after SIGINT/SIGTERM, how long in-flight batches may finish
+GRACE_SECONDS = 7.0  # after SIGINT/SIGTERM, how long in-flight batches may finish
 POLL_SECONDS = 0.2
 
 
-def prepare(settings):
+def prepare(settings, processes):
     """Check the table, make sure the ledger exists, plan the ranges (one short connection)."""
     conn = db.connect(settings.database_url)
     try:
-        target = db.inspect_target(conn, settings)
-        db.ensure_ledger(conn)
-        if not db.has_partial_index(conn, target):
-            statement, _ = db.partial_index_sql(target)
-            log.warning("no partial index on %s WHERE %s IS NULL: every claim scans more than it needs. "
-                        "Create it with: %s (or run `python etl.py init`)",
-                        target.display, target.embedding_column, statement)
-        ranges = planner.plan_ranges(conn, target, settings.workers, settings.batch_size)
+        target = catalog.inspect_target(conn, settings)
+        catalog.ensure_ledger(conn)
+        if not catalog.has_partial_index(conn, target):
+            statement, _ = catalog.partial_index_sql(target)
+            log.warning(
+                "no partial index on %s WHERE %s IS NULL: every claim scans more than it needs. "
+                "Create it with: %s (or run `python etl.py init`)",
+                target.display,
+                target.embedding_column,
+                statement,
+            )
+        ranges = planner.plan_ranges(conn, target, processes, settings.batch_size)
     finally:
         conn.close()
     return target, ranges
@@ -57,9 +61,9 @@ class _Counts:
         try:
             conn = db.connect(self.settings.database_url)
             try:
-                self.null_rows = db.count_null(conn, self.target)
+                self.null_rows = catalog.count_null(conn, self.target)
                 if not self.settings.retry_failed:
-                    self.known_failures = db.count_known_failures(conn, self.target)
+                    self.known_failures = catalog.count_known_failures(conn, self.target)
             finally:
                 conn.close()
         except Exception:  # the total only feeds the display
@@ -79,16 +83,15 @@ def run_backfill(settings, out=None):
     """Fill the embedding column; returns the process exit code."""
     out = out or sys.stdout
     started = time.monotonic()
-    client_parts = {}
+    processes = PROCESSES_PER_WORKER * settings.workers
     importer = None
     if settings.provider == "openai":
         check_provider(settings)  # fails fast on a missing key; the real clients live in the workers
-        # The SDK takes half a second to import and its SSL context 20-40 ms to build: do both
-        # while the database is checked and the ranges planned, before the fork, so that every
-        # worker inherits them.
-        importer = threading.Thread(target=_load_client_library, args=(client_parts,), daemon=True)
+        # The SDK takes half a second to import: import it while the database is checked and
+        # the ranges planned, before the fork, so that every worker shares it.
+        importer = threading.Thread(target=_load_client_library, daemon=True)
         importer.start()
-    target, ranges = prepare(settings)
+    target, ranges = prepare(settings, processes)
     if importer is not None:
         importer.join()
     if settings.tpm or settings.dry_run:
@@ -97,8 +100,9 @@ def run_backfill(settings, out=None):
         return dry_run(settings, target, ranges, out)
 
     context = multiprocessing.get_context("fork")
-    shared = SharedState(context, settings.workers, settings.limit)
+    shared = SharedState(context, processes, settings.limit)
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
+    requests = context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
     received = []
 
     def on_signal(signum, frame):
@@ -108,12 +112,14 @@ def run_backfill(settings, out=None):
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     counts = _Counts(settings, target)
     fatal = None
-    pool = context.Pool(settings.workers, initializer=init_worker,
-                        initargs=(settings, target, ranges, shared, limiter, client_parts.get("tls")))
+    finished = False
+    pool = context.Pool(
+        processes, initializer=init_worker, initargs=(settings, target, ranges, shared, limiter, requests)
+    )
     # Threads (the count, tqdm) start only after the fork.
     progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     try:
-        results = pool.imap_unordered(embed_ranges, range(settings.workers))
+        results = pool.imap_unordered(embed_ranges, range(processes))
         counts.start()
         stop_seen = None
         total_applied = False
@@ -123,6 +129,7 @@ def run_backfill(settings, out=None):
             except multiprocessing.TimeoutError:
                 pass
             except StopIteration:
+                finished = True
                 break
             except EtlError as error:
                 fatal = fatal or error
@@ -131,27 +138,35 @@ def run_backfill(settings, out=None):
                 total_applied = True
                 progress.set_total(counts.total())
                 if counts.known_failures:
-                    log.info("skipping %d rows recorded in etl_failures (use --retry-failed to take them again)",
-                             counts.known_failures)
+                    log.info(
+                        "skipping %d rows recorded in etl_failures (use --retry-failed to take them again)",
+                        counts.known_failures,
+                    )
             progress.update(shared.totals())
-            if not shared.stopping() and shared.workers_started > settings.workers:
-                fatal = WorkerDied("a worker process died unexpectedly (killed by the OOM killer or a signal?); "
-                                   "its batch was rolled back: rerun to resume")
+            if not shared.stopping() and shared.workers_started > processes:
+                fatal = WorkerDied(
+                    "a worker process died unexpectedly (killed by the OOM killer or a signal?); "
+                    "its batch was rolled back: rerun to resume"
+                )
                 shared.request_stop(fatal=True)
             if shared.stopping():
                 # In-flight batches may finish; past the grace period (or at a second Ctrl-C)
                 # the workers are terminated and PostgreSQL rolls their batches back.
                 stop_seen = stop_seen or time.monotonic()
                 waited = time.monotonic() - stop_seen
-                dead = shared.workers_started - settings.workers
+                dead = shared.workers_started - processes
                 if dead > 0 and shared.busy_workers() <= dead:
                     break  # the survivors are idle; the dead worker's range never reports back
                 if waited > GRACE_SECONDS or len(received) > 1:
-                    log.warning("stopping workers that did not finish within %.1f s; their batches roll back",
-                                waited)
+                    log.warning("stopping workers that did not finish within %.1f s; their batches roll back", waited)
                     break
+        finished = finished and not shared.stopping()
     finally:
-        pool.terminate() if shared.stopping() else pool.close()
+        if finished:
+            pool.close()
+        else:  # a stop, or an error in this loop: end the workers now, PostgreSQL rolls back their batches
+            shared.request_stop(fatal=fatal is not None)
+            pool.terminate()
         pool.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -163,8 +178,11 @@ def run_backfill(settings, out=None):
     elapsed = time.monotonic() - started
     print(summary_line(settings, totals, elapsed, counts.known_failures), file=out, flush=True)
     if totals["truncated"]:
-        log.warning("%d inputs were longer than %d tokens and were truncated before sending",
-                    totals["truncated"], settings.input_token_limit)
+        log.warning(
+            "%d inputs were longer than %d tokens and were truncated before sending",
+            totals["truncated"],
+            settings.input_token_limit,
+        )
     if fatal is not None:
         raise EtlError(str(fatal))
     if received:
@@ -172,17 +190,19 @@ def run_backfill(settings, out=None):
         log.warning("interrupted by %s: committed batches are kept; rerun to resume", signal.Signals(signum).name)
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
     if totals["failed"]:
-        log.warning("%d rows could not be embedded; each is recorded in etl_failures "
-                    "(`python etl.py status` shows why; rerun with --retry-failed to try them again)",
-                    totals["failed"])
+        log.warning(
+            "%d rows could not be embedded; each is recorded in etl_failures "
+            "(`python etl.py status` shows why; rerun with --retry-failed to try them again)",
+            totals["failed"],
+        )
         return EXIT_PARTIAL
     return EXIT_OK
 
 
-def _load_client_library(into):
+def _load_client_library():
     try:
-        into["tls"] = load_client_library()
-    except Exception:  # each worker then builds its own client as usual and reports any error
+        load_client_library()
+    except Exception:  # each worker then imports it itself and reports any error
         log.debug("loading the API client library before the fork failed", exc_info=True)
 
 
@@ -201,16 +221,14 @@ def dry_run(settings, target, ranges, out):
     """Plan without calling the API: rows, tokens, cost, time at the rate limits, ranges."""
     conn = db.connect(settings.database_url)
     try:
-        null_rows = db.count_null(conn, target)
-        known = 0 if settings.retry_failed else db.count_known_failures(conn, target)
+        null_rows = catalog.count_null(conn, target)
+        known = 0 if settings.retry_failed else catalog.count_known_failures(conn, target)
         with conn.cursor() as cur:
             cur.execute(target.query("sample_texts"), {"limit": 1000})
             samples = cur.fetchall()
         conn.rollback()
     finally:
         conn.close()
-    from .worker import row_text
-
     rows = max(0, null_rows - known)
     if settings.limit is not None:
         rows = min(rows, settings.limit)
@@ -224,14 +242,21 @@ def dry_run(settings, target, ranges, out):
         minutes.append(tokens / settings.tpm)
     if settings.rpm:
         minutes.append(rows / settings.batch_size / settings.rpm)
-    print(f"dry-run table={target.display} rows_to_embed={rows} skipped_known_failures={known} "
-          f"estimated_tokens={tokens} tokens_per_row={mean:.1f} sample_rows={len(samples)} "
-          f"estimated_cost_usd={'unknown' if cost is None else f'{cost:.4f}'} "
-          f"estimated_time={format_eta(max(minutes) * 60) if minutes else 'unbounded (no ETL_TPM or ETL_RPM set)'} "
-          f"model={settings.model_name} workers={settings.workers} batch_size={settings.batch_size} "
-          f"ranges={len(ranges)}", file=out)
-    print(f"ranges: w1..w{settings.workers} take ranges 1..{min(settings.workers, len(ranges))} first, then each "
-          "free worker takes the next; ranges shrink toward the end so that the workers finish together", file=out)
+    print(
+        f"dry-run table={target.display} rows_to_embed={rows} skipped_known_failures={known} "
+        f"estimated_tokens={tokens} tokens_per_row={mean:.1f} sample_rows={len(samples)} "
+        f"estimated_cost_usd={'unknown' if cost is None else f'{cost:.4f}'} "
+        f"estimated_time={format_eta(max(minutes) * 60) if minutes else 'unbounded (no ETL_TPM or ETL_RPM set)'} "
+        f"model={settings.model_name} workers={settings.workers} batch_size={settings.batch_size} "
+        f"ranges={len(ranges)}",
+        file=out,
+    )
+    processes = PROCESSES_PER_WORKER * settings.workers
+    print(
+        f"ranges: processes w1..w{processes} take ranges 1..{min(processes, len(ranges))} first, then each free "
+        "one takes the next; ranges shrink toward the end so that they finish together",
+        file=out,
+    )
     for index, (after, upto) in enumerate(ranges):
         low = "(start" if after is None else f"({after}"
         high = "end)" if upto is None else f"{upto}]"

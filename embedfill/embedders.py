@@ -6,14 +6,13 @@ the project's own exception types (errors.py), which say whether to retry, split
 
 import base64
 import binascii
-import importlib
 import json
 import logging
 import re
 import zlib
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 
 import numpy as np
 
@@ -53,9 +52,9 @@ class Answer:
 class Embedder:
     """The interface: turn a list of non-empty texts into a float32 matrix, in input order.
 
-    `embed` is `decode(fetch(texts))`. A worker calls `fetch` while it holds its one request
-    slot and, unless the answers are big (worker.embed_rows), `decode` after letting go of
-    it, so its other lane's request goes out as soon as an answer's bytes are in."""
+    `embed` is `decode(fetch(texts))`. A worker calls `fetch` while it holds a request slot
+    and `decode` after letting go of it, so another worker's request goes out as soon as an
+    answer's bytes are in."""
 
     name = "embedder"
 
@@ -72,27 +71,21 @@ class Embedder:
         pass
 
 
-def make_embedder(settings, column_dimensions=None, tls=None):
+def make_embedder(settings, column_dimensions=None):
     """The provider the settings ask for (created inside the process that uses it).
 
-    The local provider makes vectors of any size: EMBEDDING_DIMENSIONS, else the column's.
-    `tls` is an SSL context from `load_client_library`, shared by the workers."""
+    The local provider makes vectors of any size: EMBEDDING_DIMENSIONS, else the column's."""
     if settings.provider == "local":
         return LocalEmbedder(settings.dimensions or column_dimensions or LOCAL_DEFAULT_DIMENSIONS)
     check_provider(settings)
-    return OpenAIEmbedder(settings, tls)
+    return OpenAIEmbedder(settings)
 
 
 def load_client_library():
-    """Import the SDK and build the default SSL context of its HTTP library; returns the context.
-
-    The parent does this once before forking the workers: the import takes half a second and
-    the context (the CA bundle, honouring SSL_CERT_FILE and SSL_CERT_DIR) 20-40 ms, which
-    eight workers starting at once on two cores would otherwise each pay. The context holds
-    no socket, so it crosses the fork safely."""
-    import openai
-
-    return _http_library(openai).create_ssl_context()
+    """Import the SDK: the parent does it before forking the workers, which share its pages
+    instead of each spending half a second of CPU on it."""
+    import httpx2  # noqa: F401 - the SDK's HTTP library
+    import openai  # noqa: F401
 
 
 def check_provider(settings):
@@ -152,21 +145,18 @@ class OpenAIEmbedder(Embedder):
     budget (--max-attempts) and shares 429 cool-downs across processes.
     """
 
-    def __init__(self, settings, tls=None):
+    def __init__(self, settings):
+        import httpx2
         import openai
 
         self._openai = openai
+        self._raw_response = httpx2.Response  # as cast_to: the SDK hands back the HTTP response untouched
         self.model = settings.model
         self.dimensions = settings.dimensions
         self.base_url = settings.base_url or "https://api.openai.com/v1"
         self.client = openai.OpenAI(
-            api_key=settings.api_key,
-            base_url=self.base_url,
-            max_retries=0,
-            timeout=settings.request_timeout,
-            http_client=None if tls is None else openai.DefaultHttpxClient(verify=tls),
+            api_key=settings.api_key, base_url=self.base_url, max_retries=0, timeout=settings.request_timeout
         )
-        self._raw_response = _http_library(openai).Response
         self.name = settings.model
 
     def fetch(self, texts):
@@ -176,10 +166,10 @@ class OpenAIEmbedder(Embedder):
         if self.dimensions:
             body["dimensions"] = self.dimensions
         try:
-            # The SDK's documented raw request: auth, base URL, timeout and error types are the
-            # SDK's, but neither the typed parameter transform (which walks every input string)
-            # nor the typed response objects: together they cost more CPU than all the rest a
-            # worker does per row. The JSON is read by `decode`.
+            # The raw request the SDK documents ("Making custom/undocumented requests"): auth,
+            # base URL, timeout and error types are the SDK's, but neither the typed parameter
+            # transform (which walks every input string) nor the typed response objects: with
+            # them a request of 200 inputs costs 5-8 ms more CPU. The JSON is read by `decode`.
             response = self.client.post("/embeddings", body=body, cast_to=self._raw_response)
             return Answer(response.content, response.headers, len(texts))
         except openai.APITimeoutError as error:
@@ -219,7 +209,9 @@ class OpenAIEmbedder(Embedder):
             )
         if status == 429:
             lowered = message.lower()
-            if "insufficient_quota" in (getattr(error, "code", None) or "") or ("quota" in lowered and "exceeded" in lowered):
+            if "insufficient_quota" in (getattr(error, "code", None) or "") or (
+                "quota" in lowered and "exceeded" in lowered
+            ):
                 return FatalProviderError(f"the account's quota is used up (429: {message}); check billing")
             return TransientProviderError(f"rate limited (429: {message})", retry_after_seconds(headers), True)
         if status in (408, 409) or status >= 500:
@@ -248,8 +240,9 @@ class _Rows:
             return item  # the usage, the answer itself
         index = item.get("index")
         if not isinstance(index, int) or not 0 <= index < self.count or self.seen[index]:
-            raise TransientProviderError(f"the API returned a bad or repeated index {index!r} "
-                                         f"(for {self.count} inputs)")
+            raise TransientProviderError(
+                f"the API returned a bad or repeated index {index!r} (for {self.count} inputs)"
+            )
         value = item["embedding"]
         try:
             if isinstance(value, str):
@@ -264,7 +257,8 @@ class _Rows:
             self.matrix = np.empty((self.count, vector.shape[0]), dtype=np.float32)
         elif vector.shape[0] != self.matrix.shape[1]:
             raise TransientProviderError(
-                f"the API returned vectors of different lengths ({self.matrix.shape[1]} and {vector.shape[0]})")
+                f"the API returned vectors of different lengths ({self.matrix.shape[1]} and {vector.shape[0]})"
+            )
         self.matrix[index] = vector
         self.seen[index] = True
         return index
@@ -275,14 +269,9 @@ class _Rows:
         if not isinstance(data, list) or len(data) != self.count or taken != self.count:
             raise TransientProviderError(
                 f"the API returned {len(data) if isinstance(data, list) else 'no list of'} embeddings "
-                f"for {self.count} inputs")
+                f"for {self.count} inputs"
+            )
         return self.matrix
-
-
-def _http_library(openai):
-    """The HTTP library under the SDK (httpx, or httpx2 in newer SDKs). Its Response class,
-    given as `cast_to`, makes the SDK hand back the HTTP response untouched, headers included."""
-    return importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
 
 
 def _b64decode(value):
@@ -330,8 +319,9 @@ class LocalEmbedder(Embedder):
         matrix = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         for row, text in enumerate(texts):
             features = _features(text)
-            hashes = np.fromiter((zlib.crc32(f.encode("utf-8")) for f in features), dtype=np.uint64,
-                                 count=len(features))
+            hashes = np.fromiter(
+                (zlib.crc32(f.encode("utf-8")) for f in features), dtype=np.uint64, count=len(features)
+            )
             signs = np.where(hashes & (1 << 31), -1.0, 1.0).astype(np.float32)
             np.add.at(matrix[row], (hashes % self.dimensions).astype(np.intp), signs)
             norm = float(np.linalg.norm(matrix[row]))
@@ -343,6 +333,6 @@ class LocalEmbedder(Embedder):
 def _features(text):
     normalized = " ".join(text.lower().split())
     padded = f" {normalized} "
-    grams = [padded[i:i + n] for n in (2, 3) for i in range(len(padded) - n + 1)]
+    grams = [padded[i : i + n] for n in (2, 3) for i in range(len(padded) - n + 1)]
     words = ["w:" + word for word in normalized.split()]
     return grams + words or ["<empty>"]

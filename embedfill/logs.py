@@ -21,8 +21,9 @@ def set_process_name(name):
 
 def configure(level="INFO", log_file=None):
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process_name)s] %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(process_name)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
     handler.addFilter(_ProcessFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

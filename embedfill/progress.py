@@ -34,8 +34,7 @@ class Progress:
         self.bar = None
         if self.tty:
             tqdm.monitor_interval = 0  # no monitor thread: the pool may fork again later
-            self.bar = tqdm(total=None, unit="row", file=stream, dynamic_ncols=True, smoothing=0.1,
-                            desc="embedding")
+            self.bar = tqdm(total=None, unit="row", file=stream, dynamic_ncols=True, smoothing=0.1, desc="embedding")
 
     def set_total(self, total):
         self.total = total

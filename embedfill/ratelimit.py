@@ -39,8 +39,8 @@ class RateLimiter:
 
     def reserve(self, tokens):
         """Take one request and `tokens` from the budgets; seconds to wait before sending."""
-        now = time.monotonic()
         with self._lock:
+            now = time.monotonic()  # read under the lock: stamps only move forward
             state = self._state
             elapsed = max(0.0, now - state[_STAMP])
             state[_STAMP] = now
@@ -64,8 +64,8 @@ class RateLimiter:
 
     def pause(self, seconds):
         """Make every worker wait at least `seconds` before its next request."""
-        until = time.monotonic() + seconds
         with self._lock:
+            until = time.monotonic() + seconds
             if until > self._state[_COOLDOWN]:
                 self._state[_COOLDOWN] = until
 

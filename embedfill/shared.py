@@ -1,7 +1,7 @@
 """State shared by the parent and the worker processes, in lock-free shared memory where it can be.
 
-Counters are per worker slot: each process writes only its own slot, so a worker killed
-mid-update can never leave a lock held that the parent would wait on.
+Counters are per worker slot: each worker process (single-threaded) is the only writer of
+its slot, so a worker killed mid-update can never leave a lock held that the parent waits on.
 """
 
 import time
@@ -14,15 +14,14 @@ RUNNING, STOPPING, FATAL = 0, 1, 2
 class SharedState:
     """Created by the parent before the pool; inherited by each worker through the initializer."""
 
-    def __init__(self, context, workers, limit=None):
-        self.slots = workers * 4 + 4
+    def __init__(self, context, processes, limit=None):
+        self.slots = processes * 2 + 4  # room for the replacements of dead processes
         self._counters = context.RawArray("q", self.slots * len(FIELDS))
         self._stop = context.RawValue("i", RUNNING)
         self._started = context.Value("i", 0)
         self._limit_left = context.Value("q", -1 if limit is None else limit)
         self._busy = context.RawArray("b", self.slots)
         self._next_range = context.Value("i", 0)
-        self.workers = workers
         self.slot = None
 
     # --- worker side -------------------------------------------------------------------

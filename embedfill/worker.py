@@ -1,19 +1,15 @@
-"""The worker: a pool process that embeds id ranges batch by batch and commits each batch.
+"""The worker: a single-threaded pool process that claims, embeds, writes and commits batches.
 
-Ranges come from a queue in shared memory (an index into the planner's list), so a worker
-that finishes early takes the next range.
+The pool has two processes per `--workers`, and one semaphore shared by the whole run lets
+`--workers` of them have a request in flight at once: a process holds its slot from the
+rate-limit budget to the answer's last byte, then lets go of it to decode the answer, write
+and commit, and claim its next batch, while another process's request goes out. Row locks
+stay with the process (and transaction) that embeds the rows.
 
-Each process runs LANES lanes (threads), each with its own connection and its own loop of
-claim, embed, write, commit. A gate lets one request per process be in flight at a time, so
-`--workers N` still means N concurrent requests; while one lane waits on the API, the other
-decodes its answer, writes, commits and claims its next batch, and its request goes out as
-soon as the first answer's bytes are in. Row locks stay with the lane (and transaction) that
-embeds the rows.
-
-`init_worker` and `embed_ranges` are top-level functions so the pool can pickle them. Each
-lane opens its own database connection and each process its own API client on its first
-range; nothing that holds a socket crosses the fork (the SSL context the parent builds for
-them holds none).
+Ranges come from a queue in shared memory (an index into the planner's list), so a process
+that finishes early takes the next range. `init_worker` and `embed_ranges` are top-level
+functions so the pool can pickle them; each process opens its own database connection and
+its own API client on its first range: nothing that holds a socket crosses the fork.
 """
 
 import logging
@@ -21,7 +17,6 @@ import multiprocessing.util
 import os
 import random
 import signal
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,20 +24,18 @@ import psycopg2
 
 from . import db, logs
 from .embedders import make_embedder
-from .errors import (DatabaseError, EtlError, FatalProviderError, InvalidInputError, TransientProviderError)
-from .models import DEFAULT_DIMENSIONS, MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST, model_info
-from .tokens import fit
+from .errors import DatabaseError, EtlError, FatalProviderError, InvalidInputError, TransientProviderError
+from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
+from .texts import fit, row_text
 
 log = logging.getLogger(__name__)
 
+PROCESSES_PER_WORKER = 2  # while one waits on the API, the other decodes, writes and claims
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 # A worker that has never embedded anything and sees this many single inputs refused is
 # misconfigured (a `dimensions` the model does not take, say), not unlucky.
 REFUSALS_BEFORE_FATAL = 3
-LANES = 2  # per worker process: one waits on the API while the other uses the database
-BIG_ANSWER_BYTES = 16 << 20  # answers over this are decoded inside the gate (see tune_malloc)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 
 
 class Interrupted(Exception):
@@ -56,126 +49,139 @@ class Row:
     tokens: int = 0
 
 
-def row_text(values):
-    """The non-NULL, non-blank column values in order, joined by newlines, otherwise unchanged."""
-    return "\n".join(value for value in values if value is not None and value.strip())
+class RangeCursor:
+    """Where one process stands in the ranges: the segment (after, upto) to claim from next,
+    and the segments the open batch claimed from, walked again when the batch rolls back."""
 
+    def __init__(self, take_range):
+        self.take_range = take_range  # () -> (after, upto), or None when no range is left
+        self.current = None
+        self.again = []
+        self.claimed = []
 
-class Gate:
-    """What the lanes of one process share: the lock that keeps one request in flight, and
-    the API client (one HTTP connection per worker, whatever its lanes)."""
+    def segment(self):
+        """The (after, upto) to claim from next, or None when every range has been walked."""
+        if self.current is None:
+            self.current = self.again.pop(0) if self.again else self.take_range()
+        if self.current is not None:
+            self.claimed.append(self.current)
+        return self.current
 
-    def __init__(self, settings, target, tls=None):
-        self.settings = settings
-        self.target = target
-        self.tls = tls
-        self.big_answers = answer_bytes(settings, target) > BIG_ANSWER_BYTES
-        self.lock = threading.Lock()
-        self._made = threading.Lock()
-        self._embedder = None
+    def advance(self, last_id, full):
+        """After a claim from `segment()`: past its last row if it was full, else the segment is done."""
+        self.current = (last_id, self.current[1]) if full else None
 
-    def embedder(self):
-        with self._made:
-            if self._embedder is None:
-                self._embedder = make_embedder(self.settings, self.target.dimensions, self.tls)
-            return self._embedder
+    def commit(self):
+        self.claimed = []
 
-    def close(self):
-        if self._embedder is not None:
-            self._embedder.close()
+    def rollback(self):
+        """The open batch rolled back: walk its segments again, from where it started."""
+        self.again = self.claimed + self.again
+        self.claimed, self.current = [], None
 
 
 class Worker:
-    """One lane of a worker process: settings, shared memory, the process's request gate and
-    (once opened) its own connection and client."""
+    """One pool process: settings, shared memory and (once opened) its connection and client."""
 
-    def __init__(self, settings, target, ranges, shared, limiter, number, lane, gate):
+    def __init__(self, settings, target, ranges, shared, limiter, requests, number):
         self.settings = settings
         self.target = target
         self.ranges = ranges
         self.shared = shared
         self.limiter = limiter
+        self.requests = requests  # the run-wide semaphore: --workers requests in flight
         self.number = number
-        self.lane = lane
-        self.gate = gate
         self.store = None
         self.embedder = None
         self.succeeded = 0
         self.refused = 0
+        self.db_retries = 0
 
     # --- lifetime --------------------------------------------------------------------------
     def open(self):
         if self.store is None:
             self.store = self._connect()
         if self.embedder is None:
-            self.embedder = self.gate.embedder()
+            self.embedder = make_embedder(self.settings, self.target.dimensions)
 
     def _connect(self):
-        # w<N>p<pid>.<lane>: status counts processes (lane suffix dropped), two runs apart (pid)
-        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:w{self.number}p{os.getpid()}.{self.lane}"
+        # r<pid of the run>w<N>: `status` counts runs and their processes (sql/status_active.sql)
+        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:r{os.getppid()}w{self.number}"
         conn = db.connect(self.settings.database_url, application_name=name)
-        return db.WorkerStore(conn, self.target, self.settings.retry_failed)
+        try:
+            return db.WorkerStore(conn, self.target, self.settings.retry_failed)
+        except psycopg2.Error:
+            conn.close()
+            raise
 
     def close(self):
         if self.store is not None:
             self.store.close()
+        if self.embedder is not None:
+            self.embedder.close()
 
     # --- the ranges ----------------------------------------------------------------------------
     def run(self):
-        """Walk ranges from the shared queue until none is left, one transaction per batch.
-
-        A batch may draw from several ranges, so every request but the last is full. When a
-        lost connection rolls a batch back, the ranges it drew from are walked again from
-        where the batch started."""
-        retry, current, done = [], None, False
+        """Claim, embed, write and commit one batch after another until no range is left.
+        A batch may draw from several ranges, so every request but the last is full."""
+        cursor = RangeCursor(self._take_range)
         size = self.settings.batch_size
-        while not done and not self.shared.stopping():
-            batch, touched, reserved = [], [], 0
+        while not self.shared.stopping():
+            batch, reserved = [], 0
             try:
                 while len(batch) < size:
-                    if current is None:
-                        current = retry.pop(0) if retry else self._take_range()
-                        if current is None:
-                            done = True
-                            break
                     granted = self.shared.reserve_rows(size - len(batch))
-                    if granted == 0:  # --limit reached
-                        done = True
+                    segment = cursor.segment() if granted else None
+                    if segment is None:  # no range left, or --limit reached
+                        self.shared.release_rows(granted)
                         break
-                    touched.append(tuple(current))
-                    rows = self.store.claim(current[0], current[1], granted)
+                    rows = self.store.claim(*segment, granted)
                     self.shared.release_rows(granted - len(rows))
                     reserved += len(rows)
                     batch.extend(rows)
-                    current = [rows[-1][0], current[1]] if len(rows) == granted else None
-                counts = self.process_batch(batch) if batch else (0, 0, 0)
+                    cursor.advance(rows[-1][0] if rows else None, len(rows) == granted)
+                counts = self.process_batch(batch) if batch else None
                 self.store.commit()
+                cursor.commit()
+                self.db_retries = 0
             except Interrupted:
                 self.store.rollback()
                 self.shared.release_rows(reserved)
                 return
             except psycopg2.Error as error:
-                if self.store.alive():  # an error in SQL, not in the connection: stop
-                    raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
                 self.shared.release_rows(reserved)
-                self._reconnect(error)
-                retry = [list(segment) for segment in touched] + retry
-                current, done = None, False
+                cursor.rollback()
+                self._recover(error)
                 continue
-            written, failed, truncated = counts
-            self.shared.add(embedded=written, failed=failed, truncated=truncated)
+            if counts is None:
+                return
+            self.shared.add(**counts)
 
     def _take_range(self):
         index = self.shared.take_range()
-        return list(self.ranges[index]) if index < len(self.ranges) else None
+        return tuple(self.ranges[index]) if index < len(self.ranges) else None
+
+    def _recover(self, error):
+        """The batch rolled back: reopen a lost connection, retry a transient error (deadlock,
+        serialization failure, lock or statement timeout) a few times, stop on anything else."""
+        if not self.store.alive():
+            self._reconnect(error)
+            return
+        if error.pgcode in db.TRANSIENT_SQLSTATES and self.db_retries < self.settings.max_attempts:
+            self.db_retries += 1
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**self.db_retries))
+            log.warning("%s; the batch rolled back, trying it again in %.1f s", db.first_line(error), delay)
+            if self.shared.sleep(delay):
+                raise Interrupted()
+            return
+        raise DatabaseError(f"database error on {self.target.display}: {db.first_line(error)}") from error
 
     def _reconnect(self, error):
         window = self.settings.reconnect_seconds
         log.warning("lost the database connection (%s); reconnecting for up to %.0f s", db.first_line(error), window)
         self.store.close()
         self.store = None
-        waited = 0.0
-        delay = 0.5
+        waited, delay = 0.0, 0.5
         while waited < window:
             if self.shared.sleep(delay):
                 raise Interrupted()
@@ -184,7 +190,7 @@ class Worker:
                 self.store = self._connect()
                 log.info("reconnected to the database")
                 return
-            except DatabaseError:
+            except (DatabaseError, psycopg2.Error):  # the server may drop again while we set up
                 delay = min(delay * 2, 5.0)
         raise DatabaseError(
             f"lost the database connection and could not reconnect within {window:.0f} s "
@@ -193,12 +199,10 @@ class Worker:
 
     # --- one batch -----------------------------------------------------------------------------
     def process_batch(self, claimed):
-        """Embed the claimed rows, write their vectors, record the rows that failed.
+        """Embed the claimed rows, write their vectors, record the rows that failed; the caller commits.
 
-        Returns (rows written, rows failed, inputs truncated); the caller commits."""
-        failures = []
-        rows = []
-        truncated = 0
+        Returns the counts to add to the shared totals."""
+        failures, rows, truncated = [], [], 0
         limit = self.settings.input_token_limit
         exact = self.settings.tpm is not None  # a token budget needs real counts
         for row_id, *values in claimed:
@@ -226,15 +230,20 @@ class Worker:
             self.check_dimensions(matrix.shape[1])
             finite = np.isfinite(matrix).all(axis=1)
             if not finite.all():
-                failures.extend((row_id, "the API returned a vector with NaN or infinity", 1)
-                                for row_id, ok in zip(ids, finite) if not ok)
+                failures.extend(
+                    (row_id, "the API returned a vector with NaN or infinity", 1)
+                    for row_id, ok in zip(ids, finite)
+                    if not ok
+                )
                 ids = [row_id for row_id, ok in zip(ids, finite) if ok]
                 matrix = matrix[finite]
-            written = self.store.write(ids, matrix)
+            if ids:
+                written, left = self.store.write(ids, matrix)
+                failures.extend(left)
         self.store.record_failures(failures)
         for row_id, reason, _ in failures:
             log.warning("row %s failed: %s", row_id, reason)
-        return written, len(failures), truncated
+        return {"embedded": written, "failed": len(failures), "truncated": truncated}
 
     def check_dimensions(self, width):
         expected = self.target.dimensions or self.settings.dimensions
@@ -257,21 +266,18 @@ class Worker:
         tokens = sum(row.tokens for row in rows)
         while True:
             try:
-                # One request in flight per process: the gate is held from the budget to the
-                # answer's last byte; back-offs happen outside it, and decoding too unless the
-                # answers are big (two lanes decoding 33 MB answers at once hold twice the memory).
-                with self.gate.lock:
+                # --workers requests in flight in the whole run: the slot is held from the budget
+                # to the answer's last byte; back-offs and decoding happen outside it.
+                with self.requests:
                     self.wait_for_budget(tokens)
                     answer = self.embedder.fetch(texts)
-                    result = self.embedder.decode(answer) if self.gate.big_answers else None
-                if result is None:
-                    result = self.embedder.decode(answer)
+                result = self.embedder.decode(answer)
             except TransientProviderError as error:
                 attempt += 1
                 self.shared.add(retries=1, rate_limited=int(error.rate_limited), requests=1)
                 delay = error.retry_after
                 if delay is None:
-                    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))  # full jitter
+                    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))  # full jitter
                 if error.rate_limited:
                     self.limiter.pause(delay)
                 if attempt >= self.settings.max_attempts:
@@ -279,7 +285,7 @@ class Worker:
                     return [], [(row.row_id, reason, attempt) for row in rows]
                 log.info("%s; attempt %d of %d in %.1f s", error, attempt + 1, self.settings.max_attempts, delay)
                 if self.shared.sleep(delay):
-                    raise Interrupted()
+                    raise Interrupted() from None
                 continue
             except InvalidInputError as error:
                 self.shared.add(requests=1)
@@ -296,7 +302,7 @@ class Worker:
                 return left_ok + right_ok, left_failed + right_failed
             self.succeeded += 1
             self.shared.add(requests=1, tokens=result.tokens)
-            self.limiter.observe(result.headers, tokens)
+            self.limiter.observe(result.headers, result.tokens or tokens)  # the answer's usage, when it has one
             return [(rows, result.vectors)], []
 
     def wait_for_budget(self, tokens):
@@ -324,94 +330,42 @@ def pack_requests(rows):
         yield chunk
 
 
-_lanes = []
+_worker = None
 
 
-def init_worker(settings, target, ranges, shared, limiter, tls=None):
+def init_worker(settings, target, ranges, shared, limiter, requests):
     """Pool initializer: runs once in each new worker process."""
+    global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
     # from the parent (pool.terminate after the grace period) ends the process: its open
-    # transactions are rolled back by PostgreSQL.
+    # transaction is rolled back by PostgreSQL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    tune_malloc(answer_bytes(settings, target))
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    gate = Gate(settings, target, tls)
-    _lanes[:] = [Worker(settings, target, ranges, shared, limiter, number, lane, gate) for lane in range(LANES)]
-    for lane in _lanes:
-        multiprocessing.util.Finalize(lane, lane.close, exitpriority=10)
-    multiprocessing.util.Finalize(gate, gate.close, exitpriority=5)
-
-
-def answer_bytes(settings, target):
-    """About how big the largest answer of this run is: float32 vectors in base64."""
-    info = model_info(settings.model_name)
-    dimensions = target.dimensions or settings.dimensions or (info.dimensions if info else DEFAULT_DIMENSIONS)
-    return min(settings.batch_size, MAX_INPUTS_PER_REQUEST) * dimensions * 4 * 4 // 3
-
-
-def tune_malloc(largest_answer):
-    """Answers, their text and the vector matrices come and go every batch: 4 MB each at
-    batch 500 with 1536 dimensions, 33 MB at batch 2048 with 3072. Buffers mapped fresh for
-    each batch, or trimmed off the heap once freed, are page-faulted in again every batch.
-
-    Measured on 2026-11-24 with the bench's `run_etl` (getrusage of etl.py and its workers,
-    start-up included) in one-off runs of the DB-bound case, 2 workers × 500, CPU a row:
-    glibc's defaults 46 µs; every buffer over 1 MB mapped fresh 69 µs; one arena for both
-    lanes, buffers up to 8 MB kept in it and up to 16 MB of free heap kept: 37 µs, peak RSS
-    82-88 MB. Answers over 16 MB (batch 2048 × 3072 dims) would keep that much more in each
-    process, so there every buffer from 1 MB up is mapped and handed back at once, and the
-    answer is decoded inside the request gate (peak RSS 177 MB in five runs, 175-217 MB
-    without these two, at 15-25% more CPU). glibc only; elsewhere nothing changes."""
-    if largest_answer > BIG_ANSWER_BYTES:
-        parameters = ((M_MMAP_THRESHOLD, 1 << 20),)
-    else:
-        parameters = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 8 << 20), (M_TRIM_THRESHOLD, 16 << 20))
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    for parameter, value in parameters:
-        mallopt(parameter, value)
+    _worker = Worker(settings, target, ranges, shared, limiter, requests, number)
+    multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 
 
 def embed_ranges(_task):
-    """Pool task (one per worker): run the lanes until no range is left.
-    Fatal errors stop every worker and reach the parent."""
-    shared = _lanes[0].shared
-    if shared.stopping():
+    """Pool task (one per process): walk ranges until none is left.
+    A fatal error stops every worker and reaches the parent as a one-line EtlError."""
+    worker = _worker
+    if worker.shared.stopping():
         return
-    shared.set_busy(True)
+    worker.shared.set_busy(True)
     try:
-        errors = []
-        others = [threading.Thread(target=_run_lane, args=(lane, errors), name=f"lane{lane.lane}", daemon=True)
-                  for lane in _lanes[1:]]
-        for thread in others:
-            thread.start()
-        _run_lane(_lanes[0], errors)
-        for thread in others:
-            thread.join()
-        if errors:
-            raise errors[0]
-    finally:
-        shared.set_busy(False)
-
-
-def _run_lane(lane, errors):
-    """One lane's loop; a fatal error stops every worker and is kept for the parent."""
-    try:
-        lane.open()
-        lane.run()
+        worker.open()
+        worker.run()
     except Interrupted:
         return
     except EtlError as error:
-        lane.shared.request_stop(fatal=True)
+        worker.shared.request_stop(fatal=True)
         log.debug("fatal error", exc_info=True)
-        errors.append(EtlError(str(error)))
+        raise EtlError(str(error)) from None
     except Exception as error:  # a bug: stop everything, keep the traceback in the log
-        lane.shared.request_stop(fatal=True)
+        worker.shared.request_stop(fatal=True)
         log.error("unexpected error in worker", exc_info=True)
-        errors.append(EtlError(f"unexpected error in worker w{lane.number}: {type(error).__name__}: {error}"))
+        raise EtlError(f"unexpected error in worker w{worker.number}: {type(error).__name__}: {error}") from None
+    finally:
+        worker.shared.set_busy(False)

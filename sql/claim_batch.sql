@@ -15,6 +15,7 @@ FROM {table} t
 WHERE t.{embedding} IS NULL
   AND (%(after)s::{id_type} IS NULL OR t.{id} > %(after)s::{id_type})
   AND (%(upto)s::{id_type} IS NULL OR t.{id} <= %(upto)s::{id_type})
+  AND t.{id} IS NOT NULL
   {skip_failures}
 ORDER BY t.{id}
 LIMIT %(limit)s

@@ -93,10 +93,17 @@ class Etl:
         self.workdir = workdir
 
     def env(self, **overrides):
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("ETL_", "OPENAI_", "EMBEDDING_")) and key != "DATABASE_URL"}
-        env.update(DATABASE_URL=self.database_url, OPENAI_API_KEY="test-key", OPENAI_BASE_URL=self.fake.base_url,
-                   PYTHONUNBUFFERED="1")
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("ETL_", "OPENAI_", "EMBEDDING_")) and key != "DATABASE_URL"
+        }
+        env.update(
+            DATABASE_URL=self.database_url,
+            OPENAI_API_KEY="test-key",
+            OPENAI_BASE_URL=self.fake.base_url,
+            PYTHONUNBUFFERED="1",
+        )
         for key, value in overrides.items():
             if value is None:
                 env.pop(key, None)
@@ -105,12 +112,25 @@ class Etl:
         return env
 
     def run(self, *args, timeout=120, env=None, **overrides):
-        return subprocess.run([sys.executable, ETL, *args], cwd=self.workdir, env=env or self.env(**overrides),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, ETL, *args],
+            cwd=self.workdir,
+            env=env or self.env(**overrides),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, *args, **overrides):
-        return subprocess.Popen([sys.executable, ETL, *args], cwd=self.workdir, env=self.env(**overrides),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, ETL, *args],
+            cwd=self.workdir,
+            env=self.env(**overrides),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
 
 @pytest.fixture
@@ -121,8 +141,11 @@ def etl(database_url, fake_api, workdir):
 def make_foods(conn, rows, table="foods", id_type="bigint", dims=8, ids=None, texts=None, index=True):
     """A table like the seed's: id, name, category, description, embedding vector(dims)."""
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE {} (id {} PRIMARY KEY, name text, category text, description text, "
-                            "embedding vector({}))").format(sql.Identifier(table), sql.SQL(id_type), sql.Literal(dims)))
+        cur.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id {} PRIMARY KEY, name text, category text, description text, embedding vector({}))"
+            ).format(sql.Identifier(table), sql.SQL(id_type), sql.Literal(dims))
+        )
         ids = list(ids) if ids is not None else list(range(1, rows + 1))
         values = []
         for position, row_id in enumerate(ids):
@@ -133,8 +156,14 @@ def make_foods(conn, rows, table="foods", id_type="bigint", dims=8, ids=None, te
             values.append((row_id, name, category, description))
         from psycopg2.extras import execute_values
 
-        execute_values(cur, sql.SQL("INSERT INTO {} (id, name, category, description) VALUES %s").format(
-            sql.Identifier(table)).as_string(conn), values, page_size=5000)
+        execute_values(
+            cur,
+            sql.SQL("INSERT INTO {} (id, name, category, description) VALUES %s")
+            .format(sql.Identifier(table))
+            .as_string(conn),
+            values,
+            page_size=5000,
+        )
         if index:
             cur.execute(sql.SQL("CREATE INDEX ON {} (id) WHERE embedding IS NULL").format(sql.Identifier(table)))
     return ids
@@ -148,9 +177,12 @@ def check_table(conn, table="foods", dims=8, columns=("name", "category", "descr
     """Every row with a vector holds the vector of its own text; returns (embedded, null) id lists."""
     embedded, null = [], []
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT id::text, {}, embedding::text FROM {}").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
-            sql.Identifier(table)))
+        cur.execute(
+            sql.SQL("SELECT id::text, {}, embedding::text FROM {}").format(
+                sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
+                sql.Identifier(table),
+            )
+        )
         for row_id, *values, vector in cur.fetchall():
             if vector is None:
                 null.append(row_id)

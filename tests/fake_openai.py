@@ -15,7 +15,6 @@ Run standalone for the benchmark: python -m tests.fake_openai --port 8911 --late
 """
 
 import argparse
-import base64
 import collections
 import hashlib
 import json
@@ -32,8 +31,12 @@ try:  # SIMD base64 when installed (requirements.txt has it): the server's CPU i
 except ImportError:  # pragma: no cover
     from base64 import b64encode as _b64encode
 
-MODELS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536,
-          "tiny-embed": 8}
+MODELS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+    "tiny-embed": 8,
+}
 
 
 _POOL_SIZE = 4096
@@ -62,7 +65,7 @@ def expected_vectors(texts, dimensions):
     for row, text in enumerate(texts):
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=24).digest()
         for table in range(3):
-            picks[table, row] = int.from_bytes(digest[8 * table:8 * table + 8], "little") % _POOL_SIZE
+            picks[table, row] = int.from_bytes(digest[8 * table : 8 * table + 8], "little") % _POOL_SIZE
     pool = _pool(dimensions)
     matrix = pool[0, picks[0]] + pool[1, picks[1]] + pool[2, picks[2]]
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
@@ -80,7 +83,7 @@ def base64_rows(matrix):
         return [_b64encode(row.tobytes()) for row in data]
     text = memoryview(_b64encode(data.tobytes()))
     step = width // 3 * 4
-    return [text[i:i + step] for i in range(0, len(text), step)]
+    return [text[i : i + step] for i in range(0, len(text), step)]
 
 
 def _encoding():
@@ -93,9 +96,19 @@ def _encoding():
 
 
 class FakeOpenAI:
-    def __init__(self, api_key="test-key", shuffle=True, latency=0.0, max_input_tokens=8192,
-                 tokens_per_minute=None, requests_per_minute=None, refuse_marker="POISON",
-                 ignore_dimensions=False, burst_seconds=60.0, estimate_usage=False):
+    def __init__(
+        self,
+        api_key="test-key",
+        shuffle=True,
+        latency=0.0,
+        max_input_tokens=8192,
+        tokens_per_minute=None,
+        requests_per_minute=None,
+        refuse_marker="POISON",
+        ignore_dimensions=False,
+        burst_seconds=60.0,
+        estimate_usage=False,
+    ):
         self.api_key = api_key
         self.shuffle = shuffle
         self.latency = latency
@@ -242,8 +255,15 @@ class FakeOpenAI:
             tokens = self.count_tokens(text)
             if tokens > self.max_input_tokens:  # (a token is at least one byte)
                 self._count_status(400)
-                return 400, {}, _error(f"This model's maximum context length is {self.max_input_tokens} tokens, "
-                                       f"however you requested {tokens} tokens"), hang
+                return (
+                    400,
+                    {},
+                    _error(
+                        f"This model's maximum context length is {self.max_input_tokens} tokens, "
+                        f"however you requested {tokens} tokens"
+                    ),
+                    hang,
+                )
             if self.refuse_marker and self.refuse_marker in text:
                 self._count_status(400)
                 return 400, {}, _error("Invalid input: the input contains refused content"), hang
@@ -283,8 +303,9 @@ class FakeOpenAI:
             parts.append(b'%s{"object":"embedding","index":%d,"embedding":' % (b"," if position else b"", index))
             parts.append(value)
             parts.append(b"}")
-        parts.append(b'],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}'
-                     % (json.dumps(model).encode(), total, total))
+        parts.append(
+            b'],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (json.dumps(model).encode(), total, total)
+        )
         payload = RawJson(b"".join(parts))
         return 200, limit_headers, payload, hang
 
@@ -314,11 +335,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {}, _error("unknown path"))
         owner = self.owner
         with owner.lock:
-            stats = {"requests": owner.requests, "inputs": owner.inputs, "tokens_served": owner.tokens_served,
-                     "statuses": {str(k): v for k, v in owner.statuses.items()},
-                     "first_request_at": owner.first_request_at, "last_answer_at": owner.last_answer_at,
-                     "idle_seconds": owner.idle_seconds, "idle_gaps": owner.idle_gaps,
-                     "spans": owner.spans}
+            stats = {
+                "requests": owner.requests,
+                "inputs": owner.inputs,
+                "tokens_served": owner.tokens_served,
+                "statuses": {str(k): v for k, v in owner.statuses.items()},
+                "first_request_at": owner.first_request_at,
+                "last_answer_at": owner.last_answer_at,
+                "idle_seconds": owner.idle_seconds,
+                "idle_gaps": owner.idle_gaps,
+                "spans": owner.spans,
+            }
         self._send(200, {}, stats)
 
     def do_POST(self):
@@ -387,15 +414,27 @@ def main():
     parser.add_argument("--tpm", type=float)
     parser.add_argument("--rpm", type=float)
     parser.add_argument("--api-key", default="test-key")
-    parser.add_argument("--estimate-usage", action="store_true",
-                        help="report usage from input length instead of tiktoken (saves the shared CPU)")
-    parser.add_argument("--burst-seconds", type=float, default=60.0,
-                        help="server-side bucket capacity in seconds of quota (OpenAI's: a minute)")
+    parser.add_argument(
+        "--estimate-usage",
+        action="store_true",
+        help="report usage from input length instead of tiktoken (saves the shared CPU)",
+    )
+    parser.add_argument(
+        "--burst-seconds",
+        type=float,
+        default=60.0,
+        help="server-side bucket capacity in seconds of quota (OpenAI's: a minute)",
+    )
     args = parser.parse_args()
     expected_vector("warm-up", 1536)  # build the vector tables before the first request
-    fake = FakeOpenAI(api_key=args.api_key, latency=args.latency, tokens_per_minute=args.tpm,
-                      requests_per_minute=args.rpm, burst_seconds=args.burst_seconds,
-                      estimate_usage=args.estimate_usage).start(args.port)
+    fake = FakeOpenAI(
+        api_key=args.api_key,
+        latency=args.latency,
+        tokens_per_minute=args.tpm,
+        requests_per_minute=args.rpm,
+        burst_seconds=args.burst_seconds,
+        estimate_usage=args.estimate_usage,
+    ).start(args.port)
     print(fake.base_url, flush=True)
     try:
         while True:

@@ -73,11 +73,11 @@ def test_other_id_types(etl, db, id_type):
 
 def test_null_and_blank_text_and_several_columns(etl, db):
     texts = [
-        ("김치찌개", None, "spicy stew"),        # NULL in the middle is skipped
-        ("  ", "soup", ""),                      # blank values are skipped
-        (None, None, None),                      # nothing to embed
-        ("", "   ", None),                       # only blanks: nothing to embed
-        (" padded ", "x", "line1\nline2"),       # values are otherwise unchanged
+        ("김치찌개", None, "spicy stew"),  # NULL in the middle is skipped
+        ("  ", "soup", ""),  # blank values are skipped
+        (None, None, None),  # nothing to embed
+        ("", "   ", None),  # only blanks: nothing to embed
+        (" padded ", "x", "line1\nline2"),  # values are otherwise unchanged
     ]
     make_foods(db, 0, ids=[1, 2, 3, 4, 5], texts=texts)
     result = etl.run(**env_for_table(**DIMS))
@@ -139,11 +139,23 @@ def test_schema_qualified_table_and_custom_columns(etl, db):
         cur.execute("CREATE SCHEMA catalog")
         cur.execute('CREATE TABLE catalog."Items" (item_no bigint PRIMARY KEY, title text, body text, vec vector(8))')
         cur.execute("INSERT INTO catalog.\"Items\" SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 50) g")
-    result = etl.run("--table", "catalog.Items", "--id-column", "item_no", "--text-columns", "title,body",
-                     "--embedding-column", "vec", **DIMS)
+    result = etl.run(
+        "--table",
+        "catalog.Items",
+        "--id-column",
+        "item_no",
+        "--text-columns",
+        "title,body",
+        "--embedding-column",
+        "vec",
+        **DIMS,
+    )
     assert result.returncode == 0, result.stderr
     assert "no partial index on catalog.Items WHERE vec IS NULL" in result.stderr
-    assert 'CREATE INDEX CONCURRENTLY IF NOT EXISTS Items_vec_null_idx ON catalog."Items" (item_no) WHERE vec IS NULL;' in result.stderr
+    assert (
+        'CREATE INDEX CONCURRENTLY IF NOT EXISTS Items_vec_null_idx ON catalog."Items" (item_no) WHERE vec IS NULL;'
+        in result.stderr
+    )
     with db.cursor() as cur:
         cur.execute('SELECT count(*) FROM catalog."Items" WHERE vec IS NULL')
         assert cur.fetchone()[0] == 0
@@ -178,6 +190,7 @@ def _rewrite_embeddings(handle, change):
                 item["embedding"] = change(item["embedding"])
             payload = RawJson(json.dumps(document).encode())
         return status, out_headers, payload, hang
+
     return handler
 
 
@@ -185,7 +198,8 @@ def test_base64_with_line_breaks_is_read(etl, db):
     """Servers that wrap base64 at 76 characters (Python's encodebytes) are understood."""
     make_foods(db, 40)
     etl.fake.handle = _rewrite_embeddings(
-        etl.fake.handle, lambda text: "\n".join(text[i:i + 76] for i in range(0, len(text), 76)))
+        etl.fake.handle, lambda text: "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    )
     run_ok(etl, "--batch-size", "7")
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 40
@@ -220,11 +234,14 @@ def _short_vector(item):
     item["embedding"] = base64.b64encode(base64.b64decode(item["embedding"])[:8]).decode()
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (lambda data: data.pop(), "the API returned 5 embeddings for 6 inputs"),
-    (lambda data: data[1].update(index=data[0]["index"]), "bad or repeated index"),
-    (lambda data: _short_vector(data[2]), "vectors of different lengths"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda data: data.pop(), "the API returned 5 embeddings for 6 inputs"),
+        (lambda data: data[1].update(index=data[0]["index"]), "bad or repeated index"),
+        (lambda data: _short_vector(data[2]), "vectors of different lengths"),
+    ],
+)
 def test_answers_that_do_not_match_the_inputs_are_retried(etl, db, mangle, message):
     """An answer with a missing vector, a repeated index or a vector of another length is a
     transient error: nothing of it is written, and the retry's answer is."""
@@ -280,9 +297,14 @@ def test_a_terminal_gets_one_tqdm_bar(etl, db):
     import termios
 
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
-    process = subprocess.Popen([sys.executable, ETL, "--workers", "2", "--batch-size", "10"], cwd=etl.workdir,
-                               env=etl.env(**env_for_table(**DIMS)), stdout=subprocess.PIPE, stderr=follower,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, ETL, "--workers", "2", "--batch-size", "10"],
+        cwd=etl.workdir,
+        env=etl.env(**env_for_table(**DIMS)),
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    )
     os.close(follower)
     screen = b""
     while True:
@@ -329,7 +351,7 @@ def test_summary_reports_tokens_and_cost(etl, db):
 
 
 def test_never_more_requests_in_flight_than_workers(etl, db):
-    """Each worker has two lanes (connections) but one request in flight at a time."""
+    """Two processes a worker, but --workers requests in flight in the whole run."""
     make_foods(db, 300)
     etl.fake.latency = 0.05
     run_ok(etl, "--workers", "2", "--batch-size", "5")
@@ -342,7 +364,9 @@ def test_never_more_requests_in_flight_than_workers(etl, db):
 def test_runs_started_together_create_the_ledger_once(database_url, db):
     # Runs started by the same cron tick all find no ledger and create it at the same moment;
     # none of them may fail on the catalog's unique index.
+    from embedfill import catalog
     from embedfill import db as store
+
     starters = 8
     barrier = threading.Barrier(starters)
     errors = []
@@ -351,7 +375,7 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
         conn = store.connect(database_url)
         try:
             barrier.wait()
-            store.ensure_ledger(conn)
+            catalog.ensure_ledger(conn)
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(repr(exc))
         finally:
@@ -369,6 +393,7 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
 
 
 def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(database_url, db, monkeypatch):
+    from embedfill import catalog
     from embedfill import db as store
     from embedfill.config import resolve
 
@@ -377,12 +402,12 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
     assert store._CopyStream(["1"] * 25, np.zeros((25, 8), np.float32)).per_chunk == 10
     settings = resolve({"database_url": database_url, "table": "foods", "text_columns": ("name",)}, {}, {})
     conn = store.connect(database_url)
-    target = store.inspect_target(conn, settings)
-    store.ensure_ledger(conn)
+    target = catalog.inspect_target(conn, settings)
+    catalog.ensure_ledger(conn)
     writer = store.WorkerStore(conn, target, retry_failed=False)
     ids = [row[0] for row in writer.claim(None, None, 500)]
     vectors = np.random.default_rng(7).standard_normal((len(ids), 8)).astype(np.float32)
-    assert writer.write(ids, vectors) == 500
+    assert writer.write(ids, vectors) == (500, [])
     writer.commit()
     conn.close()
     with db.cursor() as cur:
@@ -393,26 +418,13 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
 
 
 def test_the_largest_requests_land_every_vector_in_its_row(etl, db):
-    """2048 inputs of 3072 dimensions: 33 MB answers, decoded inside the request gate and with
-    big buffers handed back to the OS at once (worker.tune_malloc); two such batches a worker."""
+    """2048 inputs of 3072 dimensions: 33 MB answers; one request in flight, two processes."""
     make_foods(db, 4096, dims=3072)
-    result = etl.run("--workers", "1", "--batch-size", "2048",
-                     **env_for_table(EMBEDDING_MODEL="text-embedding-3-large"))
+    result = etl.run(
+        "--workers", "1", "--batch-size", "2048", **env_for_table(EMBEDDING_MODEL="text-embedding-3-large")
+    )
     assert result.returncode == 0, result.stderr
     embedded, null = check_table(db, dims=3072)
     assert null == [] and len(embedded) == 4096
     assert etl.fake.batch_sizes == [2048, 2048]
     assert etl.fake.max_in_flight == 1
-
-
-def test_the_shared_tls_context_still_verifies_certificates():
-    """The parent builds the SDK's SSL context once for every worker; it must be the library's
-    default one: certificates and host names checked."""
-    import ssl
-
-    from embedfill.embedders import load_client_library
-
-    context = load_client_library()
-    assert isinstance(context, ssl.SSLContext)
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
-    assert context.cert_store_stats()["x509_ca"] > 0

@@ -9,8 +9,14 @@ def write_config(workdir, **values):
 
 def test_flag_beats_environment_beats_config_file(etl, db, workdir):
     make_foods(db, 60)
-    write_config(workdir, ETL_TABLE="foods", ETL_TEXT_COLUMNS="name,category,description",
-                 EMBEDDING_DIMENSIONS=8, ETL_BATCH_SIZE=5, ETL_LIMIT_IGNORED=1)
+    write_config(
+        workdir,
+        ETL_TABLE="foods",
+        ETL_TEXT_COLUMNS="name,category,description",
+        EMBEDDING_DIMENSIONS=8,
+        ETL_BATCH_SIZE=5,
+        ETL_LIMIT_IGNORED=1,
+    )
     result = etl.run("--limit", "10", "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert max(etl.fake.batch_sizes) == 5  # from config.env
@@ -31,7 +37,8 @@ def test_flag_beats_environment_beats_config_file(etl, db, workdir):
 def test_config_file_given_with_config(etl, db, workdir):
     make_foods(db, 10)
     (workdir / "other.env").write_text(
-        "ETL_TABLE=foods\nETL_TEXT_COLUMNS=name\nEMBEDDING_DIMENSIONS=8\n# a comment\nETL_WORKERS=2\n")
+        "ETL_TABLE=foods\nETL_TEXT_COLUMNS=name\nEMBEDDING_DIMENSIONS=8\n# a comment\nETL_WORKERS=2\n"
+    )
     result = etl.run("--config", "other.env")
     assert result.returncode == 0, result.stderr
     embedded, null = check_table(db, columns=("name",))

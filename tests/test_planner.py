@@ -2,6 +2,7 @@
 
 import pytest
 
+from embedfill import catalog
 from embedfill import db as dbmod
 from embedfill.config import resolve
 from embedfill.planner import guided_fractions, plan_ranges
@@ -15,9 +16,11 @@ def null_rows_per_range(conn, ranges):
     counts = []
     with conn.cursor() as cur:
         for after, upto in ranges:
-            cur.execute("SELECT count(*) FROM big WHERE embedding IS NULL "
-                        "AND (%(a)s::bigint IS NULL OR id > %(a)s::bigint) AND (%(u)s::bigint IS NULL OR id <= %(u)s::bigint)",
-                        {"a": after, "u": upto})
+            cur.execute(
+                "SELECT count(*) FROM big WHERE embedding IS NULL "
+                "AND (%(a)s::bigint IS NULL OR id > %(a)s::bigint) AND (%(u)s::bigint IS NULL OR id <= %(u)s::bigint)",
+                {"a": after, "u": upto},
+            )
             counts.append(cur.fetchone()[0])
     return counts
 
@@ -39,8 +42,8 @@ def test_ranges_follow_the_null_rows(big, database_url, skewed):
             cur.execute("UPDATE big SET embedding = array_fill(0, ARRAY[8])::vector WHERE id <= 480000")
             cur.execute("VACUUM ANALYZE big")
     conn = dbmod.connect(database_url)
-    target = dbmod.inspect_target(conn, settings_for(database_url))
-    assert dbmod.table_pages(conn, target) > 2000
+    target = catalog.inspect_target(conn, settings_for(database_url))
+    assert catalog.table_pages(conn, target) > 2000
     ranges = plan_ranges(conn, target, workers=4, batch_size=50)
     conn.close()
     assert ranges[0][0] is None and ranges[-1][1] is None

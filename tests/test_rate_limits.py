@@ -13,8 +13,15 @@ def test_a_requests_per_minute_budget_is_shared_by_all_workers(etl, db):
     etl.fake.stop()
     etl.fake = fake_with_limits(requests_per_minute=900)  # 15/s, a bucket of one second
     try:
-        result = etl.run("--workers", "4", "--batch-size", "5", "--max-requests-per-minute", "900",
-                         **env_for_table(EMBEDDING_DIMENSIONS=8))
+        result = etl.run(
+            "--workers",
+            "4",
+            "--batch-size",
+            "5",
+            "--max-requests-per-minute",
+            "900",
+            **env_for_table(EMBEDDING_DIMENSIONS=8),
+        )
         assert result.returncode == 0, result.stderr
         assert etl.fake.statuses[429] == 0  # four workers together stayed under the server's limit
         assert etl.fake.statuses[200] >= 30
@@ -28,8 +35,15 @@ def test_a_tokens_per_minute_budget_is_shared_by_all_workers(etl, db):
     etl.fake.stop()
     etl.fake = fake_with_limits(tokens_per_minute=60_000)  # 1000 tokens/s
     try:
-        result = etl.run("--workers", "4", "--batch-size", "10", "--max-tokens-per-minute", "60000",
-                         **env_for_table(EMBEDDING_DIMENSIONS=8))
+        result = etl.run(
+            "--workers",
+            "4",
+            "--batch-size",
+            "10",
+            "--max-tokens-per-minute",
+            "60000",
+            **env_for_table(EMBEDDING_DIMENSIONS=8),
+        )
         assert result.returncode == 0, result.stderr
         assert etl.fake.statuses[429] == 0
         assert etl.fake.tokens_served > 2000

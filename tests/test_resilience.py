@@ -8,8 +8,8 @@ import time
 import psutil
 import pytest
 
-from embedfill.tokens import fit
-from embedfill.worker import LANES
+from embedfill.texts import fit
+from embedfill.worker import PROCESSES_PER_WORKER
 from tests.conftest import check_table, env_for_table, make_foods
 from tests.fake_openai import expected_vector
 
@@ -41,13 +41,16 @@ def wait_for(predicate, timeout=30.0):
     return False
 
 
-@pytest.mark.parametrize("fault", [
-    {"status": 429, "headers": {"retry-after-ms": "50"}},
-    {"status": 429},
-    {"status": 500},
-    {"status": 503, "headers": {"retry-after": "0"}},
-    {"drop": True},
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 429, "headers": {"retry-after-ms": "50"}},
+        {"status": 429},
+        {"status": 500},
+        {"status": 503, "headers": {"retry-after": "0"}},
+        {"drop": True},
+    ],
+)
 def test_transient_errors_are_retried_and_every_row_lands(etl, db, fault):
     make_foods(db, 200)
     etl.fake.add_faults(*[fault] * 4)
@@ -84,14 +87,16 @@ def test_sdk_retries_do_not_stack_on_ours(etl, db):
     assert etl.fake.requests == 3
     rows = ledger(db)
     assert len(rows) == 20
-    assert all(reason.startswith("gave up after 3 attempts: server error (500") and attempts == 3
-               for _, reason, attempts in rows)
+    assert all(
+        reason.startswith("gave up after 3 attempts: server error (500") and attempts == 3
+        for _, reason, attempts in rows
+    )
 
 
 def test_known_failures_are_skipped_then_retried_on_request(etl, db):
     make_foods(db, 40)
-    etl.fake.add_faults(*[{"status": 500}] * 2)
-    result = etl.run("--workers", "1", "--batch-size", "20", "--max-attempts", "2", **env())
+    etl.fake.add_faults({"status": 500})  # one of the two batches, with one attempt only
+    result = etl.run("--workers", "1", "--batch-size", "20", "--max-attempts", "1", **env())
     assert result.returncode == 3
     assert len(ledger(db)) == 20 and embedded_count(db) == 20
 
@@ -218,9 +223,9 @@ def test_sigkill_of_the_process_group_loses_nothing(etl, db):
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 3000
     # Only the batches in flight at the kill were paid for twice: at most one uncommitted
-    # batch per lane (one being written while the next is in flight).
+    # batch per process (one being written while another's request is in flight).
     paid_twice = sent_first - before
-    assert 0 <= paid_twice <= LANES * workers * batch
+    assert 0 <= paid_twice <= PROCESSES_PER_WORKER * workers * batch
     assert etl.fake.inputs == 3000 + paid_twice
 
 

