@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -223,6 +224,42 @@ def raw_write_limit(url, connections, batch):
     return total, time.monotonic() - started
 
 
+class OtherClient:
+    """Another app on the same key: sends a request of 50 inputs as often as its share allows,
+    waits out the 429s it gets."""
+
+    def __init__(self, base_url, tokens_per_minute):
+        import openai
+
+        self.client = openai.OpenAI(api_key="test-key", base_url=base_url, max_retries=0)
+        self.texts = [line.rstrip("\n").replace("\t", "\n") for line in generate_rows(50, seed=7)]
+        self.interval = 50 * tokens_per_row() / (tokens_per_minute / 60)
+        self.tokens = self.limited = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.started = time.monotonic()
+        self.thread.start()
+
+    def _run(self):
+        import openai
+
+        while not self.stopped.is_set():
+            began = time.monotonic()
+            try:
+                answer = self.client.embeddings.create(model=MODEL, input=self.texts)
+                self.tokens += answer.usage.prompt_tokens
+            except openai.RateLimitError:
+                self.limited += 1
+            self.stopped.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join()
+        self.seconds = time.monotonic() - self.started
+
+
 # --- the seed's pattern: one row per request, one UPDATE and commit per row, sequential -------------
 def seed_baseline(url, server, rows):
     import openai
@@ -428,6 +465,74 @@ def main():
                 "≥ 0.9, < 2% 429",
                 f"429s: {share:.1%} of {stats['requests']} requests",
             )
+
+    # Several hosts, one quota: two runs at once (as on two hosts) against the same key's limit,
+    # and one run while another client spends half of it.
+    if wanted("hosts"):
+        tpm = 1_200_000
+        rows = int(tpm / 60 * args.quota_seconds / tokens_per_row())  # about quota_seconds of the whole quota
+        for label, extra in (
+            ("neither told the limit", []),
+            ("each told the whole limit", ["--max-tokens-per-minute", str(tpm)]),
+        ):
+            create_foods(url, args.rows)
+            fake = FakeServer(latency=0.05, tpm=tpm, burst_seconds=5.0, exact_usage=True)
+            started = time.monotonic()
+            threads = [
+                threading.Thread(
+                    target=run_etl,
+                    args=(url, fake, "--workers", "4", "--batch-size", "50", "--limit", str(rows // 2), *extra),
+                )
+                for _ in range(2)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seconds = time.monotonic() - started
+            stats = fake.stats()
+            fake.stop()
+            achieved = stats["tokens_served"] / seconds * 60
+            share = stats["statuses"].get("429", 0) / max(1, stats["requests"])
+            row(
+                "two hosts, one quota",
+                f"{label}: 2 runs of --workers 4 --batch-size 50 {' '.join(extra)}, TPM {tpm:,}",
+                rows,
+                f"{seconds:.1f}",
+                f"{achieved:,.0f} tokens/min together",
+                f"{tpm:,} limit",
+                f"{achieved / tpm:.2f}",
+                "≥ 0.9, < 2% 429",
+                f"429s: {share:.1%} of {stats['requests']} requests",
+            )
+
+        create_foods(url, args.rows)
+        fake = FakeServer(latency=0.05, tpm=tpm, burst_seconds=5.0, exact_usage=True)
+        other = OtherClient(fake.base_url, tokens_per_minute=tpm / 2)
+        other.start()
+        started = time.monotonic()
+        _, summary, _, _, _ = run_etl(url, fake, "--workers", "4", "--batch-size", "50", "--limit", str(rows // 2))
+        seconds = time.monotonic() - started
+        other.stop()
+        stats = fake.stats()
+        fake.stop()
+        left = tpm - other.tokens / other.seconds * 60
+        achieved = int(summary["tokens"]) / seconds * 60
+        requests = int(summary["requests"])
+        row(
+            "two hosts, one quota",
+            f"another client spending half: --workers 4 --batch-size 50, TPM {tpm:,}",
+            summary["embedded"],
+            f"{seconds:.1f}",
+            f"{achieved:,.0f} tokens/min",
+            f"{left:,.0f} left by the other",
+            f"{achieved / left:.2f}",
+            "≥ 0.9, < 2% 429",
+            f"429s: {int(summary['rate_limited']) / max(1, requests):.1%} of the run's {requests} requests; "
+            f"the other client got {other.tokens / other.seconds * 60:,.0f} tokens/min and "
+            f"{other.limited} 429s; all clients: {stats['statuses'].get('429', 0)} 429s "
+            f"in {stats['requests']} requests",
+        )
 
     # Start and memory, on the default size and on a big table.
     if wanted("start"):

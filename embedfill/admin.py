@@ -68,13 +68,17 @@ def show_status(settings, out, top=5):
         estimate = catalog.estimate_rows(conn, target)
         null_rows = catalog.count_null(conn, target)
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL")
-            reasons, failed = [], 0
-            if cur.fetchone()[0]:
+            cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL, to_regclass('etl_runs') IS NOT NULL")
+            has_ledger, has_runs = cur.fetchone()
+            reasons, failed, leases = [], 0, []
+            if has_ledger:
                 cur.execute(db.load_sql("ledger_count"), {"table_name": target.qualified_name})
                 failed = cur.fetchone()[0]
                 cur.execute(db.load_sql("status_failures"), {"table_name": target.qualified_name, "top": top})
                 reasons = cur.fetchall()
+            if has_runs:
+                cur.execute(db.load_sql("status_runs"), {"table_name": target.qualified_name})
+                leases = cur.fetchall()
             pattern = f"{db.APPLICATION_PREFIX}:{target.qualified_name}:%"
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
@@ -87,6 +91,9 @@ def show_status(settings, out, top=5):
         f"rows_failed={failed} active_runs={runs} active_processes={processes} run_active={'yes' if runs else 'no'}",
         file=out,
     )
+    for run_id, tpm, rpm, runs, age in leases:
+        budgets = " ".join(f"{name}={value / runs:.0f}" for name, value in (("tpm", tpm), ("rpm", rpm)) if value)
+        print(f"run {run_id} share=1/{runs} {budgets or 'no configured budget'} running_for={age}".rstrip(), file=out)
     for reason, count in reasons:
         print(f"failed {count:>8}  {reason}", file=out)
     return EXIT_OK

@@ -87,13 +87,9 @@ def inspect_target(conn, settings):
             f"{shown}.{settings.embedding_column} is vector({dimensions}) but EMBEDDING_DIMENSIONS="
             f"{settings.dimensions}; set EMBEDDING_DIMENSIONS={dimensions} or change the column"
         )
-    with conn.cursor() as cur:
-        cur.execute(
-            load_sql("id_is_unique"), {"relation": relation_literal(conn, parts), "id_column": settings.id_column}
-        )
-        unique = cur.fetchone()[0]
-    conn.rollback()
-    if not unique:
+    if not scalar(
+        conn, load_sql("id_is_unique"), {"relation": relation_literal(conn, parts), "id_column": settings.id_column}
+    ):
         raise DatabaseError(
             f"column {shown}.{settings.id_column} is not known to be unique: it needs a primary key or a unique index "
             f"on it alone, or one row's vector could land in every row sharing its id (add one, or set ETL_ID_COLUMN)"
@@ -120,32 +116,26 @@ def partial_index_sql(target):
 
 
 def has_partial_index(conn, target):
-    with conn.cursor() as cur:
-        cur.execute(
-            load_sql("find_partial_index"),
-            {
-                "relation": relation_literal(conn, target.name_parts),
-                "id_column": target.id_column,
-                "embedding_column": target.embedding_column,
-            },
-        )
-        found = cur.fetchone() is not None
-    conn.rollback()
-    return found
+    params = {
+        "relation": relation_literal(conn, target.name_parts),
+        "id_column": target.id_column,
+        "embedding_column": target.embedding_column,
+    }
+    return scalar(conn, load_sql("find_partial_index"), params) is not None
 
 
 LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
 
 
 def ensure_ledger(conn):
-    """Create the failure ledger when it is missing (the one thing a backfill needs).
+    """Create the tool's tables when missing: the failure ledger and the runs' leases.
 
     Two runs started at the same moment would both pass CREATE TABLE IF NOT EXISTS and one
     would fail on the catalog's unique index, so the check and the creation happen under a
     transaction-level advisory lock.
     """
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL")
+        cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL")
         exists = cur.fetchone()[0]
         if not exists:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEDGER_LOCK_KEY,))
@@ -153,37 +143,29 @@ def ensure_ledger(conn):
     conn.commit()
 
 
-def estimate_rows(conn, target):
+def scalar(conn, query, params=None):
+    """The first column of the first row of a read-only query (None without a row)."""
     with conn.cursor() as cur:
-        cur.execute(load_sql("estimate_rows"), {"relation": relation_literal(conn, target.name_parts)})
+        cur.execute(query, params)
         row = cur.fetchone()
     conn.rollback()
-    return row[0] if row else -1
+    return row[0] if row else None
+
+
+def estimate_rows(conn, target):
+    estimate = scalar(conn, load_sql("estimate_rows"), {"relation": relation_literal(conn, target.name_parts)})
+    return -1 if estimate is None else estimate
 
 
 def table_pages(conn, target):
-    with conn.cursor() as cur:
-        cur.execute(load_sql("table_pages"), {"relation": relation_literal(conn, target.name_parts)})
-        pages = cur.fetchone()[0]
-    conn.rollback()
-    return pages or 0
+    return scalar(conn, load_sql("table_pages"), {"relation": relation_literal(conn, target.name_parts)}) or 0
 
 
 def count_null(conn, target):
-    with conn.cursor() as cur:
-        cur.execute(target.query("count_null"))
-        count = cur.fetchone()[0]
-    conn.rollback()
-    return count
+    return scalar(conn, target.query("count_null"))
 
 
 def count_known_failures(conn, target):
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL")
-        if not cur.fetchone()[0]:
-            conn.rollback()
-            return 0
-        cur.execute(target.query("count_known_failures"), {"table_name": target.qualified_name})
-        count = cur.fetchone()[0]
-    conn.rollback()
-    return count
+    if not scalar(conn, "SELECT to_regclass('etl_failures') IS NOT NULL"):
+        return 0
+    return scalar(conn, target.query("count_known_failures"), {"table_name": target.qualified_name})

@@ -92,11 +92,13 @@ OPTIONS = [
     Option("batch_size", "ETL_BATCH_SIZE", "--batch-size", 20, _batch_size,
            "rows per API request and per commit (at most 2048)", "N"),
     Option("rpm", "ETL_RPM", "--max-requests-per-minute", None, _positive_float,
-           "request budget shared by all workers (unset: no limit)", "N"),
+           "request budget of all workers, split between the runs using the same API key (unset: no limit)", "N"),
     Option("tpm", "ETL_TPM", "--max-tokens-per-minute", None, _positive_float,
-           "token budget shared by all workers (unset: no limit)", "N"),
+           "token budget of all workers, split between the runs using the same API key (unset: no limit)", "N"),
     Option("max_attempts", "ETL_MAX_ATTEMPTS", "--max-attempts", 6, _positive_int,
-           "attempts per batch on transient errors before its rows are recorded as failed", "N"),
+           "attempts per batch on transient errors other than 429 before its rows are recorded as failed", "N"),
+    Option("stall_seconds", "ETL_STALL_SECONDS", "--stall-seconds", 600.0, _positive_float,
+           "stop when 429s have let no request succeed for this long (a 429 never fails a row)", "S"),
     Option("request_timeout", "ETL_REQUEST_TIMEOUT", "--request-timeout", 60.0, _positive_float,
            "seconds before one API request is abandoned and retried", "S"),
     Option("reconnect_seconds", "ETL_RECONNECT_SECONDS", "--reconnect-seconds", 30.0, _positive_float,
@@ -134,6 +136,7 @@ class Settings:
     rpm: float | None
     tpm: float | None
     max_attempts: int
+    stall_seconds: float
     request_timeout: float
     reconnect_seconds: float
     max_input_tokens: int | None

@@ -1,5 +1,6 @@
 """The driver: checks the table, plans the ranges, runs the worker pool, reports, picks the exit code."""
 
+import gc
 import logging
 import multiprocessing
 import signal
@@ -10,12 +11,13 @@ import time
 from . import catalog, db, planner
 from .embedders import check_provider, load_client_library
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied
+from .lease import Lease
 from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
 from .shared import SharedState
 from .texts import count_tokens, load_encoding, row_text
-from .worker import PROCESSES_PER_WORKER, embed_ranges, init_worker
+from .worker import embed_ranges, init_worker, process_count
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def run_backfill(settings, out=None):
     """Fill the embedding column; returns the process exit code."""
     out = out or sys.stdout
     started = time.monotonic()
-    processes = PROCESSES_PER_WORKER * settings.workers
+    processes = process_count(settings.workers)
     importer = None
     if settings.provider == "openai":
         check_provider(settings)  # fails fast on a missing key; the real clients live in the workers
@@ -103,6 +105,8 @@ def run_backfill(settings, out=None):
     shared = SharedState(context, processes, settings.limit)
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
     requests = context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
+    lease = Lease(settings, target, limiter)
+    lease.renew()  # the share of the budgets is known before the first request
     received = []
 
     def on_signal(signum, frame):
@@ -113,6 +117,7 @@ def run_backfill(settings, out=None):
     counts = _Counts(settings, target)
     fatal = None
     finished = False
+    gc.freeze()  # the workers share the parent's objects: keep the collector from writing to (copying) them
     pool = context.Pool(
         processes, initializer=init_worker, initargs=(settings, target, ranges, shared, limiter, requests)
     )
@@ -143,6 +148,7 @@ def run_backfill(settings, out=None):
                         counts.known_failures,
                     )
             progress.update(shared.totals())
+            lease.renew()
             if not shared.stopping() and shared.workers_started > processes:
                 fatal = WorkerDied(
                     "a worker process died unexpectedly (killed by the OOM killer or a signal?); "
@@ -168,6 +174,7 @@ def run_backfill(settings, out=None):
             shared.request_stop(fatal=fatal is not None)
             pool.terminate()
         pool.join()
+        lease.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         progress.update(shared.totals(), force_line=True)
@@ -251,7 +258,7 @@ def dry_run(settings, target, ranges, out):
         f"ranges={len(ranges)}",
         file=out,
     )
-    processes = PROCESSES_PER_WORKER * settings.workers
+    processes = process_count(settings.workers)
     print(
         f"ranges: processes w1..w{processes} take ranges 1..{min(processes, len(ranges))} first, then each free "
         "one takes the next; ranges shrink toward the end so that they finish together",

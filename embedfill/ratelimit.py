@@ -1,21 +1,38 @@
-"""One request/token budget and one 429 cool-down shared by every worker process.
+"""The rate limits of a run, shared by all its worker processes in shared memory.
 
-The budgets are token buckets kept in shared memory. A caller reserves what it needs at
-once (the balance may go negative) and then sleeps until its reservation is paid for, so
-N workers together never exceed the configured rate and nobody busy-waits. The cool-down is
-a shared deadline: a 429 seen by one worker pauses them all, and so do response headers
-that say the quota is nearly gone (x-ratelimit-remaining-*), before the server has to
-answer 429 at all.
+The budgets are token buckets. A caller reserves what it needs at once (the balance may go
+negative) and then sleeps until its reservation is paid for, so the workers together never
+exceed the rate and nobody busy-waits. The rate is the least of what the user configured
+(--max-tokens-per-minute, --max-requests-per-minute) and what the server says the key may
+use (x-ratelimit-limit-*), divided between the runs that share the key (`set_share`, from
+lease.py), times an adaptive factor: a burst of 429s (another client spending the same
+quota) cuts it by DECREASE, and every second of success gives back INCREASE (AIMD). With no
+limit known at all, the first 429 takes the request rate measured until then as the limit.
+
+The cool-down is a shared deadline: a 429 seen by one worker pauses them all, and so do
+response headers that say the quota is nearly gone (x-ratelimit-remaining-*), before the
+server has to answer 429 at all.
+
+Workers reserve tokens as they count them (cheap byte-bound estimates unless a token budget
+was configured); the limiter scales them by the ratio of the answers' `usage` to those
+estimates, so a limit in real tokens holds either way.
 """
 
+import math
 import time
 
 from .embedders import parse_reset
 
-# Burst allowance: how many seconds of budget may be spent at once.
-BURST_SECONDS = 1.0
+BURST_SECONDS = 1.0  # how many seconds of budget may be spent at once
+DECREASE = 0.7  # a burst of 429s multiplies the rate by this
+INCREASE = 0.005  # every second of success adds this to the factor (up to 1)
+CUT_SPACING = 2.0  # seconds: the 429s of one burst count as one
+RATE_WINDOW = 5.0  # seconds over which the request rate is measured (exponential decay)
 
-_TOKENS, _REQUESTS, _STAMP, _COOLDOWN = range(4)
+_FIELDS = (
+    "tokens requests stamp cooldown share factor ratio server_tpm server_rpm measured_rpm "
+    "last_cut last_success recent recent_at started"
+).split()
 
 
 class RateLimiter:
@@ -26,70 +43,108 @@ class RateLimiter:
         self.tpm = tokens_per_minute
         self.workers = workers
         self._lock = context.Lock()
-        self._state = context.RawArray("d", 4)
-        # Buckets start empty: the run ramps up at the configured rate instead of bursting.
-        self._state[_TOKENS] = 0.0
-        self._state[_REQUESTS] = 0.0
-        self._state[_STAMP] = time.monotonic()
-        self._state[_COOLDOWN] = 0.0
+        self._state = context.RawArray("d", len(_FIELDS))
+        now = time.monotonic()
+        # Buckets start empty: the run ramps up at its rate instead of bursting.
+        for name in ("stamp", "recent_at", "last_success", "started"):
+            self[name] = now
+        self["share"] = self["factor"] = 1.0
 
-    @staticmethod
-    def _capacity(per_minute):
-        return max(1.0, per_minute / 60.0 * BURST_SECONDS)
+    def __getitem__(self, name):
+        return self._state[_FIELDS.index(name)]
+
+    def __setitem__(self, name, value):
+        self._state[_FIELDS.index(name)] = value
+
+    def rates(self):
+        """(tokens in the workers' counting, requests) per minute this run may use now; None: no limit."""
+        scale = self["factor"] / self["share"]
+        tpm = min(self.tpm or math.inf, self["server_tpm"] or math.inf) * scale / (self["ratio"] or 1.0)
+        rpm = min(self.rpm or math.inf, self["server_rpm"] or math.inf) * scale
+        if math.isinf(rpm) and math.isinf(tpm) and self["measured_rpm"]:
+            rpm = self["measured_rpm"] * self["factor"]  # this run's own rate: not divided
+        return (None if math.isinf(tpm) else tpm), (None if math.isinf(rpm) else rpm)
 
     def reserve(self, tokens):
         """Take one request and `tokens` from the budgets; seconds to wait before sending."""
         with self._lock:
             now = time.monotonic()  # read under the lock: stamps only move forward
-            state = self._state
-            elapsed = max(0.0, now - state[_STAMP])
-            state[_STAMP] = now
+            elapsed = max(0.0, now - self["stamp"])
+            self["stamp"] = now
             wait = 0.0
-            if self.tpm:
-                rate = self.tpm / 60.0
-                state[_TOKENS] = min(self._capacity(self.tpm), state[_TOKENS] + elapsed * rate) - tokens
-                if state[_TOKENS] < 0:
-                    wait = max(wait, -state[_TOKENS] / rate)
-            if self.rpm:
-                rate = self.rpm / 60.0
-                state[_REQUESTS] = min(self._capacity(self.rpm), state[_REQUESTS] + elapsed * rate) - 1
-                if state[_REQUESTS] < 0:
-                    wait = max(wait, -state[_REQUESTS] / rate)
-            cooldown = state[_COOLDOWN] - now
-        return max(wait, cooldown, 0.0)
+            for name, per_minute, need in zip(("tokens", "requests"), self.rates(), (tokens, 1)):
+                if per_minute:
+                    rate = per_minute / 60.0
+                    self[name] = min(max(need, rate * BURST_SECONDS), self[name] + elapsed * rate) - need
+                    if self[name] < 0:
+                        wait = max(wait, -self[name] / rate)
+            return max(wait, self["cooldown"] - now, 0.0)
 
     def cooldown_left(self):
         """Seconds until the shared cool-down ends (0 when there is none)."""
-        return max(0.0, self._state[_COOLDOWN] - time.monotonic())
+        return max(0.0, self["cooldown"] - time.monotonic())
 
     def pause(self, seconds):
         """Make every worker wait at least `seconds` before its next request."""
         with self._lock:
-            until = time.monotonic() + seconds
-            if until > self._state[_COOLDOWN]:
-                self._state[_COOLDOWN] = until
+            self["cooldown"] = max(self["cooldown"], time.monotonic() + seconds)
 
-    def observe(self, headers, last_tokens):
-        """Slow down before the server says 429: when the quota left cannot cover one more
-        request from every worker, pause all of them until the server has refilled enough."""
-        if not headers:
-            return 0.0
-        pause = 0.0
-        for kind, need in (("tokens", last_tokens * self.workers), ("requests", self.workers)):
-            reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
-            try:
-                remaining = float(headers.get(f"x-ratelimit-remaining-{kind}"))
-                limit = float(headers.get(f"x-ratelimit-limit-{kind}") or 0)
-            except (TypeError, ValueError):
-                continue
-            if reset is None or remaining >= need:
-                continue
-            # The limit is per minute and refills continuously: what is missing comes back at
-            # limit/60 per second, and all of it by `reset`.
-            wait = reset
-            if limit > 0:
-                wait = min(reset, (need - remaining) / (limit / 60.0))
-            pause = max(pause, wait)
-        if pause > 0:
-            self.pause(pause)
+    def set_share(self, runs):
+        """The budgets are split between `runs` runs using the same API key."""
+        with self._lock:
+            self["share"] = float(max(1, runs))
+
+    def succeeded(self):
+        """A request succeeded: count it, and give the factor back a little."""
+        with self._lock:
+            now = time.monotonic()
+            since = now - max(self["last_success"], self["last_cut"])
+            self["factor"] = min(1.0, self["factor"] + INCREASE * max(0.0, since))
+            self["last_success"] = now
+            self["recent"] = self["recent"] * math.exp(-(now - self["recent_at"]) / RATE_WINDOW) + 1.0
+            self["recent_at"] = now
+
+    def rate_limited(self, seconds):
+        """A 429: pause every worker for `seconds`, and cut the rate once per burst of 429s."""
+        with self._lock:
+            now = time.monotonic()
+            self["cooldown"] = max(self["cooldown"], now + seconds)
+            if now - self["last_cut"] < CUT_SPACING:
+                return
+            recent = self["recent"] * math.exp(-(now - self["recent_at"]) / RATE_WINDOW)
+            if self.rates() == (None, None) and recent >= 1.0:  # no limit known: the rate measured until now is one
+                window = RATE_WINDOW * (1.0 - math.exp(-(now - self["started"]) / RATE_WINDOW))
+                self["measured_rpm"] = max(1.0, 60.0 * recent / max(window, 0.5))
+            self["factor"] = max(0.02, self["factor"] * DECREASE)
+            self["last_cut"] = now
+
+    def stalled_for(self):
+        """Seconds since a request last succeeded (or since the run started)."""
+        return time.monotonic() - self["last_success"]
+
+    def observe(self, headers, usage, counted):
+        """Learn from an answer: the ratio of its `usage` to the tokens the worker counted, the
+        key's limits, and whether the quota left can cover one more request from every worker
+        of every run sharing it (if not, pause until the server has refilled enough)."""
+        with self._lock:
+            if usage > 0 and counted > 0:
+                ratio = usage / counted
+                self["ratio"] = 0.8 * self["ratio"] + 0.2 * ratio if self["ratio"] else ratio
+            senders = self.workers * self["share"]
+            pause = 0.0
+            for kind, need in (("tokens", (usage or counted) * senders), ("requests", senders)):
+                try:
+                    limit = float(headers.get(f"x-ratelimit-limit-{kind}") or 0)
+                    remaining = float(headers.get(f"x-ratelimit-remaining-{kind}"))
+                except (TypeError, ValueError, AttributeError):
+                    continue
+                self[f"server_{kind[0]}pm"] = limit
+                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset is None or remaining >= need:
+                    continue
+                # The limit is per minute and refills continuously: what is missing comes back
+                # at limit/60 per second, and all of it by `reset`.
+                pause = max(pause, min(reset, (need - remaining) / (limit / 60.0)) if limit > 0 else reset)
+            if pause > 0:
+                self["cooldown"] = max(self["cooldown"], time.monotonic() + pause)
         return pause

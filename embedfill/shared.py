@@ -18,7 +18,8 @@ class SharedState:
         self.slots = processes * 2 + 4  # room for the replacements of dead processes
         self._counters = context.RawArray("q", self.slots * len(FIELDS))
         self._stop = context.RawValue("i", RUNNING)
-        self._started = context.Value("i", 0)
+        self._started = context.RawValue("i", 0)  # read by the parent without a lock a dead worker could hold
+        self._register = context.Lock()
         self._limit_left = context.Value("q", -1 if limit is None else limit)
         self._busy = context.RawArray("b", self.slots)
         self._next_range = context.Value("i", 0)
@@ -27,7 +28,7 @@ class SharedState:
     # --- worker side -------------------------------------------------------------------
     def register_worker(self):
         """Take a counter slot for this process; returns its 1-based worker number."""
-        with self._started.get_lock():
+        with self._register:
             self._started.value += 1
             number = self._started.value
         self.slot = min(number, self.slots) - 1

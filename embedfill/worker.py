@@ -1,10 +1,11 @@
 """The worker: a single-threaded pool process that claims, embeds, writes and commits batches.
 
-The pool has two processes per `--workers`, and one semaphore shared by the whole run lets
-`--workers` of them have a request in flight at once: a process holds its slot from the
-rate-limit budget to the answer's last byte, then lets go of it to decode the answer, write
-and commit, and claim its next batch, while another process's request goes out. Row locks
-stay with the process (and transaction) that embeds the rows.
+A run has `--workers` requests in flight: one semaphore for the whole run has that many
+slots, and a process holds one from the rate-limit budget to the answer's last byte. The
+pool has a few processes more than slots (`process_count`): a process that lets go of its
+slot decodes the answer, writes and commits, and claims its next batch, while a spare one
+sends its request, so requests leave back to back. Row locks stay with the process (and
+transaction) that embeds the rows.
 
 Ranges come from a queue in shared memory (an index into the planner's list), so a process
 that finishes early takes the next range. `init_worker` and `embed_ranges` are top-level
@@ -30,12 +31,17 @@ from .texts import fit, row_text
 
 log = logging.getLogger(__name__)
 
-PROCESSES_PER_WORKER = 2  # while one waits on the API, the other decodes, writes and claims
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 # A worker that has never embedded anything and sees this many single inputs refused is
 # misconfigured (a `dimensions` the model does not take, say), not unlucky.
 REFUSALS_BEFORE_FATAL = 3
+
+
+def process_count(workers):
+    """Pool processes for --workers requests in flight: the spare ones decode, write and claim
+    while the others wait on the API (a process spends a few percent of its time on those)."""
+    return workers + max(1, workers // 4)
 
 
 class Interrupted(Exception):
@@ -57,14 +63,17 @@ class RangeCursor:
         self.take_range = take_range  # () -> (after, upto), or None when no range is left
         self.current = None
         self.again = []
-        self.claimed = []
+        self.claimed = []  # where each segment the open batch claimed from stood when it started
+        self.noted = False  # the current segment is in `claimed`
 
     def segment(self):
         """The (after, upto) to claim from next, or None when every range has been walked."""
         if self.current is None:
             self.current = self.again.pop(0) if self.again else self.take_range()
-        if self.current is not None:
+            self.noted = False
+        if self.current is not None and not self.noted:
             self.claimed.append(self.current)
+            self.noted = True
         return self.current
 
     def advance(self, last_id, full):
@@ -72,7 +81,7 @@ class RangeCursor:
         self.current = (last_id, self.current[1]) if full else None
 
     def commit(self):
-        self.claimed = []
+        self.claimed, self.noted = [], False
 
     def rollback(self):
         """The open batch rolled back: walk its segments again, from where it started."""
@@ -110,9 +119,9 @@ class Worker:
         conn = db.connect(self.settings.database_url, application_name=name)
         try:
             return db.WorkerStore(conn, self.target, self.settings.retry_failed)
-        except psycopg2.Error:
+        except psycopg2.Error as error:
             conn.close()
-            raise
+            raise DatabaseError(f"cannot prepare a worker's session: {db.first_line(error)}") from error
 
     def close(self):
         if self.store is not None:
@@ -135,9 +144,10 @@ class Worker:
                     if segment is None:  # no range left, or --limit reached
                         self.shared.release_rows(granted)
                         break
+                    reserved += granted
                     rows = self.store.claim(*segment, granted)
                     self.shared.release_rows(granted - len(rows))
-                    reserved += len(rows)
+                    reserved -= granted - len(rows)
                     batch.extend(rows)
                     cursor.advance(rows[-1][0] if rows else None, len(rows) == granted)
                 counts = self.process_batch(batch) if batch else None
@@ -169,7 +179,7 @@ class Worker:
             return
         if error.pgcode in db.TRANSIENT_SQLSTATES and self.db_retries < self.settings.max_attempts:
             self.db_retries += 1
-            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**self.db_retries))
+            delay = backoff(self.db_retries)
             log.warning("%s; the batch rolled back, trying it again in %.1f s", db.first_line(error), delay)
             if self.shared.sleep(delay):
                 raise Interrupted()
@@ -190,7 +200,7 @@ class Worker:
                 self.store = self._connect()
                 log.info("reconnected to the database")
                 return
-            except (DatabaseError, psycopg2.Error):  # the server may drop again while we set up
+            except DatabaseError:  # the server may drop again while we set up
                 delay = min(delay * 2, 5.0)
         raise DatabaseError(
             f"lost the database connection and could not reconnect within {window:.0f} s "
@@ -226,8 +236,9 @@ class Worker:
                 blocks.append(vectors)
         written = 0
         if ids:
+            for block in blocks:
+                self.check_dimensions(block.shape[1])
             matrix = blocks[0] if len(blocks) == 1 else np.vstack(blocks)
-            self.check_dimensions(matrix.shape[1])
             finite = np.isfinite(matrix).all(axis=1)
             if not finite.all():
                 failures.extend(
@@ -261,7 +272,7 @@ class Worker:
 
     def embed_rows(self, rows):
         """([(rows, vectors)], failures) for one request's rows, retrying and splitting as needed."""
-        attempt = 0
+        attempt = limited = 0
         texts = [row.text for row in rows]
         tokens = sum(row.tokens for row in rows)
         while True:
@@ -273,17 +284,20 @@ class Worker:
                     answer = self.embedder.fetch(texts)
                 result = self.embedder.decode(answer)
             except TransientProviderError as error:
-                attempt += 1
                 self.shared.add(retries=1, rate_limited=int(error.rate_limited), requests=1)
-                delay = error.retry_after
-                if delay is None:
-                    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))  # full jitter
-                if error.rate_limited:
-                    self.limiter.pause(delay)
-                if attempt >= self.settings.max_attempts:
-                    reason = f"gave up after {attempt} attempts: {error}"
-                    return [], [(row.row_id, reason, attempt) for row in rows]
-                log.info("%s; attempt %d of %d in %.1f s", error, attempt + 1, self.settings.max_attempts, delay)
+                if error.rate_limited:  # "not now", never "this row is bad": no attempt is spent
+                    limited += 1
+                    delay = backoff(limited) if error.retry_after is None else error.retry_after
+                    self.limiter.rate_limited(delay)
+                    delay = min(delay, self._stall_left(error))
+                    log.info("%s; trying again in %.1f s", error, delay)
+                else:
+                    attempt += 1
+                    delay = backoff(attempt) if error.retry_after is None else error.retry_after
+                    if attempt >= self.settings.max_attempts:
+                        reason = f"gave up after {attempt} attempts: {error}"
+                        return [], [(row.row_id, reason, attempt) for row in rows]
+                    log.info("%s; attempt %d of %d in %.1f s", error, attempt + 1, self.settings.max_attempts, delay)
                 if self.shared.sleep(delay):
                     raise Interrupted() from None
                 continue
@@ -301,9 +315,22 @@ class Worker:
                 right_ok, right_failed = self.embed_rows(rows[middle:])
                 return left_ok + right_ok, left_failed + right_failed
             self.succeeded += 1
+            self.limiter.succeeded()
             self.shared.add(requests=1, tokens=result.tokens)
-            self.limiter.observe(result.headers, result.tokens or tokens)  # the answer's usage, when it has one
+            self.limiter.observe(result.headers, result.tokens, tokens)
             return [(rows, result.vectors)], []
+
+    def _stall_left(self, error):
+        """Seconds left before the run has been rate limited for --stall-seconds with no request
+        succeeding (then it stops: waiting longer would not help)."""
+        window = self.settings.stall_seconds
+        stalled = self.limiter.stalled_for()
+        if stalled >= window:
+            raise FatalProviderError(
+                f"rate limited for {stalled:.0f} s with no request succeeding (--stall-seconds {window:g}): "
+                "another client may be using this key's quota; rerun when it is free, or lower --workers"
+            ) from error
+        return window - stalled
 
     def wait_for_budget(self, tokens):
         """Reserve one request and `tokens`, then wait until the reservation and any shared
@@ -315,6 +342,11 @@ class Worker:
             if self.shared.sleep(wait):
                 raise Interrupted()
             wait = self.limiter.cooldown_left()
+
+
+def backoff(attempt):
+    """Exponential back-off with full jitter."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
 
 
 def pack_requests(rows):

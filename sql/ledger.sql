@@ -10,3 +10,16 @@ CREATE TABLE IF NOT EXISTS etl_failures (
     last_seen   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_name, row_id)
 );
+
+-- Runs of etl.py on this database, one row each, kept alive by a lease (lease.py): runs with
+-- the same key_hash (a hash of the provider URL and API key, never the key) split their
+-- rate-limit budgets between them.
+CREATE TABLE IF NOT EXISTS etl_runs (
+    run_id      text        PRIMARY KEY,
+    key_hash    text        NOT NULL,
+    table_name  text        NOT NULL,
+    tpm         float8,
+    rpm         float8,
+    started     timestamptz NOT NULL DEFAULT now(),
+    lease_until timestamptz NOT NULL
+);

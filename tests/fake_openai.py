@@ -231,7 +231,8 @@ class FakeOpenAI:
         if action and action.get("status"):
             status = action["status"]
             self._count_status(status)
-            return status, action.get("headers", {}), _error(f"injected {status}", "server_error"), hang
+            error = _error(action.get("message", f"injected {status}"), action.get("code", "server_error"))
+            return status, action.get("headers", {}), error, hang
         if headers.get("Authorization") != f"Bearer {self.api_key}":
             with self.lock:
                 self.auth_failures += 1

@@ -221,3 +221,19 @@ def test_the_range_cursor_walks_every_id_once_and_again_after_a_rollback():
         cursor.commit()
     assert written == set(ids)
     assert sizes == [7] * 7 + [1]  # every batch full but the last
+
+
+def test_a_segment_claimed_from_twice_in_one_batch_is_walked_again_once():
+    """Under --limit a claim can be full but smaller than the batch: the same segment is claimed
+    from again in the same batch, and a rollback must walk it again from its start, once."""
+    from embedfill.worker import RangeCursor
+
+    ranges = iter([(None, 10)])
+    cursor = RangeCursor(lambda: next(ranges, None))
+    assert cursor.segment() == (None, 10)
+    cursor.advance(3, full=True)
+    assert cursor.segment() == (3, 10)
+    cursor.advance(5, full=True)
+    cursor.rollback()
+    assert cursor.segment() == (None, 10)
+    assert cursor.claimed == [(None, 10)] and cursor.again == []

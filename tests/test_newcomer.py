@@ -133,7 +133,7 @@ def test_status_and_dry_run_on_a_partly_embedded_table(etl, db):
 
 
 def test_status_sees_an_active_run(etl, db):
-    """status counts the runs on the table and their processes (two per worker)."""
+    """status counts the runs on the table and their processes (--workers 2: three each)."""
     make_foods(db, 3000)
     etl.fake.latency = 0.05
     runs = [
@@ -146,9 +146,13 @@ def test_status_sees_an_active_run(etl, db):
         seen = ""
         while time.monotonic() < deadline:
             seen = etl.run("status", **env_for_table()).stdout
-            if "active_processes=8 " in seen:
+            if "active_processes=6 " in seen:
                 break
-        assert "active_runs=2 active_processes=8 run_active=yes" in seen
+        assert "active_runs=2 active_processes=6 run_active=yes" in seen
+        leases = [line for line in seen.splitlines() if line.startswith("run ")]  # one key: half each
+        assert len(leases) == 2 and all(
+            re.match(r"run \S+:\d+ share=1/2 no configured budget running_for=", line) for line in leases
+        ), seen
     finally:
         for run in runs:
             run.terminate()

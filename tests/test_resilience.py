@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from embedfill.texts import fit
-from embedfill.worker import PROCESSES_PER_WORKER
+from embedfill.worker import process_count
 from tests.conftest import check_table, env_for_table, make_foods
 from tests.fake_openai import expected_vector
 
@@ -225,7 +225,7 @@ def test_sigkill_of_the_process_group_loses_nothing(etl, db):
     # Only the batches in flight at the kill were paid for twice: at most one uncommitted
     # batch per process (one being written while another's request is in flight).
     paid_twice = sent_first - before
-    assert 0 <= paid_twice <= PROCESSES_PER_WORKER * workers * batch
+    assert 0 <= paid_twice <= process_count(workers) * batch
     assert etl.fake.inputs == 3000 + paid_twice
 
 
