@@ -107,6 +107,7 @@ def run_backfill(settings, out=None):
     requests = context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
     lease = Lease(settings, target, limiter)
     lease.renew()  # the share of the budgets is known before the first request
+    lease.close()  # no socket crosses the fork: the next renewal opens its connection again
     received = []
 
     def on_signal(signum, frame):
