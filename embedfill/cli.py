@@ -64,13 +64,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _option_help(option):
-    text = option.help
-    details = []
-    if option.env:
-        details.append(f"env {option.env}")
-    if option.default not in (None, ()):
-        details.append(f"default {option.default}")
-    return f"{text} [{', '.join(details)}]" if details else text
+    details = [f"env {option.env}"] if option.env else []
+    details += [f"default {option.default}"] if option.default not in (None, ()) else []
+    return f"{option.help} [{', '.join(details)}]" if details else option.help
 
 
 def build_parser(verb):
@@ -85,19 +81,11 @@ def build_parser(verb):
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb in ("run", "demo"):
         parser.add_argument("--limit", type=_positive, help="stop after N rows [default: all rows]")
-        parser.add_argument(
-            "--retry-failed",
-            action="store_true",
-            help="take rows recorded in etl_failures again (a plain run skips them)",
-        )
+        parser.add_argument("--retry-failed", action="store_true", help="take the rows in etl_failures again")
         parser.add_argument(
             "--no-truncate", action="store_true", help="record over-long inputs as failed instead of truncating them"
         )
-        parser.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="plan only: rows, estimated tokens, cost, time and ranges; no API calls",
-        )
+        parser.add_argument("--dry-run", action="store_true", help="plan only: rows, tokens, cost, time; no API calls")
         parser.add_argument(
             "--progress-interval",
             type=float,
@@ -112,29 +100,27 @@ def build_parser(verb):
             group.add_argument(
                 option.flag,
                 dest=option.dest,
-                type=_flag_type(option),
+                type=_flag_type(option.parse, option.dest),
                 metavar=option.metavar,
                 help=_option_help(option),
             )
     return parser
 
 
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
+def _flag_type(parse_text, name):
+    """argparse's type for a flag: the setting's own parser, its message on a bad value."""
 
-
-def _flag_type(option):
     def parse(text):
         try:
-            return option.parse(text)
+            return parse_text(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
-    parse.__name__ = option.dest
+    parse.__name__ = name
     return parse
+
+
+_positive = _flag_type(config._positive_int, "N")
 
 
 def split_verb(argv):
@@ -150,15 +136,9 @@ def main(argv=None):
     level = "INFO"
     try:
         flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
-        flags.update(
-            limit=getattr(args, "limit", None),
-            retry_failed=getattr(args, "retry_failed", None),
-            dry_run=getattr(args, "dry_run", None),
-        )
-        if getattr(args, "no_truncate", False):
-            flags["truncate"] = False
-        config_path = args.config or "config.env"
-        file_values = config.read_config_file(config_path, explicit=args.config is not None)
+        flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run")})
+        flags["truncate"] = False if getattr(args, "no_truncate", False) else None
+        file_values = config.read_config_file(args.config or "config.env", explicit=args.config is not None)
         preliminary = resolve(flags, os.environ, file_values)
         level = preliminary.log_level
         logs.configure(preliminary.log_level, preliminary.log_file)
@@ -170,11 +150,8 @@ def main(argv=None):
         print("error: interrupted", file=sys.stderr)
         return EXIT_SIGINT
     except Exception as error:  # a bug: one line unless DEBUG
-        _report(
-            EtlError(f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"),
-            level,
-            error,
-        )
+        message = f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"
+        _report(EtlError(message), level, error)
         return EXIT_FATAL
 
 
@@ -199,16 +176,13 @@ def dispatch(verb, args, flags, file_values, preliminary):
     if verb in ("status", "search") and embedded and not preliminary.table:
         # Without configuration these look at the demo's table, with the demo's provider.
         flags = _demo_flags(flags, preliminary)
+    settings = _resolve(flags, file_values, ("table",) if verb == "init" else ("table", "text_columns"), extras)
     if verb == "init":
-        settings = _resolve(flags, file_values, ("table",))
         return admin.init_schema(settings, sys.stdout)
     if verb == "status":
-        settings = _resolve(flags, file_values, ("table", "text_columns"))
         return admin.show_status(settings, sys.stdout)
     if verb == "search":
-        settings = _resolve(flags, file_values, ("table", "text_columns"))
         return admin.search(settings, args.query, args.top, sys.stdout)
-    settings = _resolve(flags, file_values, ("table", "text_columns"), extras)
     return driver.run_backfill(settings)
 
 
@@ -234,10 +208,7 @@ def run_demo(args, flags, file_values, extras, driver, demo):
     settings = _resolve(flags, file_values, (), extras)
     if settings.provider == "local":
         dimensions = settings.dimensions or LOCAL_DEFAULT_DIMENSIONS
-        print(
-            "no OPENAI_API_KEY: embedding with the offline local provider (lexical hashing, not semantic)",
-            file=sys.stderr,
-        )
+        print("no OPENAI_API_KEY: embedding with the local provider (lexical hashing, not semantic)", file=sys.stderr)
     else:
         info = model_info(settings.model) or model_info(DEFAULT_MODEL)
         dimensions = settings.dimensions or info.dimensions

@@ -5,7 +5,7 @@ config.env.example and the resolution all read that one table.
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from dotenv import dotenv_values
 
@@ -13,45 +13,32 @@ from .errors import ConfigError, UsageError
 from .models import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MODEL, LOCAL_MODEL, MAX_INPUTS_PER_REQUEST, model_info
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be 1 or more")
-    return value
+def _checked(parse, ok, message):
+    """A parser for one setting: `parse` the text, then refuse a value that is not `ok`."""
+
+    def check(text):
+        value = parse(text)
+        if not ok(value):
+            raise ValueError(message)
+        return value
+
+    return check
 
 
-def _positive_float(text):
-    value = float(text)
-    if value <= 0:
-        raise ValueError("must be more than 0")
-    return value
-
-
-def _batch_size(text):
-    value = _positive_int(text)
-    if value > MAX_INPUTS_PER_REQUEST:
-        raise ValueError(f"must be at most {MAX_INPUTS_PER_REQUEST} (the API's limit of inputs per request)")
-    return value
-
-
-def _columns(text):
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
-        raise ValueError("needs at least one column name")
-    return names
-
-
-def _provider(text):
-    if text not in ("openai", "local"):
-        raise ValueError("must be openai or local")
-    return text
-
-
-def _log_level(text):
-    level = text.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
-    return level
+_positive_int = _checked(int, lambda value: value >= 1, "must be 1 or more")
+_positive_float = _checked(float, lambda value: value > 0, "must be more than 0")
+_batch_size = _checked(
+    _positive_int,
+    lambda value: value <= MAX_INPUTS_PER_REQUEST,
+    f"must be at most {MAX_INPUTS_PER_REQUEST} (the API's limit of inputs per request)",
+)
+_columns = _checked(
+    lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), bool, "needs at least one column name"
+)
+_provider = _checked(str, lambda value: value in ("openai", "local"), "must be openai or local")
+_log_level = _checked(
+    str.upper, lambda value: value in ("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR"
+)
 
 
 @dataclass(frozen=True)
@@ -116,38 +103,8 @@ OPTIONS = [
 OPTIONS_BY_DEST = {option.dest: option for option in OPTIONS}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a run needs, resolved once and passed down (picklable for the worker pool)."""
-
-    database_url: str | None
-    pgdata: str
-    api_key: str | None
-    base_url: str | None
-    provider: str
-    model: str
-    dimensions: int | None
-    table: str | None
-    id_column: str
-    text_columns: tuple
-    embedding_column: str
-    workers: int
-    batch_size: int
-    rpm: float | None
-    tpm: float | None
-    max_attempts: int
-    stall_seconds: float
-    request_timeout: float
-    reconnect_seconds: float
-    max_input_tokens: int | None
-    price: float | None
-    log_file: str | None
-    log_level: str
-    limit: int | None = None
-    truncate: bool = True
-    retry_failed: bool = False
-    dry_run: bool = False
-    extras: dict = field(default_factory=dict)
+class _Derived:
+    """What Settings works out from its fields."""
 
     @property
     def input_token_limit(self):
@@ -161,6 +118,20 @@ class Settings:
     def model_name(self):
         """The model as reported to the user (the local provider has its own name)."""
         return LOCAL_MODEL if self.provider == "local" else self.model
+
+
+# Everything a run needs, resolved once and passed down: a field per option, then what only
+# the command line sets, and `extras` for what a verb passes along (the progress interval).
+RUN_ONLY = {"limit": None, "truncate": True, "retry_failed": False, "dry_run": False}
+Settings = make_dataclass(
+    "Settings",
+    [option.dest for option in OPTIONS]
+    + [(name, object, value) for name, value in RUN_ONLY.items()]
+    + [("extras", dict, field(default_factory=dict))],
+    bases=(_Derived,),
+    frozen=True,
+)
+Settings.__module__ = __name__
 
 
 def read_config_file(path, explicit):
@@ -202,7 +173,7 @@ def resolve(flags, environ, file_values, required=()):
             if option.flag:
                 where += f", or pass {option.flag}"
             raise ConfigError(f"{option.env} is not set: set {where}")
-    for key in ("limit", "truncate", "retry_failed", "dry_run"):
+    for key in RUN_ONLY:
         if flags.get(key) is not None:
             values[key] = flags[key]
     return Settings(**values)

@@ -2,6 +2,7 @@
 
 Catalog inspection, counts and advice live in catalog.py."""
 
+import contextlib
 import functools
 import logging
 import struct
@@ -22,6 +23,7 @@ COPY_CHUNK_BYTES = 1 << 20  # the COPY is sent in pieces of about this size, nev
 # Serialization failure, deadlock, lock timeout, statement timeout: roll back and try again.
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
+SKIPPED = "a trigger, rule or row-level security policy on the table skipped it"
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 
@@ -36,12 +38,11 @@ def describe_url(url):
     """The URL without its password, for messages."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return "the configured database"
-    if parts.scheme not in ("postgres", "postgresql"):
-        return "the configured database"
-    host = parts.hostname or "local socket"
-    return f"{host}{':' + str(parts.port) if parts.port else ''}{parts.path or ''}"
+        if parts.scheme in ("postgres", "postgresql"):
+            return f"{parts.hostname or 'local socket'}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+    except ValueError:  # a port out of range
+        pass
+    return "the configured database"
 
 
 def first_line(error):
@@ -60,39 +61,29 @@ def connect(url, application_name=APPLICATION_PREFIX):
         ) from error
 
 
-class _CopyStream:
-    """The binary COPY of (row_id text, embedding vector) rows, read a chunk of rows at a time,
-    so that a batch's vectors exist once in memory (the matrix), not two or three times."""
+class ChunkReader:
+    """A file for COPY to read, over an iterator of byte chunks: nothing is built whole."""
 
-    def __init__(self, row_ids, vectors):
-        self.row_ids = row_ids
-        self.vectors = vectors
-        dims = vectors.shape[1]
-        self.field = struct.pack(">ihh", 4 + 4 * dims, dims, 0)
-        self.per_chunk = max(1, COPY_CHUNK_BYTES // (4 * dims + 64))
-        self.position = 0
-        self.state = "header"
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
 
     def read(self, size=-1):
-        if self.state == "header":
-            self.state = "rows"
-            return _COPY_HEADER
-        if self.position >= len(self.row_ids):
-            if self.state == "rows":
-                self.state = "done"
-                return _COPY_TRAILER
-            return b""
-        end = min(len(self.row_ids), self.position + self.per_chunk)
-        big_endian = self.vectors[self.position : end].astype(">f4")
-        parts = []
-        for row_id, vector in zip(self.row_ids[self.position : end], big_endian):
+        return next(self.chunks, b"")
+
+
+def copy_chunks(row_ids, vectors):
+    """The binary COPY of (row_id text, embedding vector) rows, about COPY_CHUNK_BYTES at a time,
+    so that a batch's vectors exist once in memory (the matrix), not two or three times."""
+    yield _COPY_HEADER
+    field = struct.pack(">ihh", 4 + 4 * vectors.shape[1], vectors.shape[1], 0)
+    per_chunk = max(1, COPY_CHUNK_BYTES // (4 * vectors.shape[1] + 64))
+    for start in range(0, len(row_ids), per_chunk):
+        parts, end = [], start + per_chunk
+        for row_id, vector in zip(row_ids[start:end], vectors[start:end].astype(">f4")):
             encoded = row_id.encode("utf-8")
-            parts.append(struct.pack(">hi", 2, len(encoded)))
-            parts.append(encoded)
-            parts.append(self.field)
-            parts.append(vector.tobytes())
-        self.position = end
-        return b"".join(parts)
+            parts += (struct.pack(">hi", 2, len(encoded)), encoded, field, vector.tobytes())
+        yield b"".join(parts)
+    yield _COPY_TRAILER
 
 
 class WorkerStore:
@@ -127,7 +118,7 @@ class WorkerStore:
         with self.conn.cursor() as cur:
             cur.copy_expert(
                 "COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)",
-                _CopyStream(row_ids, vectors),
+                ChunkReader(copy_chunks(row_ids, vectors)),
                 size=COPY_CHUNK_BYTES,
             )
             cur.execute(self._write)
@@ -152,27 +143,19 @@ class WorkerStore:
                     f"form, so its vector cannot be written; use an id column of integer, bigint, uuid or text"
                 )
             if state == "null":
-                left.append(
-                    (
-                        row_id,
-                        "the write left the row NULL: a trigger, rule or row-level security policy "
-                        "on the table skipped it",
-                        1,
-                    )
-                )
+                left.append((row_id, f"the write left the row NULL: {SKIPPED}", 1))
             else:
                 log.info("row %s was %s while it was being embedded; its vector was not written", row_id, state)
         return left
 
     def record_failures(self, failures):
         """Add (row_id, reason, attempts) tuples to the ledger."""
-        if not failures:
-            return
-        values = [
-            (self.target.qualified_name, row_id, reason[:2000], attempts) for row_id, reason, attempts in failures
-        ]
-        with self.conn.cursor() as cur:
-            psycopg2.extras.execute_values(cur, load_sql("record_failures"), values)
+        if failures:
+            table = self.target.qualified_name
+            with self.conn.cursor() as cur:
+                psycopg2.extras.execute_values(
+                    cur, load_sql("record_failures"), [(table, id_, why[:2000], n) for id_, why, n in failures]
+                )
 
     def commit(self):
         self.conn.commit()
@@ -191,13 +174,9 @@ class WorkerStore:
             return False
 
     def rollback(self):
-        try:
+        with contextlib.suppress(psycopg2.Error):
             self.conn.rollback()
-        except psycopg2.Error:
-            pass
 
     def close(self):
-        try:
+        with contextlib.suppress(psycopg2.Error):
             self.conn.close()
-        except psycopg2.Error:
-            pass

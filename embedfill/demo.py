@@ -1,6 +1,6 @@
 """`etl.py demo`: a table of foods shaped like the seed's, generated fast with COPY, then backfilled."""
 
-import io
+import itertools
 import logging
 import random
 
@@ -65,26 +65,9 @@ def generate_rows(count, seed=42):
         yield f"{style}{name}\t{_category(name)}\t{description}\n"
 
 
-class _LineReader(io.RawIOBase):
-    """A file-like object over a generator of lines, so COPY streams without building a list."""
-
-    def __init__(self, lines):
-        self._lines = lines
-        self._buffer = b""
-
-    def readable(self):
-        return True
-
-    def readinto(self, target):
-        while len(self._buffer) < len(target):
-            chunk = "".join(line for _, line in zip(range(2000), self._lines))
-            if not chunk:
-                break
-            self._buffer += chunk.encode("utf-8")
-        size = min(len(target), len(self._buffer))
-        target[:size] = self._buffer[:size]
-        self._buffer = self._buffer[size:]
-        return size
+def _chunks(lines):
+    while chunk := "".join(itertools.islice(lines, 5000)):
+        yield chunk.encode("utf-8")
 
 
 def create_demo_table(url, rows, dimensions, out):
@@ -116,7 +99,7 @@ def create_demo_table(url, rows, dimensions, out):
             )
             cur.copy_expert(
                 sql.SQL("COPY {table} (name, category, description) FROM STDIN").format(**names),
-                io.BufferedReader(_LineReader(generate_rows(rows)), buffer_size=1 << 20),
+                db.ChunkReader(_chunks(generate_rows(rows))),
             )
         conn.commit()
         conn.autocommit = True

@@ -4,7 +4,6 @@ The worker never knows which provider it has. Provider errors are wrapped here, 
 the project's own exception types (errors.py), which say whether to retry, split or stop.
 """
 
-import base64
 import binascii
 import json
 import logging
@@ -15,11 +14,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import numpy as np
-
-try:  # SIMD base64: decoding a 1536-dim vector takes 1 µs instead of 19 µs
-    import pybase64
-except ImportError:  # pragma: no cover - requirements.txt installs it
-    pybase64 = None
+import pybase64  # SIMD base64: decoding a 1536-dim vector takes 1 µs instead of 19 µs
 
 from .errors import ConfigError, FatalProviderError, InvalidInputError, TransientProviderError
 from .models import LOCAL_DEFAULT_DIMENSIONS
@@ -36,17 +31,13 @@ class Embedding:
     headers: dict
 
 
+@dataclass
 class Answer:
-    """A provider's answer as received: read, not yet decoded."""
+    """A provider's answer as received: read, not yet decoded (`decode` takes its body away)."""
 
-    def __init__(self, body, headers, count):
-        self._body = body
-        self.headers = headers
-        self.count = count
-
-    def take_body(self):
-        body, self._body = self._body, None
-        return body
+    body: bytes | None
+    headers: dict
+    count: int
 
 
 class Embedder:
@@ -55,8 +46,6 @@ class Embedder:
     `embed` is `decode(fetch(texts))`. A worker calls `fetch` while it holds a request slot
     and `decode` after letting go of it, so another worker's request goes out as soon as an
     answer's bytes are in."""
-
-    name = "embedder"
 
     def embed(self, texts):
         return self.decode(self.fetch(texts))
@@ -98,44 +87,31 @@ def check_provider(settings):
 
 
 def retry_after_seconds(headers):
-    """Seconds the server asked us to wait (retry-after-ms, retry-after), or None."""
-    if not headers:
-        return None
-    value = headers.get("retry-after-ms")
-    if value:
+    """Seconds the server asked us to wait (retry-after-ms, or retry-after in seconds or as a date), or None."""
+    headers = headers or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
+            return max(0.0, float(headers.get(name)) * scale)
+        except (TypeError, ValueError):
             pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(value)
-                return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-            except (TypeError, ValueError):
-                return None
-    return None
+    try:
+        when = parsedate_to_datetime(headers.get("retry-after"))
+        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return None
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
 
 def parse_reset(value):
     """OpenAI's x-ratelimit-reset-* values ('1s', '6m0s', '120ms', '0.5') in seconds, or None."""
-    if not value:
-        return None
     try:
         return float(value)
-    except ValueError:
-        pass
-    total, matched = 0.0, False
-    for number, unit in _DURATION_PART.findall(value):
-        matched = True
-        total += float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
-    return total if matched else None
+    except (TypeError, ValueError):
+        parts = _DURATION.findall(value or "")
+    return sum(float(number) * _UNITS[unit] for number, unit in parts) if parts else None
 
 
 class OpenAIEmbedder(Embedder):
@@ -157,7 +133,6 @@ class OpenAIEmbedder(Embedder):
         self.client = openai.OpenAI(
             api_key=settings.api_key, base_url=self.base_url, max_retries=0, timeout=settings.request_timeout
         )
-        self.name = settings.model
 
     def fetch(self, texts):
         """Send one request and read its answer's bytes (the part that needs the connection)."""
@@ -186,7 +161,7 @@ class OpenAIEmbedder(Embedder):
         """The answer's vectors, row i for input i, and its usage (CPU only: no connection)."""
         rows = _Rows(answer.count)
         try:
-            text = answer.take_body().decode("utf-8")  # the body lives once, as text: a 2048 × 3072 answer is 33 MB
+            text, answer.body = answer.body.decode("utf-8"), None  # the body lives once, as text (33 MB at most)
             payload = json.loads(text, object_hook=rows.take)
             del text
             return Embedding(rows.matrix_for(payload["data"]), _usage(payload), answer.headers)
@@ -275,12 +250,10 @@ class _Rows:
 
 
 def _b64decode(value):
-    if pybase64 is not None:
-        try:
-            return pybase64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            pass  # line breaks or other characters the strict decoder refuses: decode leniently
-    return base64.b64decode(value)
+    try:
+        return pybase64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):  # line breaks or other characters the strict decoder refuses
+        return pybase64.b64decode(value)
 
 
 def _usage(payload):
@@ -309,8 +282,6 @@ class LocalEmbedder(Embedder):
     spelling overlap, not meaning: "김치찌개" is near "김치전", not near "stew". It bills no
     tokens, so a run with it reports tokens=0.
     """
-
-    name = "local-hashing"
 
     def __init__(self, dimensions):
         self.dimensions = dimensions

@@ -19,7 +19,6 @@ KNOWN_MODELS = {
 }
 
 DEFAULT_MODEL = "text-embedding-3-small"
-DEFAULT_DIMENSIONS = 1536  # when neither the column nor the settings say
 DEFAULT_MAX_INPUT_TOKENS = 8191
 LOCAL_MODEL = "local-hashing"
 LOCAL_DEFAULT_DIMENSIONS = 256

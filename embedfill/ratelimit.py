@@ -1,21 +1,12 @@
 """The rate limits of a run, shared by all its worker processes in shared memory.
 
-The budgets are token buckets. A caller reserves what it needs at once (the balance may go
-negative) and then sleeps until its reservation is paid for, so the workers together never
-exceed the rate and nobody busy-waits. The rate is the least of what the user configured
-(--max-tokens-per-minute, --max-requests-per-minute) and what the server says the key may
-use (x-ratelimit-limit-*), divided between the runs that share the key (`set_share`, from
-lease.py), times an adaptive factor: a burst of 429s (another client spending the same
-quota) cuts it by DECREASE, and every second of success gives back INCREASE (AIMD). With no
-limit known at all, the first 429 takes the request rate measured until then as the limit.
-
-The cool-down is a shared deadline: a 429 seen by one worker pauses them all, and so do
-response headers that say the quota is nearly gone (x-ratelimit-remaining-*), before the
-server has to answer 429 at all.
-
-Workers reserve tokens as they count them (cheap byte-bound estimates unless a token budget
-was configured); the limiter scales them by the ratio of the answers' `usage` to those
-estimates, so a limit in real tokens holds either way.
+Token buckets: a worker reserves what it needs (the balance may go negative), then sleeps
+until it is paid for. The rate is the least of the configured budget and the server's
+x-ratelimit-limit-*, divided between the runs sharing the key (lease.py), times an AIMD
+factor: a burst of 429s cuts it by DECREASE, each second of success gives back INCREASE.
+With no limit known at all, the first 429 takes the request rate measured until then.
+A 429, or headers saying the quota is nearly gone, set a cool-down that pauses every worker.
+Token estimates are scaled by the ratio of the answers' `usage` to them.
 """
 
 import math
@@ -83,11 +74,6 @@ class RateLimiter:
     def cooldown_left(self):
         """Seconds until the shared cool-down ends (0 when there is none)."""
         return max(0.0, self["cooldown"] - time.monotonic())
-
-    def pause(self, seconds):
-        """Make every worker wait at least `seconds` before its next request."""
-        with self._lock:
-            self["cooldown"] = max(self["cooldown"], time.monotonic() + seconds)
 
     def set_share(self, runs):
         """The budgets are split between `runs` runs using the same API key."""

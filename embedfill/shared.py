@@ -68,10 +68,6 @@ class SharedState:
                     self._limit_left.value += unused
 
     # --- both sides ----------------------------------------------------------------------
-    @property
-    def state(self):
-        return self._stop.value
-
     def stopping(self):
         return self._stop.value != RUNNING
 

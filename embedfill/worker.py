@@ -1,16 +1,10 @@
 """The worker: a single-threaded pool process that claims, embeds, writes and commits batches.
 
-A run has `--workers` requests in flight: one semaphore for the whole run has that many
-slots, and a process holds one from the rate-limit budget to the answer's last byte. The
-pool has a few processes more than slots (`process_count`): a process that lets go of its
-slot decodes the answer, writes and commits, and claims its next batch, while a spare one
-sends its request, so requests leave back to back. Row locks stay with the process (and
-transaction) that embeds the rows.
-
-Ranges come from a queue in shared memory (an index into the planner's list), so a process
-that finishes early takes the next range. `init_worker` and `embed_ranges` are top-level
-functions so the pool can pickle them; each process opens its own database connection and
-its own API client on its first range: nothing that holds a socket crosses the fork.
+A run has `--workers` requests in flight: a run-wide semaphore of that many slots, held from
+the rate-limit budget to the answer's last byte. The pool has a few spare processes
+(`process_count`) that send requests while others decode, write and claim. Ranges come from
+a queue in shared memory; each process opens its own connection and API client in the
+child: nothing that holds a socket crosses the fork.
 """
 
 import logging
@@ -258,17 +252,13 @@ class Worker:
 
     def check_dimensions(self, width):
         expected = self.target.dimensions or self.settings.dimensions
-        if expected and width != expected:
-            if self.target.dimensions:
-                raise FatalProviderError(
-                    f"{self.target.display}.{self.target.embedding_column} is vector({expected}) but "
-                    f"{self.settings.model_name} returned {width} dimensions; set EMBEDDING_DIMENSIONS={expected} "
-                    "or change the column"
-                )
-            raise FatalProviderError(
-                f"EMBEDDING_DIMENSIONS is {expected} but {self.settings.model_name} returned {width} dimensions; "
-                "the model or server ignores `dimensions`"
-            )
+        if not expected or width == expected:
+            return
+        what, advice = f"EMBEDDING_DIMENSIONS is {expected}", "the model or server ignores `dimensions`"
+        if self.target.dimensions:
+            what = f"{self.target.display}.{self.target.embedding_column} is vector({expected})"
+            advice = f"set EMBEDDING_DIMENSIONS={expected} or change the column"
+        raise FatalProviderError(f"{what} but {self.settings.model_name} returned {width} dimensions; {advice}")
 
     def embed_rows(self, rows):
         """([(rows, vectors)], failures) for one request's rows, retrying and splitting as needed."""

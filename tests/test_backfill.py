@@ -399,7 +399,8 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
 
     make_foods(db, 500)
     monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 10 rows a chunk: 50 chunks
-    assert store._CopyStream(["1"] * 25, np.zeros((25, 8), np.float32)).per_chunk == 10
+    chunks = list(store.copy_chunks(["1"] * 25, np.zeros((25, 8), np.float32)))
+    assert len(chunks) == 5 and len(b"".join(chunks)) == 19 + 25 * (2 + 4 + 1 + 8 + 32) + 2  # header, 10+10+5, end
     settings = resolve({"database_url": database_url, "table": "foods", "text_columns": ("name",)}, {}, {})
     conn = store.connect(database_url)
     target = catalog.inspect_target(conn, settings)

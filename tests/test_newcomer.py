@@ -40,7 +40,7 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
     result = cli("demo", "--rows", "500", "--workers", "2", cwd=home, env=env)
     assert result.returncode == 0, result.stderr
     assert "DATABASE_URL is not set: using the embedded PostgreSQL in" in result.stderr
-    assert "offline local provider" in result.stderr
+    assert "with the local provider" in result.stderr
     assert re.search(
         r"demo table embedfill_demo in database postgres on \S+: 500 rows, embedding vector\(256\)", result.stdout
     )
