@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from embedfill import catalog, db, planner  # noqa: E402
 from embedfill.config import resolve  # noqa: E402
-from embedfill.demo import _LineReader, generate_rows  # noqa: E402
+from embedfill.demo import generate_rows, line_reader  # noqa: E402
 
 DIMS = 1536
 MODEL = "text-embedding-3-small"
@@ -76,11 +76,9 @@ def create_foods(url, rows, dims=DIMS):
             f"CREATE TABLE foods (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text, "
             f"category text, description text, embedding vector({dims}))"
         )
-        import io
 
         cur.copy_expert(
-            "COPY foods (name, category, description) FROM STDIN",
-            io.BufferedReader(_LineReader(generate_rows(rows, seed=rows)), buffer_size=1 << 20),
+            "COPY foods (name, category, description) FROM STDIN", line_reader(generate_rows(rows, seed=rows))
         )
     conn.commit()
     conn.autocommit = True

@@ -65,9 +65,9 @@ def generate_rows(count, seed=42):
         yield f"{style}{name}\t{_category(name)}\t{description}\n"
 
 
-def _chunks(lines):
-    while chunk := "".join(itertools.islice(lines, 5000)):
-        yield chunk.encode("utf-8")
+def line_reader(lines):
+    """A file for COPY to read over a generator of text lines, 5,000 lines at a time."""
+    return db.ChunkReader(iter(lambda: "".join(itertools.islice(lines, 5000)).encode("utf-8"), b""))
 
 
 def create_demo_table(url, rows, dimensions, out):
@@ -99,7 +99,7 @@ def create_demo_table(url, rows, dimensions, out):
             )
             cur.copy_expert(
                 sql.SQL("COPY {table} (name, category, description) FROM STDIN").format(**names),
-                db.ChunkReader(_chunks(generate_rows(rows))),
+                line_reader(generate_rows(rows)),
             )
         conn.commit()
         conn.autocommit = True
