@@ -197,7 +197,7 @@ def _demo_flags(flags, preliminary):
     from .demo import DEMO_TABLE, DEMO_TEXT_COLUMNS
 
     flags = {**flags, "table": DEMO_TABLE, "text_columns": DEMO_TEXT_COLUMNS}
-    if not preliminary.api_key and flags.get("provider") is None:
+    if preliminary.provider == "openai" and not preliminary.api_key and flags.get("provider") is None:
         flags["provider"] = "local"
     return flags
 

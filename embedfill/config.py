@@ -35,7 +35,7 @@ _batch_size = _checked(
 _columns = _checked(
     lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), bool, "needs at least one column name"
 )
-_provider = _checked(str, lambda value: value in ("openai", "local"), "must be openai or local")
+_provider = _checked(str, lambda value: value in ("openai", "azure", "local"), "must be openai, azure or local")
 _log_level = _checked(
     str.upper, lambda value: value in ("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR"
 )
@@ -64,8 +64,17 @@ OPTIONS = [
     Option("base_url", "OPENAI_BASE_URL", "--base-url", None, str,
            "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL"),
     Option("provider", "ETL_PROVIDER", "--provider", "openai", _provider,
-           "openai (any OpenAI-compatible API) or local (offline lexical hashing, no key)", "NAME"),
-    Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str, "embedding model name", "NAME"),
+           "openai (any OpenAI-compatible API), azure (Azure OpenAI) or local (offline lexical hashing, no key)",
+           "NAME"),
+    Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str,
+           "embedding model name (with Azure: the model the deployment serves, for tokens and price)", "NAME"),
+    Option("azure_endpoint", "AZURE_OPENAI_ENDPOINT", "--azure-endpoint", None, str,
+           "Azure OpenAI resource endpoint, https://NAME.openai.azure.com", "URL"),
+    Option("azure_api_key", "AZURE_OPENAI_API_KEY", None, None, str, "Azure OpenAI key of the resource"),
+    Option("api_version", "OPENAI_API_VERSION", "--api-version", None, str,
+           "Azure OpenAI API version, e.g. 2024-10-21", "VERSION"),
+    Option("deployment", "AZURE_OPENAI_DEPLOYMENT", "--deployment", None, str,
+           "Azure OpenAI deployment to call (default: EMBEDDING_MODEL)", "NAME"),
     Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, _positive_int,
            "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N"),
     Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME"),

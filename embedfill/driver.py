@@ -87,7 +87,7 @@ def run_backfill(settings, out=None):
     started = time.monotonic()
     processes = process_count(settings.workers)
     importer = None
-    if settings.provider == "openai":
+    if settings.provider != "local":
         check_provider(settings)  # fails fast on a missing key; the real clients live in the workers
         # The SDK takes half a second to import: import it while the database is checked and
         # the ranges planned, before the fork, so that every worker shares it.

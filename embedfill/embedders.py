@@ -84,6 +84,11 @@ def check_provider(settings):
             "OPENAI_API_KEY is not set: put it in config.env or the environment "
             "(or use --provider local for offline lexical embeddings)"
         )
+    if settings.provider == "azure":
+        needed = {"AZURE_OPENAI_ENDPOINT": settings.azure_endpoint, "AZURE_OPENAI_API_KEY": settings.azure_api_key}
+        missing = [name for name, value in {**needed, "OPENAI_API_VERSION": settings.api_version}.items() if not value]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} not set: Azure OpenAI needs its endpoint, key and API version")
 
 
 def retry_after_seconds(headers):
@@ -127,12 +132,20 @@ class OpenAIEmbedder(Embedder):
 
         self._openai = openai
         self._raw_response = httpx2.Response  # as cast_to: the SDK hands back the HTTP response untouched
-        self.model = settings.model
         self.dimensions = settings.dimensions
-        self.base_url = settings.base_url or "https://api.openai.com/v1"
-        self.client = openai.OpenAI(
-            api_key=settings.api_key, base_url=self.base_url, max_retries=0, timeout=settings.request_timeout
-        )
+        self.azure, self.api_version = settings.provider == "azure", settings.api_version
+        options = {"max_retries": 0, "timeout": settings.request_timeout}
+        if self.azure:  # the SDK puts the model (here: the deployment) into the path, and api-version in the query
+            self.model, self.base_url = settings.deployment or settings.model, settings.azure_endpoint
+            self.client = openai.AzureOpenAI(
+                azure_endpoint=self.base_url,
+                api_key=settings.azure_api_key,
+                api_version=settings.api_version,
+                **options,
+            )
+        else:
+            self.model, self.base_url = settings.model, settings.base_url or "https://api.openai.com/v1"
+            self.client = openai.OpenAI(api_key=settings.api_key, base_url=self.base_url, **options)
 
     def fetch(self, texts):
         """Send one request and read its answer's bytes (the part that needs the connection)."""
@@ -174,8 +187,14 @@ class OpenAIEmbedder(Embedder):
         headers = error.response.headers if error.response is not None else None
         if status in (401, 403):
             return FatalProviderError(
-                f"the API refused the key ({status}: {message}); check OPENAI_API_KEY"
+                f"the API refused the key ({status}: {message}); check "
+                + ("AZURE_OPENAI_API_KEY" if self.azure else "OPENAI_API_KEY")
                 + ("" if status == 401 else " and the key's access to the model")
+            )
+        if status == 404 and self.azure:
+            return FatalProviderError(
+                f"Azure OpenAI at {self.base_url} has no deployment {self.model} for api-version "
+                f"{self.api_version} (404: {message}); check AZURE_OPENAI_DEPLOYMENT and OPENAI_API_VERSION"
             )
         if status == 404:
             return FatalProviderError(

@@ -23,7 +23,10 @@ RENEW_SECONDS = 2.0
 
 def key_hash(settings):
     """A hash of the provider's URL and the API key: runs compare it; nobody can read the key back."""
-    secret = f"{settings.base_url or 'https://api.openai.com/v1'}\n{settings.api_key or settings.provider}"
+    if settings.provider == "azure":
+        secret = f"{settings.azure_endpoint}\n{settings.azure_api_key}"
+    else:
+        secret = f"{settings.base_url or 'https://api.openai.com/v1'}\n{settings.api_key or settings.provider}"
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:32]
 
 

@@ -18,6 +18,7 @@ BURST_SECONDS = 1.0  # how many seconds of budget may be spent at once
 DECREASE = 0.7  # a burst of 429s multiplies the rate by this
 INCREASE = 0.005  # every second of success adds this to the factor (up to 1)
 CUT_SPACING = 2.0  # seconds: the 429s of one burst count as one
+BLIND_PAUSE = 1.0  # seconds to wait when only the remaining quota is known, and it is short
 RATE_WINDOW = 5.0  # seconds over which the request rate is measured (exponential decay)
 
 _FIELDS = (
@@ -125,12 +126,13 @@ class RateLimiter:
                 except (TypeError, ValueError, AttributeError):
                     continue
                 self[f"server_{kind[0]}pm"] = limit
-                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
-                if reset is None or remaining >= need:
+                if remaining >= need:
                     continue
-                # The limit is per minute and refills continuously: what is missing comes back
-                # at limit/60 per second, and all of it by `reset`.
-                pause = max(pause, min(reset, (need - remaining) / (limit / 60.0)) if limit > 0 else reset)
+                # What is missing comes back at limit/60 per second, and all of it by the reset;
+                # Azure may send neither: then wait BLIND_PAUSE and look at the next answer.
+                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+                waits = ([reset] if reset is not None else []) + ([(need - remaining) * 60.0 / limit] if limit else [])
+                pause = max(pause, min(waits or [BLIND_PAUSE]))
             if pause > 0:
                 self["cooldown"] = max(self["cooldown"], time.monotonic() + pause)
         return pause

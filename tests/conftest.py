@@ -96,7 +96,7 @@ class Etl:
         env = {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith(("ETL_", "OPENAI_", "EMBEDDING_")) and key != "DATABASE_URL"
+            if not key.startswith(("ETL_", "OPENAI_", "EMBEDDING_", "AZURE_")) and key != "DATABASE_URL"
         }
         env.update(
             DATABASE_URL=self.database_url,

@@ -22,6 +22,7 @@ import random
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -39,6 +40,15 @@ MODELS = {
 }
 
 
+AZURE_API_VERSIONS = {"2024-02-01", "2024-06-01", "2024-10-21"}
+AZURE_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an "
+    "active subscription and use a correct regional API endpoint for your resource."
+)
+AZURE_NO_DEPLOYMENT = (
+    "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, "
+    "please wait a moment and try again."
+)
 _POOL_SIZE = 4096
 _pools = {}
 
@@ -108,6 +118,7 @@ class FakeOpenAI:
         ignore_dimensions=False,
         burst_seconds=60.0,
         estimate_usage=False,
+        azure_deployments=None,
     ):
         self.api_key = api_key
         self.shuffle = shuffle
@@ -117,6 +128,7 @@ class FakeOpenAI:
         self.tpm = tokens_per_minute
         self.rpm = requests_per_minute
         self.refuse_marker = refuse_marker
+        self.azure_deployments = azure_deployments or {}  # deployment name -> model, on Azure's paths
         self.ignore_dimensions = ignore_dimensions
         self.burst_seconds = burst_seconds
         self.script = collections.deque()
@@ -138,6 +150,7 @@ class FakeOpenAI:
             self.tokens_served = 0
             self.first_request_at = None
             self.auth_failures = 0
+            self.azure_requests = 0
             self.batch_sizes = []
             self.arrivals = []
             self.in_flight = 0
@@ -216,8 +229,11 @@ class FakeOpenAI:
             headers[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, capacity - level) / (limit / 60.0):.3f}s"
         return ok, wait, headers
 
-    def handle(self, headers, body):
-        """(status, response headers, payload dict or None for a dropped connection, hang seconds)."""
+    def handle(self, headers, body, azure=None):
+        """(status, response headers, payload dict or None for a dropped connection, hang seconds).
+
+        `azure` is (deployment, api-version) for a request on Azure OpenAI's path: its own key
+        header, error bodies, 404s and rate-limit headers (remaining only, no limit or reset)."""
         with self.lock:
             self.requests += 1
             self.arrivals.append(time.monotonic())
@@ -233,12 +249,27 @@ class FakeOpenAI:
             self._count_status(status)
             error = _error(action.get("message", f"injected {status}"), action.get("code", "server_error"))
             return status, action.get("headers", {}), error, hang
-        if headers.get("Authorization") != f"Bearer {self.api_key}":
+        if azure is not None:
+            with self.lock:
+                self.azure_requests += 1
+            deployment, version = azure
+            if headers.get("api-key") != self.api_key:
+                self._count_status(401)
+                return 401, {}, {"error": {"code": "401", "message": AZURE_DENIED}}, hang
+            if version not in AZURE_API_VERSIONS:
+                self._count_status(404)
+                return 404, {}, {"error": {"code": "404", "message": "Resource not found"}}, hang
+            if deployment not in self.azure_deployments:
+                self._count_status(404)
+                return 404, {}, {"error": {"code": "DeploymentNotFound", "message": AZURE_NO_DEPLOYMENT}}, hang
+            model = self.azure_deployments[deployment]
+        elif headers.get("Authorization") != f"Bearer {self.api_key}":
             with self.lock:
                 self.auth_failures += 1
             self._count_status(401)
             return 401, {}, _error("Incorrect API key provided", "invalid_api_key"), hang
-        model = body.get("model")
+        else:
+            model = body.get("model")
         if model not in MODELS:
             self._count_status(404)
             return 404, {}, _error(f"The model `{model}` does not exist", "model_not_found"), hang
@@ -275,9 +306,13 @@ class FakeOpenAI:
             return 400, {}, _error("Requested 300001+ tokens, max 300000 tokens per request"), hang
         with self.lock:
             ok, wait, limit_headers = self._take_budget(total)
+        if azure is not None:
+            limit_headers = {key: value for key, value in limit_headers.items() if "-remaining-" in key}
         if not ok:
             self._count_status(429)
             limit_headers["retry-after-ms"] = str(int(wait * 1000) + 1)
+            if azure is not None:
+                limit_headers["retry-after"] = str(int(wait) + 1)
             return 429, limit_headers, _error("Rate limit reached for requests", "rate_limit_exceeded"), hang
         dimensions = MODELS[model]
         if body.get("dimensions") and not self.ignore_dimensions:
@@ -352,7 +387,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if not self.path.rstrip("/").endswith("/embeddings"):
+        url = urllib.parse.urlsplit(self.path)
+        azure = None
+        if url.path.startswith("/openai/deployments/") and url.path.endswith("/embeddings"):
+            deployment = urllib.parse.unquote(url.path[len("/openai/deployments/") : -len("/embeddings")])
+            azure = (deployment, urllib.parse.parse_qs(url.query).get("api-version", [None])[0])
+        elif not url.path.rstrip("/").endswith("/embeddings"):
             return self._send(404, {}, _error("unknown path"))
         try:
             body = json.loads(raw)
@@ -372,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
                 owner.idle_seconds += arrived - answered
                 owner.idle_gaps += 1
         try:
-            status, headers, payload, hang = owner.handle(self.headers, body)
+            status, headers, payload, hang = owner.handle(self.headers, body, azure)
             if hang:
                 time.sleep(hang)
             if status is not None and owner.latency:  # the answer leaves `latency` after the request came
