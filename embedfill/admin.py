@@ -14,7 +14,7 @@ from .texts import row_text
 log = logging.getLogger(__name__)
 
 
-def init_schema(settings, out):
+def init_schema(settings, out, vector_type="vector"):
     """Apply sql/ idempotently: the extension, the ledger, the column (with --dimensions), the index."""
     conn = db.connect(settings.database_url)
     conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run inside a transaction
@@ -34,7 +34,7 @@ def init_schema(settings, out):
             if not settings.dimensions:
                 raise DatabaseError(
                     f"column {'.'.join(parts)}.{settings.embedding_column} does not exist: "
-                    "pass --dimensions N (or set EMBEDDING_DIMENSIONS) to add it as vector(N)"
+                    f"pass --dimensions N (or set EMBEDDING_DIMENSIONS) to add it as {vector_type}(N)"
                 )
             with conn.cursor() as cur:
                 cur.execute(
@@ -42,9 +42,10 @@ def init_schema(settings, out):
                         table=sql.Identifier(*parts),
                         embedding=sql.Identifier(settings.embedding_column),
                         dimensions=sql.Literal(settings.dimensions),
+                        vector_type=sql.SQL(vector_type),
                     )
                 )
-            print(f"column {settings.embedding_column}: added as vector({settings.dimensions})", file=out)
+            print(f"column {settings.embedding_column}: added as {vector_type}({settings.dimensions})", file=out)
         target = catalog.inspect_target(conn, settings)
         _, index = catalog.partial_index_sql(target)
         if catalog.has_partial_index(conn, target):
@@ -111,7 +112,7 @@ def search(settings, query, top, out):
             embedder.close()
         if target.dimensions and vector.shape[0] != target.dimensions:
             raise DatabaseError(
-                f"{target.display}.{target.embedding_column} is vector({target.dimensions}) but the query "
+                f"{target.display}.{target.embedding_column} is {target.column_type} but the query "
                 f"embedding has {vector.shape[0]} dimensions; use the provider and model the table was filled with"
             )
         register_vector(conn)

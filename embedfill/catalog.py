@@ -31,16 +31,23 @@ class Target:
     text_columns: tuple
     embedding_column: str
     dimensions: int | None
+    vector_type: str = "vector"  # or halfvec: pgvector's half-precision type
 
     @property
     def display(self):
         return ".".join(self.name_parts)
+
+    @property
+    def column_type(self):
+        """The embedding column's type as SQL shows it: vector(1536), halfvec(3072), halfvec."""
+        return f"{self.vector_type}({self.dimensions})" if self.dimensions else self.vector_type
 
     def identifiers(self):
         return {
             "table": sql.Identifier(*self.name_parts),
             "id": sql.Identifier(self.id_column),
             "id_type": sql.SQL(self.id_type),
+            "vector_type": sql.SQL(self.vector_type),  # one of two names, never user input
             "embedding": sql.Identifier(self.embedding_column),
             "text_columns": sql.SQL(", ").join(
                 sql.SQL("{}::text").format(sql.Identifier(column)) for column in self.text_columns
@@ -79,12 +86,14 @@ def inspect_target(conn, settings):
             "to add it, or check ETL_EMBEDDING_COLUMN"
         )
     type_sql, typname, typmod = columns[settings.embedding_column]
-    if typname != "vector":
-        raise DatabaseError(f"column {shown}.{settings.embedding_column} is {type_sql}, not a pgvector vector column")
+    if typname not in ("vector", "halfvec"):
+        raise DatabaseError(
+            f"column {shown}.{settings.embedding_column} is {type_sql}, not a pgvector vector or halfvec column"
+        )
     dimensions = typmod if typmod and typmod > 0 else None
     if dimensions and settings.dimensions and dimensions != settings.dimensions:
         raise ConfigError(
-            f"{shown}.{settings.embedding_column} is vector({dimensions}) but EMBEDDING_DIMENSIONS="
+            f"{shown}.{settings.embedding_column} is {type_sql} but EMBEDDING_DIMENSIONS="
             f"{settings.dimensions}; set EMBEDDING_DIMENSIONS={dimensions} or change the column"
         )
     if not scalar(
@@ -102,6 +111,7 @@ def inspect_target(conn, settings):
         text_columns=tuple(settings.text_columns),
         embedding_column=settings.embedding_column,
         dimensions=dimensions,
+        vector_type=typname,
     )
 
 

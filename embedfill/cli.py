@@ -77,6 +77,8 @@ def build_parser(verb):
     if verb == "search":
         parser.add_argument("query", help="the text to look for")
         parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
+    if verb == "init":
+        parser.add_argument("--type", choices=("vector", "halfvec"), default="vector", help="type of a new column")
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb in ("run", "demo"):
@@ -178,7 +180,7 @@ def dispatch(verb, args, flags, file_values, preliminary):
         flags = _demo_flags(flags, preliminary)
     settings = _resolve(flags, file_values, ("table",) if verb == "init" else ("table", "text_columns"), extras)
     if verb == "init":
-        return admin.init_schema(settings, sys.stdout)
+        return admin.init_schema(settings, sys.stdout, args.type)
     if verb == "status":
         return admin.show_status(settings, sys.stdout)
     if verb == "search":

@@ -71,15 +71,18 @@ class ChunkReader:
         return next(self.chunks, b"")
 
 
-def copy_chunks(row_ids, vectors):
-    """The binary COPY of (row_id text, embedding vector) rows, about COPY_CHUNK_BYTES at a time,
-    so that a batch's vectors exist once in memory (the matrix), not two or three times."""
+def copy_chunks(row_ids, vectors, half=False):
+    """The binary COPY of (row_id text, embedding vector or halfvec) rows, about COPY_CHUNK_BYTES
+    at a time, so that a batch's vectors exist once in memory (the matrix), not two or three times.
+    Both types are sent as (int16 dimensions, int16 unused, values): float32 or float16, big-endian."""
     yield _COPY_HEADER
-    field = struct.pack(">ihh", 4 + 4 * vectors.shape[1], vectors.shape[1], 0)
-    per_chunk = max(1, COPY_CHUNK_BYTES // (4 * vectors.shape[1] + 64))
+    dims = vectors.shape[1]
+    dtype, size = (">f2", 2) if half else (">f4", 4)
+    field = struct.pack(">ihh", 4 + size * dims, dims, 0)
+    per_chunk = max(1, COPY_CHUNK_BYTES // (size * dims + 64))
     for start in range(0, len(row_ids), per_chunk):
         parts, end = [], start + per_chunk
-        for row_id, vector in zip(row_ids[start:end], vectors[start:end].astype(">f4")):
+        for row_id, vector in zip(row_ids[start:end], vectors[start:end].astype(dtype)):
             encoded = row_id.encode("utf-8")
             parts += (struct.pack(">hi", 2, len(encoded)), encoded, field, vector.tobytes())
         yield b"".join(parts)
@@ -100,7 +103,7 @@ class WorkerStore:
             # The staging table has no statistics: keep the planner on the nested loop.
             cur.execute("SET enable_hashjoin = off")
             cur.execute("SET enable_mergejoin = off")
-            cur.execute(load_sql("create_stage"))
+            cur.execute(target.query("create_stage"))
         conn.commit()
 
     def claim(self, after, upto, limit):
@@ -118,7 +121,7 @@ class WorkerStore:
         with self.conn.cursor() as cur:
             cur.copy_expert(
                 "COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)",
-                ChunkReader(copy_chunks(row_ids, vectors)),
+                ChunkReader(copy_chunks(row_ids, vectors, self.target.vector_type == "halfvec")),
                 size=COPY_CHUNK_BYTES,
             )
             cur.execute(self._write)

@@ -30,6 +30,7 @@ BACKOFF_CAP = 30.0
 # A worker that has never embedded anything and sees this many single inputs refused is
 # misconfigured (a `dimensions` the model does not take, say), not unlucky.
 REFUSALS_BEFORE_FATAL = 3
+HALF_MAX = 65504.0  # the largest finite float16: halfvec stores nothing beyond it
 
 
 def process_count(workers):
@@ -234,9 +235,11 @@ class Worker:
                 self.check_dimensions(block.shape[1])
             matrix = blocks[0] if len(blocks) == 1 else np.vstack(blocks)
             finite = np.isfinite(matrix).all(axis=1)
+            if self.target.vector_type == "halfvec":
+                finite &= (np.abs(matrix) <= HALF_MAX).all(axis=1)
             if not finite.all():
                 failures.extend(
-                    (row_id, "the API returned a vector with NaN or infinity", 1)
+                    (row_id, f"the API returned a vector with NaN or infinity in {self.target.vector_type}", 1)
                     for row_id, ok in zip(ids, finite)
                     if not ok
                 )
@@ -256,7 +259,7 @@ class Worker:
             return
         what, advice = f"EMBEDDING_DIMENSIONS is {expected}", "the model or server ignores `dimensions`"
         if self.target.dimensions:
-            what = f"{self.target.display}.{self.target.embedding_column} is vector({expected})"
+            what = f"{self.target.display}.{self.target.embedding_column} is {self.target.column_type}"
             advice = f"set EMBEDDING_DIMENSIONS={expected} or change the column"
         raise FatalProviderError(f"{what} but {self.settings.model_name} returned {width} dimensions; {advice}")
 
