@@ -6,7 +6,7 @@ import psycopg2
 from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
-from . import catalog, db
+from . import catalog, db, indexes
 from .embedders import make_embedder
 from .errors import EXIT_OK, DatabaseError
 from .texts import row_text
@@ -14,7 +14,7 @@ from .texts import row_text
 log = logging.getLogger(__name__)
 
 
-def init_schema(settings, out, vector_type="vector"):
+def init_schema(settings, out, vector_type="vector", restore_index=False):
     """Apply sql/ idempotently: the extension, the ledger, the column (with --dimensions), the index."""
     conn = db.connect(settings.database_url)
     conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run inside a transaction
@@ -58,6 +58,11 @@ def init_schema(settings, out, vector_type="vector"):
         raise DatabaseError(f"init failed: {db.first_line(error)}") from error
     finally:
         conn.close()
+    if restore_index:
+        rebuilt = indexes.restore(settings, target)
+        print(
+            f"vector indexes rebuilt: {', '.join(rebuilt) or 'none waiting (or a run on the table is alive)'}", file=out
+        )
     return EXIT_OK
 
 
@@ -69,8 +74,11 @@ def show_status(settings, out, top=5):
         estimate = catalog.estimate_rows(conn, target)
         null_rows = catalog.count_null(conn, target)
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL, to_regclass('etl_runs') IS NOT NULL")
-            has_ledger, has_runs = cur.fetchone()
+            cur.execute(
+                "SELECT to_regclass('etl_failures') IS NOT NULL, to_regclass('etl_runs') IS NOT NULL, "
+                "to_regclass('etl_deferred_indexes') IS NOT NULL"
+            )
+            has_ledger, has_runs, has_deferred = cur.fetchone()
             reasons, failed, leases = [], 0, []
             if has_ledger:
                 cur.execute(db.load_sql("ledger_count"), {"table_name": target.qualified_name})
@@ -80,6 +88,7 @@ def show_status(settings, out, top=5):
             if has_runs:
                 cur.execute(db.load_sql("status_runs"), {"table_name": target.qualified_name})
                 leases = cur.fetchall()
+            waiting = indexes.deferred(conn, target) if has_deferred else []
             pattern = f"{db.APPLICATION_PREFIX}:{target.qualified_name}:%"
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
@@ -95,6 +104,12 @@ def show_status(settings, out, top=5):
     for run_id, tpm, rpm, runs, age in leases:
         budgets = " ".join(f"{name}={value / runs:.0f}" for name, value in (("tpm", tpm), ("rpm", rpm)) if value)
         print(f"run {run_id} share=1/{runs} {budgets or 'no configured budget'} running_for={age}".rstrip(), file=out)
+    for _, name, _, age in waiting:
+        print(
+            f"index {name} dropped by --defer-index {age} ago, waiting to be rebuilt at the end of a run "
+            "(or now: python etl.py init --restore-index)",
+            file=out,
+        )
     for reason, count in reasons:
         print(f"failed {count:>8}  {reason}", file=out)
     return EXIT_OK

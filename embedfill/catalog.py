@@ -134,6 +134,7 @@ def has_partial_index(conn, target):
     return scalar(conn, load_sql("find_partial_index"), params) is not None
 
 
+LEDGER_TABLES = ["etl_failures", "etl_runs", "etl_deferred_indexes"]  # sql/ledger.sql creates them all
 LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
 
 
@@ -145,7 +146,7 @@ def ensure_ledger(conn):
     transaction-level advisory lock.
     """
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL")
+        cur.execute("SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) name", (LEDGER_TABLES,))
         exists = cur.fetchone()[0]
         if not exists:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEDGER_LOCK_KEY,))

@@ -79,6 +79,9 @@ def build_parser(verb):
         parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
     if verb == "init":
         parser.add_argument("--type", choices=("vector", "halfvec"), default="vector", help="type of a new column")
+        parser.add_argument(
+            "--restore-index", action="store_true", help="rebuild the vector indexes that --defer-index dropped"
+        )
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb in ("run", "demo"):
@@ -98,7 +101,11 @@ def build_parser(verb):
     parser.add_argument("--config", metavar="PATH", help="settings file [default: ./config.env when present]")
     group = parser.add_argument_group("settings (a flag wins over the environment, which wins over config.env)")
     for option in OPTIONS:
-        if option.flag:
+        if option.parse is config.boolean and option.flag:
+            group.add_argument(
+                option.flag, dest=option.dest, action="store_const", const=True, help=_option_help(option)
+            )
+        elif option.flag:
             group.add_argument(
                 option.flag,
                 dest=option.dest,
@@ -180,7 +187,7 @@ def dispatch(verb, args, flags, file_values, preliminary):
         flags = _demo_flags(flags, preliminary)
     settings = _resolve(flags, file_values, ("table",) if verb == "init" else ("table", "text_columns"), extras)
     if verb == "init":
-        return admin.init_schema(settings, sys.stdout, args.type)
+        return admin.init_schema(settings, sys.stdout, args.type, args.restore_index)
     if verb == "status":
         return admin.show_status(settings, sys.stdout)
     if verb == "search":

@@ -26,6 +26,7 @@ def _checked(parse, ok, message):
 
 
 _positive_int = _checked(int, lambda value: value >= 1, "must be 1 or more")
+_non_negative_int = _checked(int, lambda value: value >= 0, "must be 0 or more")
 _positive_float = _checked(float, lambda value: value > 0, "must be more than 0")
 _batch_size = _checked(
     _positive_int,
@@ -34,6 +35,11 @@ _batch_size = _checked(
 )
 _columns = _checked(
     lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), bool, "needs at least one column name"
+)
+boolean = _checked(
+    lambda text: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower()),
+    lambda value: value is not None,
+    "must be true or false",
 )
 _provider = _checked(str, lambda value: value in ("openai", "azure", "local"), "must be openai, azure or local")
 _log_level = _checked(
@@ -103,6 +109,12 @@ OPTIONS = [
            "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N"),
     Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
            "USD per million tokens for the cost estimate (default: known OpenAI prices)", "USD"),
+    Option("defer_index", "ETL_DEFER_INDEX", "--defer-index", False, boolean,
+           "drop the column's HNSW/IVFFlat indexes for the run (recorded first) and rebuild them at its end"),
+    Option("maintenance_work_mem", "ETL_INDEX_MEMORY", "--index-memory", None, str,
+           "maintenance_work_mem for rebuilding a deferred index, e.g. 4GB (default: the server's)", "SIZE"),
+    Option("max_parallel_maintenance_workers", "ETL_INDEX_WORKERS", "--index-workers", None, _non_negative_int,
+           "parallel workers for rebuilding a deferred index (default: the server's)", "N"),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),

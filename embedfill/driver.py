@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from . import catalog, db, planner
+from . import catalog, db, indexes, planner
 from .embedders import check_provider, load_client_library
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied
 from .lease import Lease
@@ -31,6 +31,7 @@ def prepare(settings, processes):
     try:
         target = catalog.inspect_target(conn, settings)
         catalog.ensure_ledger(conn)
+        indexes.prepare(conn, target, settings)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)
             log.warning(
@@ -193,6 +194,8 @@ def run_backfill(settings, out=None):
         )
     if fatal is not None:
         raise EtlError(str(fatal))
+    if not received:
+        indexes.restore(settings, target)
     if received:
         signum = received[0]
         log.warning("interrupted by %s: committed batches are kept; rerun to resume", signal.Signals(signum).name)

@@ -73,11 +73,12 @@ class Lease:
     def release(self):
         """Delete this run's row: the others take its share at their next renewal."""
         try:
-            if self.conn is not None and not self.conn.closed:
-                with self.conn.cursor() as cur:
-                    cur.execute("DELETE FROM etl_runs WHERE run_id = %(run_id)s", self.params)
-                self.conn.commit()
-        except psycopg2.Error as error:
+            if self.conn is None or self.conn.closed:  # a run shorter than RENEW_SECONDS renewed before the fork only
+                self.conn = db.connect(self.settings.database_url)
+            with self.conn.cursor() as cur:
+                cur.execute("DELETE FROM etl_runs WHERE run_id = %(run_id)s", self.params)
+            self.conn.commit()
+        except (psycopg2.Error, EtlError) as error:
             log.debug("could not end this run's lease: %s", db.first_line(error))
         self.close()
 

@@ -23,3 +23,15 @@ CREATE TABLE IF NOT EXISTS etl_runs (
     started     timestamptz NOT NULL DEFAULT now(),
     lease_until timestamptz NOT NULL
 );
+
+-- Vector indexes (HNSW, IVFFlat) that a run with --defer-index dropped before filling the column,
+-- recorded in the same transaction as the drop; rebuilt (CREATE INDEX CONCURRENTLY) at the end of
+-- the last run on the table, by any later run, or by `init --restore-index`, and then deleted.
+CREATE TABLE IF NOT EXISTS etl_deferred_indexes (
+    table_name  text        NOT NULL,
+    schema_name text        NOT NULL,
+    index_name  text        NOT NULL,
+    definition  text        NOT NULL,
+    dropped_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (schema_name, index_name)
+);

@@ -1,10 +1,14 @@
 """Embedding columns as users have them: halfvec, untyped vector and halfvec, a vector index on the column."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 from psycopg2 import sql
 
 from tests.conftest import check_table, env_for_table, expected_vector, make_foods, row_text
+from tests.test_resilience import embedded_count, wait_for
 
 
 def stored_rows(db, table="foods"):
@@ -84,3 +88,76 @@ def test_init_creates_a_halfvec_column(etl, db):
     result = etl.run("--workers", "1", **env_for_table(EMBEDDING_DIMENSIONS=16))
     assert result.returncode == 0, result.stderr
     assert assert_half_precision(db, 16) == 3
+
+
+def index_state(db):
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indrelid = 'foods'::regclass AND NOT indisprimary AND indpred IS NULL"
+        )
+        live = cur.fetchall()
+        cur.execute("SELECT index_name, definition FROM etl_deferred_indexes")
+        return live, cur.fetchall()
+
+
+HNSW = "CREATE INDEX foods_hnsw ON public.foods USING hnsw (embedding vector_cosine_ops) WITH (m='8')"
+
+
+def with_hnsw(db, rows):
+    make_foods(db, rows)
+    with db.cursor() as cur:
+        cur.execute(HNSW)
+        cur.execute("SELECT 'foods_hnsw'::regclass::oid")
+        return cur.fetchone()[0]
+
+
+def test_an_index_on_the_column_is_named_and_never_touched_without_the_flag(etl, db):
+    oid = with_hnsw(db, 300)
+    result = etl.run("--workers", "2", "--batch-size", "50", **env_for_table(EMBEDDING_DIMENSIONS=8))
+    assert result.returncode == 0, result.stderr
+    assert "has a vector index on embedding (foods_hnsw)" in result.stderr and "--defer-index" in result.stderr
+    with db.cursor() as cur:
+        cur.execute("SELECT 'foods_hnsw'::regclass::oid")
+        assert cur.fetchone()[0] == oid  # the same index, never dropped
+    assert len(check_table(db)[0]) == 300
+
+
+def test_defer_index_drops_then_rebuilds_the_same_definition(etl, db):
+    with_hnsw(db, 300)
+    result = etl.run(
+        "--workers",
+        "2",
+        "--batch-size",
+        "50",
+        "--defer-index",
+        "--index-memory",
+        "64MB",
+        **env_for_table(EMBEDDING_DIMENSIONS=8),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dropped foods_hnsw" in result.stderr and "index foods_hnsw rebuilt" in result.stderr
+    assert index_state(db) == ([("foods_hnsw", HNSW)], [])
+    assert len(check_table(db)[0]) == 300
+
+
+@pytest.mark.parametrize("resume", ["rerun", "init --restore-index"])
+def test_defer_index_killed_mid_run_then_resumed_brings_the_index_back(etl, db, resume):
+    with_hnsw(db, 2000)
+    etl.fake.latency = 0.05
+    env = env_for_table(EMBEDDING_DIMENSIONS=8)
+    run = etl.start("--workers", "2", "--batch-size", "10", "--defer-index", **env)
+    assert wait_for(lambda: embedded_count(db) > 100)
+    assert index_state(db) == ([], [("foods_hnsw", HNSW)])  # dropped, and its definition kept
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate(timeout=30)
+    status = etl.run("status", **env)
+    assert "index foods_hnsw dropped by --defer-index" in status.stdout
+    etl.fake.latency = 0
+    result = etl.run(*resume.split(), **env) if resume != "rerun" else etl.run("--workers", "2", **env)
+    assert result.returncode == 0, result.stderr
+    assert index_state(db) == ([("foods_hnsw", HNSW)], [])
+    if resume == "rerun":
+        assert len(check_table(db)[0]) == 2000
+    else:
+        assert "vector indexes rebuilt: foods_hnsw" in result.stdout
