@@ -274,15 +274,20 @@ class Worker:
                 # to the answer's last byte; back-offs and decoding happen outside it.
                 with self.requests:
                     self.wait_for_budget(tokens)
-                    answer = self.embedder.fetch(texts)
+                    try:
+                        answer = self.embedder.fetch(texts)
+                    except TransientProviderError as error:
+                        if error.rate_limited:  # pause every worker before another one takes this slot
+                            limited += 1
+                            self.limiter.rate_limited(
+                                backoff(limited) if error.retry_after is None else error.retry_after
+                            )
+                        raise
                 result = self.embedder.decode(answer)
             except TransientProviderError as error:
                 self.shared.add(retries=1, rate_limited=int(error.rate_limited), requests=1)
                 if error.rate_limited:  # "not now", never "this row is bad": no attempt is spent
-                    limited += 1
-                    delay = backoff(limited) if error.retry_after is None else error.retry_after
-                    self.limiter.rate_limited(delay)
-                    delay = min(delay, self._stall_left(error))
+                    delay = min(self.limiter.cooldown_left(), self._stall_left(error))
                     log.info("%s; trying again in %.1f s", error, delay)
                 else:
                     attempt += 1

@@ -166,9 +166,9 @@ def test_float_encoding_servers_and_base64_agree(etl, db):
     make_foods(db, 60)
     original = etl.fake.handle
 
-    def floats_only(headers, body):
+    def floats_only(headers, body, *route):
         body = dict(body, encoding_format="float")
-        return original(headers, body)
+        return original(headers, body, *route)
 
     etl.fake.handle = floats_only
     run_ok(etl, "--batch-size", "7")
@@ -182,8 +182,8 @@ def _rewrite_embeddings(handle, change):
 
     from tests.fake_openai import RawJson
 
-    def handler(headers, body):
-        status, out_headers, payload, hang = handle(headers, body)
+    def handler(headers, body, *route):
+        status, out_headers, payload, hang = handle(headers, body, *route)
         if status == 200:
             document = json.loads(payload)
             for item in document["data"]:
@@ -215,8 +215,8 @@ def test_unreadable_base64_is_retried_then_written(etl, db):
 
     handle = _rewrite_embeddings(etl.fake.handle, cut)
 
-    def once_broken(headers, body):
-        answer = handle(headers, body)
+    def once_broken(headers, body, *route):
+        answer = handle(headers, body, *route)
         broken["left"] = 0
         return answer
 
@@ -252,8 +252,8 @@ def test_answers_that_do_not_match_the_inputs_are_retried(etl, db, mangle, messa
     make_foods(db, 6)
     handle, broken = etl.fake.handle, {"left": 1}
 
-    def once_broken(headers, body):
-        status, out_headers, payload, hang = handle(headers, body)
+    def once_broken(headers, body, *route):
+        status, out_headers, payload, hang = handle(headers, body, *route)
         if broken["left"]:
             broken["left"] = 0
             document = json.loads(payload)

@@ -33,7 +33,7 @@ def test_missing_table(etl, db):
         ),
         ({"ETL_ID_COLUMN": "food_id"}, "column foods.food_id does not exist (check ETL_ID_COLUMN or --id-column)"),
         ({"ETL_EMBEDDING_COLUMN": "vec"}, "column foods.vec does not exist: run `python etl.py init --dimensions N`"),
-        ({"ETL_EMBEDDING_COLUMN": "name"}, "column foods.name is text, not a pgvector vector column"),
+        ({"ETL_EMBEDDING_COLUMN": "name"}, "column foods.name is text, not a pgvector vector or halfvec column"),
     ],
 )
 def test_missing_or_wrong_columns(etl, db, override, expected):
