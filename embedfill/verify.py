@@ -23,7 +23,7 @@ from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, logs
 from .embedders import make_embedder
-from .errors import EXIT_OK, EXIT_PARTIAL, EtlError
+from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGTERM, EtlError
 from .models import estimate_cost
 from .progress import Progress
 from .ratelimit import RateLimiter
@@ -72,7 +72,7 @@ def verify(settings, sample, fix, out):
         if settings.dry_run:
             return dry_run(conn, settings, target, sample, out)
         estimate = catalog.estimate_rows(conn, target)
-        total = sample if sample else (max(0, estimate - catalog.count_null(conn, target)) if estimate > 0 else None)
+        total = sample or (max(0, estimate - catalog.count_null(conn, target)) if estimate > 0 else None)
     finally:
         conn.close()  # no socket crosses the fork
 
@@ -83,30 +83,39 @@ def verify(settings, sample, fix, out):
     pool = context.Pool(settings.workers, _init_pool, (settings, target, shared, limiter, requests))
     progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     progress.set_total(total)
-    check = Check()
-    finished = False
+    check, finished = Check(), False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID`: end the pool like Ctrl-C does
+    pending = collections.deque()  # (page, its result): 2 × --workers pages in the pool, read ahead
+
+    def settle():
+        check.compare(*pending.popleft())
+        progress.update({"embedded": check.checked, "failed": len(check.mismatches)})
+
     try:
         conn = db.connect(settings.database_url)
         register_vector(conn)
-        pending, walk = collections.deque(), pages(conn, target, sample, settings.batch_size)
+        walk = pages(conn, target, sample, settings.batch_size)
         for page in walk:
             items = [(row_id, row_text(values)) for row_id, *values, _ in page]
             pending.append((page, pool.apply_async(embed_texts, ([item for item in items if item[1]],))))
             while len(pending) > 2 * settings.workers or (pending and pending[0][1].ready()):
-                check.compare(*pending.popleft())
-                progress.update({"embedded": check.checked, "failed": len(check.mismatches)})
+                settle()
             if len(check.mismatches) >= MAX_MISMATCHES:
                 break
         walk.close()  # a sample's server-side cursor, before its transaction ends
         while pending:
-            check.compare(*pending.popleft())
+            settle()
         check.explain(conn, target, pool, settings.batch_size)
         fixed = check.fix(conn, target) if fix else None
         conn.close()
         finished = True
     finally:
-        pool.close() if finished else pool.terminate()
+        if finished:
+            pool.close()
+        else:  # an error or an interrupt: end the processes now
+            pool.terminate()
         pool.join()
+        signal.signal(signal.SIGTERM, previous)
         progress.update({"embedded": check.checked, "failed": len(check.mismatches)}, force_line=True)
         progress.close()
 
@@ -237,6 +246,14 @@ def dry_run(conn, settings, target, sample, out):
     return EXIT_OK
 
 
+class Terminated(EtlError):
+    exit_code = EXIT_SIGTERM
+
+
+def _interrupt(signum, frame):
+    raise Terminated("interrupted by SIGTERM")
+
+
 _worker = None
 
 
@@ -244,6 +261,7 @@ def _init_pool(settings, target, shared, limiter, requests):
     """Pool initializer: a Worker without a database connection, with its own API client."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent alone decides how to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
     _worker = Worker(settings, target, [], shared, limiter, requests, number)

@@ -1,6 +1,7 @@
 """`etl.py verify`: every stored vector still belongs to its row's text, or the row is named."""
 
 import re
+import time
 
 import pytest
 
@@ -134,3 +135,23 @@ def test_verify_help_and_a_bad_key(etl, db):
         "error: the API refused the key (401: Incorrect API key provided); check OPENAI_API_KEY"
     )
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_sigterm_ends_verify_and_its_processes(etl, db):
+    import psutil
+
+    filled_foods(etl, db, rows=40)
+    etl.fake.latency = 5.0
+    process = etl.start("verify", "--all", "--batch-size", "5", "--workers", "2", **ENV)
+    deadline = time.monotonic() + 30
+    while etl.fake.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert len(children) >= 2
+    process.terminate()
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "error: interrupted by SIGTERM"
+    assert "verify checked=" not in out
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
