@@ -99,7 +99,13 @@ def build_parser(verb):
         which.add_argument("--all", action="store_true", help="check every row that holds a vector")
         parser.add_argument("--fix", action="store_true", help="set the mismatched rows' embedding to NULL")
         parser.add_argument("--dry-run", action="store_true", help="rows, estimated tokens and cost; no API calls")
-        parser.add_argument("--progress-interval", type=float, default=10.0, metavar="S", help="[default 10]")
+        parser.add_argument(
+            "--progress-interval",
+            type=float,
+            default=10.0,
+            metavar="S",
+            help="seconds between progress lines [default 10]",
+        )
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb in ("run", "demo"):

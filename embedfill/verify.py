@@ -228,7 +228,8 @@ def pages(conn, target, sample, size):
 def dry_run(conn, settings, target, sample, out):
     """Rows, estimated tokens and cost, without a request."""
     rows = catalog.scalar(conn, target.query("count_embedded"))
-    rows = min(rows, sample) if sample else rows
+    if sample:
+        rows = min(rows, sample)
     with conn.cursor() as cur:
         cur.execute(target.query("verify_sample"), {"limit": min(max(rows, 1), 1000)})
         texts = [row_text(values) for _, *values, _ in cur.fetchall()]
