@@ -152,3 +152,18 @@ def test_the_demo_forgets_its_record_when_it_recreates_its_table(etl, db):
     embedded, null = check_table(db, table="embedfill_demo")
     assert len(embedded) == 50 and null == []
     assert etl.fake.inputs == 50
+
+
+def test_two_runs_of_different_models_started_together_agree_on_one(etl, db):
+    make_foods(db, 200)
+    runs = [
+        etl.start("--workers", "2", **env_for_table(EMBEDDING_MODEL=model, **DIMS))
+        for model in ("text-embedding-3-small", "text-embedding-3-large")
+    ]
+    results = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    winner = ("text-embedding-3-small", "text-embedding-3-large")[[code for code, _, _ in results].index(0)]
+    loser_err = next(err for code, _, err in results if code == 1)
+    assert "this run would add" in loser_err and len(loser_err.strip().splitlines()) == 1
+    assert record(db)[0][0] == winner
+    assert etl.fake.inputs == 200 and counts(db) == (200, 0)
