@@ -71,7 +71,7 @@ def create_foods(url, rows, dims=DIMS, column_type="vector", index=None):
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
         cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        cur.execute("DROP TABLE IF EXISTS foods; DROP TABLE IF EXISTS etl_failures")
+        cur.execute("DROP TABLE IF EXISTS foods; DROP TABLE IF EXISTS etl_failures; DROP TABLE IF EXISTS etl_columns")
         cur.execute(
             f"CREATE TABLE foods (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text, "
             f"category text, description text, embedding {column_type}({dims}))"

@@ -93,6 +93,7 @@ def show_status(settings, out, top=5):
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
         conn.rollback()
+        holds = catalog.describe_column(conn, target)
     finally:
         conn.close()
     total = f"~{estimate}" if estimate >= 0 else "unknown"
@@ -101,6 +102,7 @@ def show_status(settings, out, top=5):
         f"rows_failed={failed} active_runs={runs} active_processes={processes} run_active={'yes' if runs else 'no'}",
         file=out,
     )
+    print(holds, file=out)
     for run_id, tpm, rpm, runs, age in leases:
         budgets = " ".join(f"{name}={value / runs:.0f}" for name, value in (("tpm", tpm), ("rpm", rpm)) if value)
         print(f"run {run_id} share=1/{runs} {budgets or 'no configured budget'} running_for={age}".rstrip(), file=out)
@@ -142,4 +144,41 @@ def search(settings, query, top, out):
     for row_id, *values, distance in rows:
         text = row_text(values).replace("\n", " | ")
         print(f"{distance:.4f}  {row_id}  {text[:120]}", file=out)
+    return EXIT_OK
+
+
+RESET_CHUNK_ROWS = 10_000
+
+
+def reset_column(settings, out):
+    """`init --reset-column --yes`: set the column to NULL in committed chunks of ids, then forget
+    what it held and the table's failed rows, so that a run of another model may fill it."""
+    conn = db.connect(settings.database_url)
+    try:
+        target = catalog.inspect_target(conn, settings)
+        catalog.ensure_ledger(conn)
+        query, after, cleared = target.query("clear_chunk"), None, 0
+        while True:
+            with conn.cursor() as cur:
+                cur.execute(query, {"after": after, "limit": RESET_CHUNK_ROWS})
+                after, count = cur.fetchone()
+            conn.commit()
+            cleared += count
+            if after is None:
+                break
+        with conn.cursor() as cur:
+            cur.execute(
+                db.load_sql("forget_column"),
+                {"table_name": target.qualified_name, "column_name": target.embedding_column},
+            )
+        conn.commit()
+    except psycopg2.Error as error:
+        raise DatabaseError(f"reset failed: {db.first_line(error)}") from error
+    finally:
+        conn.close()
+    print(
+        f"column {target.display}.{target.embedding_column}: {cleared} vectors set to NULL; "
+        "its record and the table's rows in etl_failures cleared",
+        file=out,
+    )
     return EXIT_OK

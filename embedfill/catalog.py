@@ -3,11 +3,15 @@
 import logging
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+import psycopg2
 from psycopg2 import sql
+from psycopg2.extras import RealDictCursor
 
 from .db import load_sql
 from .errors import ConfigError, DatabaseError
+from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +138,7 @@ def has_partial_index(conn, target):
     return scalar(conn, load_sql("find_partial_index"), params) is not None
 
 
-LEDGER_TABLES = ["etl_failures", "etl_runs", "etl_deferred_indexes"]  # sql/ledger.sql creates them all
+LEDGER_TABLES = ["etl_failures", "etl_runs", "etl_columns", "etl_deferred_indexes"]  # sql/ledger.sql creates them all
 LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
 
 
@@ -180,3 +184,105 @@ def count_known_failures(conn, target):
     if not scalar(conn, "SELECT to_regclass('etl_failures') IS NOT NULL"):
         return 0
     return scalar(conn, target.query("count_known_failures"), {"table_name": target.qualified_name})
+
+
+# --- what the column holds: the model guard ----------------------------------------------------
+
+
+def column_identity(settings, target):
+    """What this run writes into the column: model, dimensions, provider (the base URL's host,
+    never the key) and recipe (the text columns, in order)."""
+    if settings.provider == "local":
+        provider, default = "local", LOCAL_DEFAULT_DIMENSIONS
+    else:
+        url = settings.azure_endpoint if settings.provider == "azure" else settings.base_url
+        provider = urlsplit(url or "").hostname or "api.openai.com"
+        default = getattr(model_info(settings.model), "dimensions", None)
+    return {
+        "model": settings.model_name,
+        "dimensions": settings.dimensions or target.dimensions or default,
+        "provider": provider,
+        "recipe": list(target.text_columns),
+    }
+
+
+def column_record(conn, target):
+    """What etl_columns says the column holds (column_identity's keys, origin_unknown, recorded), or None."""
+    if not scalar(conn, "SELECT to_regclass('etl_columns') IS NOT NULL"):
+        return None
+    with conn.cursor(cursor_factory=RealDictCursor) as cur:
+        cur.execute(load_sql("column_record"), _column_key(target))
+        row = cur.fetchone()
+    conn.rollback()
+    return dict(row) if row else None
+
+
+def _has_vectors(conn, target):
+    """Whether the column already holds vectors (True also when it cannot tell within a few seconds)."""
+    params = {"relation": relation_literal(conn, target.name_parts), "column": target.embedding_column}
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = '5s'")
+            cur.execute(target.query("has_vectors"), params)
+            return cur.fetchone()[0]
+    except psycopg2.errors.QueryCanceled:
+        return True
+    finally:
+        conn.rollback()
+
+
+def guard_column(conn, settings, target, record=True):
+    """Refuse, before any request, a run that would add vectors of another model, dimension
+    count, provider or recipe to the column; with `record`, the first run records its own.
+
+    Vectors of two models in one column are not comparable: search would be quietly wrong."""
+    wanted = column_identity(settings, target)
+    held = column_record(conn, target)
+    if held is None and record:
+        adopted = _has_vectors(conn, target)
+        with conn.cursor() as cur:
+            cur.execute(load_sql("record_column"), {**_column_key(target), **wanted, "origin_unknown": adopted})
+            won = cur.fetchone() is not None
+        conn.commit()
+        if won and adopted:
+            log.warning(
+                "%s.%s already held vectors when this tool first saw it: recorded as %s, but their origin is "
+                "unknown (`python etl.py verify` checks them)",
+                target.display,
+                target.embedding_column,
+                describe_identity(wanted),
+            )
+        held = column_record(conn, target)  # two runs starting together: the first row in is the record
+    differing = [key for key in wanted if held is not None and held[key] != wanted[key]]
+    if differing:
+        raise ConfigError(
+            f"{target.display}.{target.embedding_column} holds {describe_identity(held, differing)}; this run would "
+            f"add {describe_identity(wanted, differing, 'ones')}. Fill a new column (--embedding-column embedding_v2, "
+            "created by init --dimensions N) or clear this one first (init --reset-column --yes)"
+        )
+
+
+def describe_identity(identity, keys=("dimensions", "provider", "recipe"), noun="vectors"):
+    """'text-embedding-3-small vectors of 1536 dimensions from api.openai.com (text: name,category)'."""
+    parts = [identity["model"], noun]
+    if "dimensions" in keys:
+        parts.append(f"of {identity['dimensions'] or 'the default number of'} dimensions")
+    if "provider" in keys:
+        parts.append(f"from {identity['provider']}")
+    if "recipe" in keys:
+        parts.append(f"(text: {','.join(identity['recipe'])})")
+    return " ".join(parts)
+
+
+def describe_column(conn, target):
+    """One line for `status`: what the column holds, by the record of its first write."""
+    held = column_record(conn, target)
+    name = f"{target.display}.{target.embedding_column}"
+    if held is None:
+        return f"column {name}: no record yet (the next run records its model, provider and text columns)"
+    unknown = "; vectors already there then: origin unknown" if held["origin_unknown"] else ""
+    return f"column {name} holds {describe_identity(held)} (recorded {held['recorded']}{unknown})"
+
+
+def _column_key(target):
+    return {"table_name": target.qualified_name, "column_name": target.embedding_column}

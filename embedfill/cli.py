@@ -10,12 +10,12 @@ import traceback
 
 from . import config, logs
 from .config import OPTIONS, resolve
-from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
 
-VERBS = ("run", "init", "status", "demo", "search")
+VERBS = ("run", "init", "status", "demo", "search", "verify")
 
 EXAMPLES = """\
 examples:
@@ -26,11 +26,14 @@ examples:
   python etl.py status                     # where the table stands, and whether a run is active
   python etl.py demo                       # a local embedfill_demo table, embedded (offline without a key)
   python etl.py search "김치찌개" --top 5
+  python etl.py verify --sample 100        # re-embed 100 random rows and compare with what is stored
+  python etl.py init --reset-column --yes  # clear the column and its record, to fill it with another model
 
-verbs: run (the default), init, status, demo, search; `python etl.py VERB --help` for each.
+verbs: run (the default), init, status, demo, search, verify; `python etl.py VERB --help` for each.
 Settings come from flags, then the environment, then config.env (see config.env.example).
 exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
-  3 finished but some rows failed (recorded in etl_failures), 130/143 interrupted by SIGINT/SIGTERM.
+  3 finished but some rows failed (recorded in etl_failures) or, for verify, hold a vector that is not
+  their text's, 130/143 interrupted by SIGINT/SIGTERM.
 """
 
 DESCRIPTIONS = {
@@ -44,6 +47,8 @@ DESCRIPTIONS = {
     "name the demo did not make is never replaced. Without "
     "OPENAI_API_KEY it embeds offline with the local provider.",
     "search": "Embed a query with the configured provider and print the nearest rows by cosine distance.",
+    "verify": "Re-embed stored rows (a random sample, or --all) and compare each with its stored vector "
+    "(cosine >= 0.99); name every row that does not match, and with --fix set it to NULL for the next run.",
 }
 
 
@@ -81,6 +86,25 @@ def build_parser(verb):
         parser.add_argument("--type", choices=("vector", "halfvec"), default="vector", help="type of a new column")
         parser.add_argument(
             "--restore-index", action="store_true", help="rebuild the vector indexes that --defer-index dropped"
+        )
+        parser.add_argument(
+            "--reset-column",
+            action="store_true",
+            help="set the embedding column to NULL in every row and forget what it held (needs --yes)",
+        )
+        parser.add_argument("--yes", action="store_true", help="confirm --reset-column")
+    if verb == "verify":
+        which = parser.add_mutually_exclusive_group()
+        which.add_argument("--sample", type=_positive, default=100, help="random rows to check [default 100]")
+        which.add_argument("--all", action="store_true", help="check every row that holds a vector")
+        parser.add_argument("--fix", action="store_true", help="set the mismatched rows' embedding to NULL")
+        parser.add_argument("--dry-run", action="store_true", help="rows, estimated tokens and cost; no API calls")
+        parser.add_argument(
+            "--progress-interval",
+            type=float,
+            default=10.0,
+            metavar="S",
+            help="seconds between progress lines [default 10]",
         )
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
@@ -172,7 +196,7 @@ def _report(error, level, original=None):
 
 
 def dispatch(verb, args, flags, file_values, preliminary):
-    from . import admin, demo, driver
+    from . import admin, demo, driver, verify
     from .pgserver import embedded_database_url
 
     embedded = preliminary.database_url is None
@@ -182,16 +206,24 @@ def dispatch(verb, args, flags, file_values, preliminary):
 
     if verb == "demo":
         return run_demo(args, flags, file_values, extras, driver, demo)
-    if verb in ("status", "search") and embedded and not preliminary.table:
+    if verb in ("status", "search", "verify") and embedded and not preliminary.table:
         # Without configuration these look at the demo's table, with the demo's provider.
         flags = _demo_flags(flags, preliminary)
     settings = _resolve(flags, file_values, ("table",) if verb == "init" else ("table", "text_columns"), extras)
     if verb == "init":
-        return admin.init_schema(settings, sys.stdout, args.type, args.restore_index)
+        if args.reset_column and not args.yes:
+            raise UsageError(
+                f"init --reset-column sets {settings.table}.{settings.embedding_column} to NULL in every row and "
+                "forgets what it held and the table's failed rows: add --yes to do it"
+            )
+        code = admin.init_schema(settings, sys.stdout, args.type, args.restore_index)
+        return admin.reset_column(settings, sys.stdout) if args.reset_column else code
     if verb == "status":
         return admin.show_status(settings, sys.stdout)
     if verb == "search":
         return admin.search(settings, args.query, args.top, sys.stdout)
+    if verb == "verify":
+        return verify.verify(settings, None if args.all else args.sample, args.fix, sys.stdout)
     return driver.run_backfill(settings)
 
 

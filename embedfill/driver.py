@@ -31,6 +31,7 @@ def prepare(settings, processes):
     try:
         target = catalog.inspect_target(conn, settings)
         catalog.ensure_ledger(conn)
+        catalog.guard_column(conn, settings, target, record=not settings.dry_run)
         indexes.prepare(conn, target, settings)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)

@@ -12,3 +12,7 @@ COMMENT ON TABLE {table} IS {marker};
 DELETE FROM etl_failures
 WHERE table_name = (SELECT n.nspname || '.' || c.relname FROM pg_class c
                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = {name}::regclass);
+-- A new table holds no vectors: the next run records its own provider and model.
+DELETE FROM etl_columns
+WHERE table_name = (SELECT n.nspname || '.' || c.relname FROM pg_class c
+                    JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = {name}::regclass);

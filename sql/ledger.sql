@@ -35,3 +35,20 @@ CREATE TABLE IF NOT EXISTS etl_deferred_indexes (
     dropped_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (schema_name, index_name)
 );
+
+-- What each filled column holds (catalog.guard_column): the model, dimensions, provider (the
+-- base URL's host, never the key) and text recipe (the text columns, in order) of the first
+-- run that wrote into it. A run that would add vectors of another kind is refused before its
+-- first request; `etl.py init --reset-column --yes` clears the column and this record.
+-- origin_unknown: the column already held vectors when the tool first saw it.
+CREATE TABLE IF NOT EXISTS etl_columns (
+    table_name     text        NOT NULL,
+    column_name    text        NOT NULL,
+    model          text        NOT NULL,
+    dimensions     int,
+    provider       text        NOT NULL,
+    recipe         text[]      NOT NULL,
+    origin_unknown boolean     NOT NULL DEFAULT false,
+    recorded       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, column_name)
+);

@@ -32,6 +32,9 @@ def test_every_row_right_through_azure(etl, db, azure_env):
     assert len(embedded) == 300 and null == []
     assert etl.fake.azure_requests == etl.fake.requests >= 6 and etl.fake.inputs == 300
     # priced as the model the deployment serves, not as an unknown model called "emb-small"
+    with db.cursor() as cur:  # the model guard knows the column by the model and the Azure resource's host
+        cur.execute("SELECT model, provider FROM etl_columns")
+        assert cur.fetchall() == [("text-embedding-3-small", "127.0.0.1")]
     summary = dict(pair.split("=") for pair in result.stdout.split()[1:])
     assert summary["cost_usd"] == f"{int(summary['tokens']) * 0.02 / 1e6:.4f}" != "0.0000"
 

@@ -180,7 +180,7 @@ def test_init_creates_column_index_and_ledger_idempotently(etl, db):
     assert len(embedded) == 30
 
 
-@pytest.mark.parametrize("verb", ["", "init", "status", "demo", "search"])
+@pytest.mark.parametrize("verb", ["", "init", "status", "demo", "search", "verify"])
 def test_help_shows_defaults_env_names_and_an_example(verb, tmp_path):
     result = cli(*([verb] if verb else []), "--help", cwd=tmp_path, env=clean_env())
     assert result.returncode == 0
