@@ -10,7 +10,7 @@ import traceback
 
 from . import config, logs
 from .config import OPTIONS, resolve
-from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ examples:
   python etl.py --dry-run                  # rows, tokens, cost and ranges, no API calls
   python etl.py init --dimensions 1536     # extension, ledger, column and partial index
   python etl.py status                     # where the table stands, and whether a run is active
+  python etl.py init --track-changes       # a trigger: an edited text sets its row's vector to NULL
+  nohup python etl.py --follow > follow.log 2>&1 &    # the backlog, then new and edited rows as they come
   python etl.py demo                       # a local embedfill_demo table, embedded (offline without a key)
   python etl.py search "김치찌개" --top 5
 
@@ -35,11 +37,13 @@ exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
 
 DESCRIPTIONS = {
     "run": "Fill the pgvector column of every row whose embedding IS NULL, from parallel workers, "
-    "resumable by rerunning.",
+    "resumable by rerunning; with --follow, then stay up and embed new and edited rows as they come.",
     "init": "Create what the tool relies on, idempotently: the vector extension, the etl_failures ledger, "
-    "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL.",
+    "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL; with "
+    "--track-changes also a trigger that sets a row's vector to NULL when its text changes (--untrack removes it).",
     "status": "Show where the configured table stands: rows total (estimate), rows still NULL, failed rows "
-    "and their reasons, and whether a run is active now.",
+    "and their reasons, whether a run is active now, whether change tracking is on, and with --updated-column "
+    "how old the oldest NULL row is.",
     "demo": "Create (or refresh) the embedfill_demo table, foods like the seed's, and backfill it; a table of that "
     "name the demo did not make is never replaced. Without "
     "OPENAI_API_KEY it embeds offline with the local provider.",
@@ -83,6 +87,14 @@ def build_parser(verb):
         parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
+    if verb == "init":
+        track = parser.add_mutually_exclusive_group()
+        track.add_argument(
+            "--track-changes",
+            action="store_true",
+            help="install a trigger that sets the vector to NULL when a text column changes, and notifies --follow",
+        )
+        track.add_argument("--untrack", action="store_true", help="remove that trigger (and only that)")
     if verb in ("run", "demo"):
         parser.add_argument("--limit", type=_positive, help="stop after N rows [default: all rows]")
         parser.add_argument(
@@ -109,6 +121,11 @@ def build_parser(verb):
     group = parser.add_argument_group("settings (a flag wins over the environment, which wins over config.env)")
     for option in OPTIONS:
         if option.flag:
+            if option.metavar is None:  # a switch: present means on
+                group.add_argument(
+                    option.flag, dest=option.dest, action="store_const", const=True, help=_option_help(option)
+                )
+                continue
             group.add_argument(
                 option.flag,
                 dest=option.dest,
@@ -201,7 +218,8 @@ def dispatch(verb, args, flags, file_values, preliminary):
         flags = _demo_flags(flags, preliminary)
     if verb == "init":
         settings = _resolve(flags, file_values, ("table",))
-        return admin.init_schema(settings, sys.stdout)
+        tracking = "untrack" if args.untrack else "track" if args.track_changes else None
+        return admin.init_schema(settings, sys.stdout, tracking)
     if verb == "status":
         settings = _resolve(flags, file_values, ("table", "text_columns"))
         return admin.show_status(settings, sys.stdout)
@@ -209,6 +227,8 @@ def dispatch(verb, args, flags, file_values, preliminary):
         settings = _resolve(flags, file_values, ("table", "text_columns"))
         return admin.search(settings, args.query, args.top, sys.stdout)
     settings = _resolve(flags, file_values, ("table", "text_columns"), extras)
+    if settings.follow and settings.limit is not None:
+        raise UsageError("--limit and --follow do not go together: a follower has no end (drop one of them)")
     return driver.run_backfill(settings)
 
 

@@ -47,6 +47,13 @@ def _provider(text):
     return text
 
 
+def _bool(text):
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError("must be true or false")
+    return value in ("1", "true", "yes", "on")
+
+
 def _log_level(text):
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -107,6 +114,12 @@ OPTIONS = [
            "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N"),
     Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
            "USD per million tokens for the cost estimate (default: known OpenAI prices)", "USD"),
+    Option("follow", "ETL_FOLLOW", "--follow", False, _bool,
+           "after the backlog, stay up and embed new and edited rows as they come (LISTEN and polling)"),
+    Option("poll_seconds", "ETL_POLL_SECONDS", "--poll-seconds", 30.0, _positive_float,
+           "with --follow: look for NULL rows at least this often, notified or not", "S"),
+    Option("updated_column", "ETL_UPDATED_COLUMN", "--updated-column", None, str,
+           "a timestamp column of the table: `status` shows how old the oldest NULL row is", "NAME"),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
@@ -141,6 +154,9 @@ class Settings:
     reconnect_seconds: float
     max_input_tokens: int | None
     price: float | None
+    follow: bool
+    poll_seconds: float
+    updated_column: str | None
     log_file: str | None
     log_level: str
     limit: int | None = None
