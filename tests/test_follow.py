@@ -250,3 +250,25 @@ def test_a_follower_waits_for_a_database_that_goes_away(etl, tmp_path):
         assert null == [] and len(embedded) == 120
     finally:
         server.cleanup()
+
+
+def test_tracking_names_fit_and_are_one_per_table_and_column(etl, db):
+    table = "Menu items of the Seoul and Busan branches, 2026 edition ok"  # 59 bytes
+    execute(db, 'CREATE SCHEMA "Sales"')
+    execute(
+        db, f'CREATE TABLE "Sales"."{table}" (id int PRIMARY KEY, name text, embedding vector(8), embedding2 vector(8))'
+    )
+    execute(db, f'INSERT INTO "Sales"."{table}" (id, name) VALUES (1, \'bibimbap\')')
+    for column in ("embedding", "embedding2", "embedding"):
+        extra = {"ETL_TABLE": f"Sales.{table}", "ETL_TEXT_COLUMNS": "name", "ETL_EMBEDDING_COLUMN": column}
+        result = etl.run("init", "--track-changes", **env(**extra))
+        assert result.returncode == 0, result.stderr
+        assert etl.run(**env(**extra)).returncode == 0
+    triggers = execute(db, "SELECT tgname, tgfoid::regproc::text FROM pg_trigger WHERE NOT tgisinternal")
+    names = {name for name, _ in triggers}
+    assert len(triggers) == 2 and all(
+        len(name.encode()) <= 63 and name.startswith("embedfill_track_") for name in names
+    )
+    assert all(function.startswith('"Sales".') for _, function in triggers)  # beside the table
+    execute(db, f'UPDATE "Sales"."{table}" SET name = \'naengmyeon\'')
+    assert execute(db, f'SELECT embedding IS NULL, embedding2 IS NULL FROM "Sales"."{table}"') == [(True, True)]
