@@ -2,6 +2,7 @@
 
     python bench/run_bench.py                 # full run (140k rows; 1.4M for start and memory)
     python bench/run_bench.py --quick         # small sizes, for trying the bench itself
+    python bench/run_bench.py --only follow   # one scenario (db, latency, seed, quota, hosts, start, demo, follow)
 
 It starts its own embedded PostgreSQL and local OpenAI-compatible servers (tests/fake_openai.py
 in a separate process, with configurable latency and tokens-per-minute limit), creates a
@@ -94,8 +95,8 @@ def create_foods(url, rows, dims=DIMS, column_type="vector", index=None):
 # and its workers), the peak RSS of its largest process, and the peak of the whole run's memory:
 # the sum of PSS (proportional set size, so pages shared after the fork count once) over the
 # command and all its descendants, read from /proc every 50 ms.
-WRAPPER = """\
-import json, os, resource, subprocess, sys, threading, time
+PSS = """\
+import os
 def tree(root):
     children = {}
     for pid in os.listdir('/proc'):
@@ -117,6 +118,12 @@ def pss_kb(pid):
             return sum(int(line.split()[1]) for line in f if line.startswith('Pss:'))
     except (OSError, ValueError):
         return 0
+"""
+exec(PSS)  # tree() and pss_kb() here too: the follow scenario samples a run that stays up
+WRAPPER = (
+    PSS
+    + """\
+import json, resource, subprocess, sys, threading, time
 peak = [0]
 def sample(process):
     while process.poll() is None:
@@ -134,6 +141,7 @@ print(json.dumps({'code': p.returncode, 'out': out, 'err': err[-2000:], 'start':
                   'peak_mb': usage.ru_maxrss / 1024, 'cpu': usage.ru_utime + usage.ru_stime,
                   'total_mb': peak[0] / 1024}))
 """
+)
 
 
 def run_etl(url, server, *args, env_extra=None):
@@ -258,6 +266,79 @@ class OtherClient:
         self.stopped.set()
         self.thread.join()
         self.seconds = time.monotonic() - self.started
+
+
+# --- --follow: memory before and after following rows inserted in bursts ------------------------
+def follow_memory(url, backlog, rows, burst):
+    """A follower started on `backlog` NULL rows, then `rows` inserted `burst` at a time (one COPY
+    each, notified by the tracking trigger). Returns ([PSS MB of the waiting follower after the
+    backlog and after each quarter of the rows], highest PSS MB seen after a burst, seconds from
+    the last burst to no NULL row, seconds of the bursts, summary dict, fake stats, settings)."""
+    import signal
+
+    create_foods(url, backlog)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "OPENAI_", "EMBEDDING_"))}
+    fake = FakeServer()
+    env.update(
+        DATABASE_URL=url,
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake.base_url,
+        ETL_TABLE="foods",
+        ETL_TEXT_COLUMNS="name,category,description",
+        ETL_LOG_LEVEL="WARNING",
+    )
+    etl = [sys.executable, str(ROOT / "etl.py")]
+    subprocess.run([*etl, "init", "--track-changes"], env=env, cwd=ROOT, check=True, capture_output=True)
+    args = ["--follow", "--workers", "4", "--batch-size", "200", "--poll-seconds", "30"]
+    process = subprocess.Popen(
+        [*etl, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+
+    def wait_until_done():
+        while True:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM foods WHERE embedding IS NULL")
+                if cur.fetchone()[0] == 0:
+                    return
+            time.sleep(0.1)
+
+    def memory_mb():
+        return sum(pss_kb(pid) for pid in tree(process.pid)) / 1024  # noqa: F821 (from PSS)
+
+    def quiet_memory_mb():
+        wait_until_done()
+        time.sleep(2)  # the pass's pool has ended: the follower waits on LISTEN
+        return memory_mb()
+
+    quiet = [quiet_memory_mb()]  # after the backlog, then after each quarter of the rows
+    highest = quiet[0]
+    started = time.monotonic()
+    busy = 0.0
+    for index in range(rows // burst):
+        with conn.cursor() as cur:
+            lines = generate_rows(burst, seed=index)
+            cur.copy_expert("COPY foods (name, category, description) FROM STDIN", line_reader(lines))
+        last = time.monotonic()
+        highest = max(highest, memory_mb())
+        time.sleep(0.5)
+        if (index + 1) % (rows // burst // 4) == 0:
+            wait_until_done()
+            lag = time.monotonic() - last
+            began = time.monotonic()
+            quiet.append(quiet_memory_mb())
+            busy += time.monotonic() - began
+    bursts = last - started - busy
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate()
+    conn.close()
+    stats = fake.stats()
+    fake.stop()
+    if process.returncode != 143:
+        raise SystemExit(f"etl.py --follow ended with {process.returncode}")
+    summary = dict(pair.split("=", 1) for pair in out.split("summary ", 1)[1].split())
+    return quiet, highest, lag, bursts, summary, stats, " ".join(args)
 
 
 # --- the seed's pattern: one row per request, one UPDATE and commit per row, sequential -------------
@@ -661,6 +742,25 @@ def main():
             "",
             "",
             "< 1 s",
+        )
+
+    # --follow: the whole run's memory after the backlog and after following 100k rows.
+    if wanted("follow"):
+        rows = 100_000 if not args.quick else 10_000
+        quiet, highest, lag, bursts, summary, stats, settings = follow_memory(url, 10_000, rows, 1_000)
+        row(
+            "follow",
+            f"{settings}, 10,000-row backlog, then {rows:,} rows in COPY bursts of 1,000 every 0.5 s, 0 ms API",
+            rows,
+            f"{bursts:.1f}",
+            f"whole run {quiet[0]:.0f} MB after the backlog, {quiet[-1]:.0f} MB after {rows:,} rows followed",
+            "",
+            f"{quiet[-1] / quiet[0]:.2f}",
+            "flat",
+            "whole run's memory (sum of PSS over its processes) while it waits, after the backlog and after each "
+            f"quarter of the rows: {', '.join(f'{m:.1f}' for m in quiet)} MB; at most {highest:.0f} MB after a burst; "
+            f"no NULL row {lag:.1f} s after the last burst; {summary['embedded']} rows embedded, "
+            f"{stats['requests']} requests",
         )
 
     server.cleanup()

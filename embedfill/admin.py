@@ -14,8 +14,11 @@ from .texts import row_text
 log = logging.getLogger(__name__)
 
 
-def init_schema(settings, out, vector_type="vector", restore_index=False):
-    """Apply sql/ idempotently: the extension, the ledger, the column (with --dimensions), the index."""
+def init_schema(settings, out, vector_type="vector", restore_index=False, tracking=None):
+    """Apply sql/ idempotently: the extension, the ledger, the column (with --dimensions), the index;
+    with tracking="track" the change-tracking trigger too, with "untrack" only its removal."""
+    if tracking == "untrack":
+        return untrack(settings, out)
     conn = db.connect(settings.database_url)
     conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run inside a transaction
     try:
@@ -54,6 +57,14 @@ def init_schema(settings, out, vector_type="vector", restore_index=False):
             with conn.cursor() as cur:
                 cur.execute(target.query("partial_index", index=sql.Identifier(index)))
             print(f"partial index {index}: created", file=out)
+        if tracking == "track":
+            with conn.cursor() as cur:
+                cur.execute(_tracking_query("track_changes", target))
+            print(
+                f"change tracking: on (trigger {catalog.tracking_name(target)[1]} nulls the vector of a row whose "
+                "text changes and wakes `--follow` runs)",
+                file=out,
+            )
     except psycopg2.Error as error:
         raise DatabaseError(f"init failed: {db.first_line(error)}") from error
     finally:
@@ -64,6 +75,36 @@ def init_schema(settings, out, vector_type="vector", restore_index=False):
             f"vector indexes rebuilt: {', '.join(rebuilt) or 'none waiting (or a run on the table is alive)'}", file=out
         )
     return EXIT_OK
+
+
+def untrack(settings, out):
+    """Remove the change-tracking trigger and its function (`init --untrack`)."""
+    conn = db.connect(settings.database_url)
+    conn.autocommit = True
+    try:
+        target = catalog.inspect_target(conn, settings)
+        with conn.cursor() as cur:
+            cur.execute(_tracking_query("untrack_changes", target))
+    except psycopg2.Error as error:
+        raise DatabaseError(f"init --untrack failed: {db.first_line(error)}") from error
+    finally:
+        conn.close()
+    print(f"change tracking: off (trigger {catalog.tracking_name(target)[1]} removed)", file=out)
+    return EXIT_OK
+
+
+def _tracking_query(name, target):
+    schema, trigger = catalog.tracking_name(target)
+    texts = [sql.Identifier(column) for column in target.text_columns]
+    return target.query(
+        name,
+        function=sql.Identifier(schema, trigger),
+        trigger=sql.Identifier(trigger),
+        channel=sql.Literal(trigger),
+        columns=sql.SQL(", ").join(texts),
+        new_texts=sql.SQL(", ").join(sql.SQL("NEW.{}").format(t) for t in texts),
+        old_texts=sql.SQL(", ").join(sql.SQL("OLD.{}").format(t) for t in texts),
+    )
 
 
 def show_status(settings, out, top=5):
@@ -92,6 +133,20 @@ def show_status(settings, out, top=5):
             pattern = f"{db.APPLICATION_PREFIX}:{target.qualified_name}:%"
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
+            relation = catalog.relation_literal(conn, target.name_parts)
+            cur.execute(
+                db.load_sql("tracking_status"), {"relation": relation, "trigger": catalog.tracking_name(target)[1]}
+            )
+            tracking = "on" if cur.fetchone()[0] else "off"
+            if settings.updated_column:
+                try:
+                    cur.execute(target.query("oldest_null", updated=sql.Identifier(settings.updated_column)))
+                except psycopg2.Error as error:
+                    raise DatabaseError(
+                        f"cannot read {target.display}.{settings.updated_column}: {db.first_line(error)} "
+                        "(check ETL_UPDATED_COLUMN)"
+                    ) from error
+                tracking += f" oldest_null_age={(cur.fetchone()[0] or 'none').replace(' ', '_')}"
         conn.rollback()
         holds = catalog.describe_column(conn, target)
     finally:
@@ -99,7 +154,8 @@ def show_status(settings, out, top=5):
     total = f"~{estimate}" if estimate >= 0 else "unknown"
     print(
         f"status table={target.display} rows_total_estimate={total} rows_null={null_rows} "
-        f"rows_failed={failed} active_runs={runs} active_processes={processes} run_active={'yes' if runs else 'no'}",
+        f"rows_failed={failed} active_runs={runs} active_processes={processes} run_active={'yes' if runs else 'no'} "
+        f"tracking={tracking}",
         file=out,
     )
     print(holds, file=out)

@@ -1,5 +1,6 @@
 """The catalog: what the table is (Target), whether it can be filled safely, counts, advice."""
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -61,6 +62,17 @@ class Target:
     def query(self, name, **extra):
         """sql/<name>.sql with this table's identifiers filled in (values stay parameters)."""
         return sql.SQL(load_sql(name)).format(**{**self.identifiers(), **extra})
+
+
+def tracking_name(target):
+    """(schema, name) of the change-tracking trigger of (table, embedding column): its function
+    and its NOTIFY channel share the name. Readable, cut to fit PostgreSQL's 63 bytes, and
+    unique thanks to a hash of the qualified table and the column (cutting cannot collide)."""
+    relname = target.name_parts[-1]
+    schema = target.qualified_name[: -len(relname) - 1]
+    digest = hashlib.sha256(f"{target.qualified_name}\0{target.embedding_column}".encode()).hexdigest()[:8]
+    base = f"embedfill_track_{relname}_{target.embedding_column}".encode()[:54].decode("utf-8", "ignore")
+    return schema, f"{base}_{digest}"
 
 
 def relation_literal(conn, name_parts):
@@ -286,3 +298,11 @@ def describe_column(conn, target):
 
 def _column_key(target):
     return {"table_name": target.qualified_name, "column_name": target.embedding_column}
+
+
+def has_rows_to_embed(conn, target, retry_failed):
+    """Is there a row to embed? One row through the partial index, never a count."""
+    skip = sql.SQL("") if retry_failed else target.query("skip_failures")
+    return (
+        scalar(conn, target.query("probe_null", skip_failures=skip), {"table_name": target.qualified_name}) is not None
+    )

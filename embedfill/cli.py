@@ -24,6 +24,8 @@ examples:
   python etl.py --dry-run                  # rows, tokens, cost and ranges, no API calls
   python etl.py init --dimensions 1536     # extension, ledger, column and partial index
   python etl.py status                     # where the table stands, and whether a run is active
+  python etl.py init --track-changes       # a trigger: an edited text sets its row's vector to NULL
+  nohup python etl.py --follow > follow.log 2>&1 &    # the backlog, then new and edited rows as they come
   python etl.py demo                       # a local embedfill_demo table, embedded (offline without a key)
   python etl.py search "김치찌개" --top 5
   python etl.py verify --sample 100        # re-embed 100 random rows and compare with what is stored
@@ -38,11 +40,13 @@ exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
 
 DESCRIPTIONS = {
     "run": "Fill the pgvector column of every row whose embedding IS NULL, from parallel workers, "
-    "resumable by rerunning.",
+    "resumable by rerunning; with --follow, then stay up and embed new and edited rows as they come.",
     "init": "Create what the tool relies on, idempotently: the vector extension, the etl_failures ledger, "
-    "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL.",
+    "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL; with "
+    "--track-changes also a trigger that sets a row's vector to NULL when its text changes (--untrack removes it).",
     "status": "Show where the configured table stands: rows total (estimate), rows still NULL, failed rows "
-    "and their reasons, and whether a run is active now.",
+    "and their reasons, whether a run is active now, whether change tracking is on, and with --updated-column "
+    "how old the oldest NULL row is.",
     "demo": "Create (or refresh) the embedfill_demo table, foods like the seed's, and backfill it; a table of that "
     "name the demo did not make is never replaced. Without "
     "OPENAI_API_KEY it embeds offline with the local provider.",
@@ -108,6 +112,14 @@ def build_parser(verb):
         )
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
+    if verb == "init":
+        track = parser.add_mutually_exclusive_group()
+        track.add_argument(
+            "--track-changes",
+            action="store_true",
+            help="install a trigger that sets the vector to NULL when a text column changes, and notifies --follow",
+        )
+        track.add_argument("--untrack", action="store_true", help="remove that trigger (and only that)")
     if verb in ("run", "demo"):
         parser.add_argument("--limit", type=_positive, help="stop after N rows [default: all rows]")
         parser.add_argument("--retry-failed", action="store_true", help="take the rows in etl_failures again")
@@ -216,7 +228,8 @@ def dispatch(verb, args, flags, file_values, preliminary):
                 f"init --reset-column sets {settings.table}.{settings.embedding_column} to NULL in every row and "
                 "forgets what it held and the table's failed rows: add --yes to do it"
             )
-        code = admin.init_schema(settings, sys.stdout, args.type, args.restore_index)
+        tracking = "untrack" if args.untrack else "track" if args.track_changes else None
+        code = admin.init_schema(settings, sys.stdout, args.type, args.restore_index, tracking)
         return admin.reset_column(settings, sys.stdout) if args.reset_column else code
     if verb == "status":
         return admin.show_status(settings, sys.stdout)
@@ -224,6 +237,8 @@ def dispatch(verb, args, flags, file_values, preliminary):
         return admin.search(settings, args.query, args.top, sys.stdout)
     if verb == "verify":
         return verify.verify(settings, None if args.all else args.sample, args.fix, sys.stdout)
+    if settings.follow and settings.limit is not None:
+        raise UsageError("--limit and --follow do not go together: a follower has no end (drop one of them)")
     return driver.run_backfill(settings)
 
 

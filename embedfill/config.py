@@ -37,7 +37,16 @@ _columns = _checked(
     lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), bool, "needs at least one column name"
 )
 boolean = _checked(
-    lambda text: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower()),
+    lambda text: {
+        "1": True,
+        "true": True,
+        "yes": True,
+        "on": True,
+        "0": False,
+        "false": False,
+        "no": False,
+        "off": False,
+    }.get(text.strip().lower()),
     lambda value: value is not None,
     "must be true or false",
 )
@@ -115,6 +124,12 @@ OPTIONS = [
            "maintenance_work_mem for rebuilding a deferred index, e.g. 4GB (default: the server's)", "SIZE"),
     Option("max_parallel_maintenance_workers", "ETL_INDEX_WORKERS", "--index-workers", None, _non_negative_int,
            "parallel workers for rebuilding a deferred index (default: the server's)", "N"),
+    Option("follow", "ETL_FOLLOW", "--follow", False, boolean,
+           "after the backlog, stay up and embed new and edited rows as they come (LISTEN and polling)"),
+    Option("poll_seconds", "ETL_POLL_SECONDS", "--poll-seconds", 30.0, _positive_float,
+           "with --follow: look for NULL rows at least this often, notified or not", "S"),
+    Option("updated_column", "ETL_UPDATED_COLUMN", "--updated-column", None, str,
+           "a timestamp column of the table: `status` shows how old the oldest NULL row is", "NAME"),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),

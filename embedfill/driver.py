@@ -3,19 +3,24 @@
 import gc
 import logging
 import multiprocessing
+import os
+import select
 import signal
 import sys
 import threading
 import time
 
+import psycopg2
+from psycopg2 import sql
+
 from . import catalog, db, indexes, planner
 from .embedders import check_provider, load_client_library
-from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError, WorkerDied
+from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, DatabaseError, EtlError, WorkerDied
 from .lease import Lease
 from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
-from .shared import SharedState
+from .shared import FIELDS, SharedState
 from .texts import count_tokens, load_encoding, row_text
 from .worker import embed_ranges, init_worker, process_count
 
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 7.0  # after SIGINT/SIGTERM, how long in-flight batches may finish
 POLL_SECONDS = 0.2
+DEBOUNCE_SECONDS = 1.0  # --follow: after a notification, gather the rest of a burst this long
 
 
 def prepare(settings, processes):
@@ -84,7 +90,7 @@ class _Counts:
 
 
 def run_backfill(settings, out=None):
-    """Fill the embedding column; returns the process exit code."""
+    """Fill the embedding column (then, with --follow, keep it filled); returns the process exit code."""
     out = out or sys.stdout
     started = time.monotonic()
     processes = process_count(settings.workers)
@@ -103,88 +109,25 @@ def run_backfill(settings, out=None):
     if settings.dry_run:
         return dry_run(settings, target, ranges, out)
 
-    context = multiprocessing.get_context("fork")
-    shared = SharedState(context, processes, settings.limit)
-    limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
-    requests = context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
-    lease = Lease(settings, target, limiter)
-    lease.renew()  # the share of the budgets is known before the first request
-    lease.close()  # no socket crosses the fork: the next renewal opens its connection again
-    received = []
-
-    def on_signal(signum, frame):
-        received.append(signum)
-        shared.request_stop()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    run = Run(settings, target, processes)
+    run.lease.renew()  # the share of the budgets is known before the first request
+    run.lease.close()  # no socket crosses the fork: the next renewal opens its connection again
+    previous = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     counts = _Counts(settings, target)
-    fatal = None
-    finished = False
-    gc.freeze()  # the workers share the parent's objects: keep the collector from writing to (copying) them
-    pool = context.Pool(
-        processes, initializer=init_worker, initargs=(settings, target, ranges, shared, limiter, requests)
-    )
-    # Threads (the count, tqdm) start only after the fork.
-    progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     try:
-        results = pool.imap_unordered(embed_ranges, range(processes))
-        counts.start()
-        stop_seen = None
-        total_applied = False
-        while True:
-            try:
-                results.next(timeout=POLL_SECONDS)
-            except multiprocessing.TimeoutError:
-                pass
-            except StopIteration:
-                finished = True
-                break
-            except EtlError as error:
-                fatal = fatal or error
-                shared.request_stop(fatal=True)
-            if counts.ready.is_set() and not total_applied:
-                total_applied = True
-                progress.set_total(counts.total())
-                if counts.known_failures:
-                    log.info(
-                        "skipping %d rows recorded in etl_failures (use --retry-failed to take them again)",
-                        counts.known_failures,
-                    )
-            progress.update(shared.totals())
-            lease.renew()
-            if not shared.stopping() and shared.workers_started > processes:
-                fatal = WorkerDied(
-                    "a worker process died unexpectedly (killed by the OOM killer or a signal?); "
-                    "its batch was rolled back: rerun to resume"
-                )
-                shared.request_stop(fatal=True)
-            if shared.stopping():
-                # In-flight batches may finish; past the grace period (or at a second Ctrl-C)
-                # the workers are terminated and PostgreSQL rolls their batches back.
-                stop_seen = stop_seen or time.monotonic()
-                waited = time.monotonic() - stop_seen
-                dead = shared.workers_started - processes
-                if dead > 0 and shared.busy_workers() <= dead:
-                    break  # the survivors are idle; the dead worker's range never reports back
-                if waited > GRACE_SECONDS or len(received) > 1:
-                    log.warning("stopping workers that did not finish within %.1f s; their batches roll back", waited)
-                    break
-        finished = finished and not shared.stopping()
+        if run.embed(ranges, counts) and settings.follow:
+            indexes.restore(settings, target, run.lease.params["run_id"])  # the backlog is done: search needs it
+            run.follow()
     finally:
-        if finished:
-            pool.close()
-        else:  # a stop, or an error in this loop: end the workers now, PostgreSQL rolls back their batches
-            shared.request_stop(fatal=fatal is not None)
-            pool.terminate()
-        pool.join()
-        lease.release()
+        run.lease.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        progress.update(shared.totals(), force_line=True)
-        progress.close()
+        if run.progress is not None:
+            run.progress.update(run.totals(), force_line=True)
+            run.progress.close()
 
     counts.ready.wait(timeout=2.0)
-    totals = shared.totals()
+    totals = run.totals()
     elapsed = time.monotonic() - started
     print(summary_line(settings, totals, elapsed, counts.known_failures), file=out, flush=True)
     if totals["truncated"]:
@@ -193,12 +136,12 @@ def run_backfill(settings, out=None):
             totals["truncated"],
             settings.input_token_limit,
         )
-    if fatal is not None:
-        raise EtlError(str(fatal))
-    if not received:
+    if run.fatal is not None:
+        raise EtlError(str(run.fatal))
+    if not run.received:
         indexes.restore(settings, target)
-    if received:
-        signum = received[0]
+    if run.received:
+        signum = run.received[0]
         log.warning("interrupted by %s: committed batches are kept; rerun to resume", signal.Signals(signum).name)
         return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
     if totals["failed"]:
@@ -209,6 +152,212 @@ def run_backfill(settings, out=None):
         )
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+class Run:
+    """One invocation: its signals, its lease, and its passes of the worker pool over the NULL rows
+    (one for the backlog; with --follow, one more each time rows need a vector)."""
+
+    def __init__(self, settings, target, processes):
+        self.settings = settings
+        self.target = target
+        self.processes = processes
+        self.context = multiprocessing.get_context("fork")
+        self.limiter = RateLimiter(self.context, settings.rpm, settings.tpm, settings.workers)
+        self.requests = self.context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
+        self.lease = Lease(settings, target, self.limiter)
+        self.received = []
+        self.fatal = None
+        self.shared = None  # the current pass's
+        self.earlier = dict.fromkeys(FIELDS, 0)  # totals of the passes that ended
+        self.progress = None
+
+    def on_signal(self, signum, frame):
+        self.received.append(signum)
+        if self.shared is not None:
+            self.shared.request_stop()
+
+    def totals(self):
+        current = self.shared.totals() if self.shared is not None else {}
+        return {name: value + current.get(name, 0) for name, value in self.earlier.items()}
+
+    def embed(self, ranges, counts=None):
+        """One pass of a fresh pool over `ranges`; True when it walked them all (no stop, no error).
+        A fresh pool and shared state each pass: nothing grows with the passes."""
+        settings, processes = self.settings, self.processes
+        shared = self.shared = SharedState(self.context, processes, settings.limit)
+        if self.received:
+            shared.request_stop()
+        finished = False
+        gc.collect()  # garbage of earlier passes must not be frozen for good
+        gc.freeze()  # the workers share the parent's objects: keep the collector from writing to (copying) them
+        pool = self.context.Pool(
+            processes,
+            initializer=init_worker,
+            initargs=(settings, self.target, ranges, shared, self.limiter, self.requests),
+        )
+        # Threads (the count, tqdm) start only after the fork.
+        if self.progress is None:
+            interval = settings.extras.get("progress_interval", 10.0)
+            self.progress = Progress(sys.stderr, interval=interval, follow=settings.follow)
+        try:
+            results = pool.imap_unordered(embed_ranges, range(processes))
+            if counts is not None:
+                counts.start()
+            stop_seen = None
+            total_applied = counts is None
+            while True:
+                try:
+                    results.next(timeout=POLL_SECONDS)
+                except multiprocessing.TimeoutError:
+                    pass
+                except StopIteration:
+                    finished = True
+                    break
+                except EtlError as error:
+                    self.fatal = self.fatal or error
+                    shared.request_stop(fatal=True)
+                if counts is not None and counts.ready.is_set() and not total_applied:
+                    total_applied = True
+                    self.progress.set_total(counts.total())
+                    if counts.known_failures:
+                        log.info(
+                            "skipping %d rows recorded in etl_failures (use --retry-failed to take them again)",
+                            counts.known_failures,
+                        )
+                self.progress.update(self.totals())
+                self.lease.renew()
+                if not shared.stopping() and shared.workers_started > processes:
+                    self.fatal = WorkerDied(
+                        "a worker process died unexpectedly (killed by the OOM killer or a signal?); "
+                        "its batch was rolled back: rerun to resume"
+                    )
+                    shared.request_stop(fatal=True)
+                if shared.stopping():
+                    # In-flight batches may finish; past the grace period (or at a second Ctrl-C)
+                    # the workers are terminated and PostgreSQL rolls their batches back.
+                    stop_seen = stop_seen or time.monotonic()
+                    waited = time.monotonic() - stop_seen
+                    dead = shared.workers_started - processes
+                    if dead > 0 and shared.busy_workers() <= dead:
+                        break  # the survivors are idle; the dead worker's range never reports back
+                    if waited > GRACE_SECONDS or len(self.received) > 1:
+                        log.warning(
+                            "stopping workers that did not finish within %.1f s; their batches roll back", waited
+                        )
+                        break
+            finished = finished and not shared.stopping()
+        finally:
+            if finished:
+                pool.close()
+            else:  # a stop, or an error in this loop: end the workers now, PostgreSQL rolls back their batches
+                shared.request_stop(fatal=self.fatal is not None)
+                pool.terminate()
+            pool.join()
+            self.earlier = self.totals()
+            self.shared = None
+            self.progress.update(self.totals())
+        return finished
+
+    # --- --follow --------------------------------------------------------------------------------
+    def follow(self):
+        """After the backlog: sleep on LISTEN (and a poll every --poll-seconds), then embed the rows
+        that need a vector in another pass; until a signal or a fatal error."""
+        if self.progress is not None:
+            self.progress.set_total(None)
+        log.info(
+            "backlog done; following %s (LISTEN, and a look every %g s)",
+            self.target.display,
+            self.settings.poll_seconds,
+        )
+        listener, look = None, True
+        while not self.received and self.fatal is None:
+            try:
+                listener = listener or self._listen()
+                if listener is None:
+                    break
+                if look and catalog.has_rows_to_embed(listener, self.target, self.settings.retry_failed):
+                    ranges = planner.plan_ranges(listener, self.target, self.processes, self.settings.batch_size)
+                    log.debug("rows to embed: a pass over %d ranges", len(ranges))
+                    listener.close()  # no socket crosses the fork
+                    listener = None
+                    self.lease.close()
+                    before = self.totals()
+                    self.limiter["last_success"] = time.monotonic()  # an idle spell is no 429 stall
+                    if not self.embed(ranges):
+                        return
+                    # A pass that took nothing (rows locked by another run) waits before looking again.
+                    after = self.totals()
+                    look = after["embedded"] + after["failed"] > before["embedded"] + before["failed"]
+                    continue
+                self._wait(listener)
+                look = True
+            except (psycopg2.Error, DatabaseError) as error:
+                log.warning("lost the database connection while following: %s", db.first_line(error))
+                if listener is not None:
+                    listener.close()
+                listener = None
+                if self._idle(1.0):
+                    break
+        if listener is not None:
+            listener.close()
+
+    def _listen(self):
+        """A connection LISTENing on the table's channel, waiting up to --reconnect-seconds for the
+        database; None after a signal or when the database stayed away (then `fatal` says so)."""
+        window = self.settings.reconnect_seconds
+        deadline = time.monotonic() + window
+        # w0: `status` counts the follower as an active run while it waits (sql/status_active.sql)
+        name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:r{os.getpid()}w0"
+        channel = catalog.tracking_name(self.target)[1]
+        while True:
+            conn = None
+            try:
+                conn = db.connect(self.settings.database_url, application_name=name)
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                return conn
+            except (psycopg2.Error, DatabaseError) as error:
+                if conn is not None:
+                    conn.close()
+                if time.monotonic() > deadline:
+                    self.fatal = DatabaseError(
+                        f"lost the database connection and could not reconnect within {window:.0f} s "
+                        f"({db.first_line(error)}); check the server, then rerun"
+                    )
+                    return None
+            if self._idle(1.0):
+                return None
+
+    def _wait(self, conn):
+        """Until a notification (then DEBOUNCE_SECONDS more, so that a burst of edits becomes
+        full batches), --poll-seconds, or a signal."""
+        deadline = time.monotonic() + self.settings.poll_seconds
+        woken = time.monotonic() if conn.notifies else None
+        while not self.received:
+            now = time.monotonic()
+            end = min(deadline, woken + DEBOUNCE_SECONDS) if woken else deadline
+            if now >= end:
+                break
+            self._tick()
+            if select.select([conn], [], [], min(0.5, end - now))[0]:
+                conn.poll()
+            if conn.notifies:
+                conn.notifies.clear()
+                woken = woken or time.monotonic()
+
+    def _idle(self, seconds):
+        """Sleep up to `seconds`, keeping the lease and the progress lines; True on a signal."""
+        deadline = time.monotonic() + seconds
+        while not self.received and time.monotonic() < deadline:
+            self._tick()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return bool(self.received)
+
+    def _tick(self):
+        self.lease.renew()
+        self.progress.update(self.totals())
 
 
 def _load_client_library():

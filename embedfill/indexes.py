@@ -81,7 +81,7 @@ def prepare(conn, target, settings):
     log.info("--defer-index: dropped %s (recorded in etl_deferred_indexes); rebuilt when the run ends", names)
 
 
-def restore(settings, target):
+def restore(settings, target, own_run=None):
     """Rebuild the recorded indexes of the table unless another run on it is still alive (the last
     one to finish rebuilds them). Returns the names rebuilt."""
     conn = db.connect(settings.database_url)
@@ -92,7 +92,7 @@ def restore(settings, target):
         with conn.cursor() as cur:
             if not waiting:
                 return rebuilt
-            if _others_alive(cur, target):
+            if _others_alive(cur, target, own_run):
                 log.info(
                     "other runs on %s are alive: the last one to finish rebuilds its vector indexes", target.display
                 )
@@ -118,16 +118,16 @@ def restore(settings, target):
     return rebuilt
 
 
-def _others_alive(cur, target):
+def _others_alive(cur, target, own_run):
     """Whether another run on the table renews its lease: a run killed a moment ago still has
     one, so leases are read twice, a renewal apart (waiting only when there are any)."""
-    query = "SELECT run_id, lease_until FROM etl_runs WHERE table_name = %s AND lease_until > now()"
-    cur.execute(query, (target.qualified_name,))
+    query = "SELECT run_id, lease_until FROM etl_runs WHERE table_name = %s AND lease_until > now() AND run_id <> %s"
+    cur.execute(query, (target.qualified_name, own_run or ""))
     before = dict(cur.fetchall())
     if not before:
         return False
     time.sleep(2 * RENEW_SECONDS + 1)
-    cur.execute(query, (target.qualified_name,))
+    cur.execute(query, (target.qualified_name, own_run or ""))
     return any(run_id not in before or until > before[run_id] for run_id, until in cur.fetchall())
 
 

@@ -23,14 +23,16 @@ def format_eta(seconds):
 
 
 class Progress:
-    def __init__(self, stream, interval=10.0, tty=None):
+    def __init__(self, stream, interval=10.0, tty=None, follow=False):
         self.stream = stream
+        self.follow = follow  # --follow: the lines also say when a row was last embedded
         self.interval = interval
         self.tty = stream.isatty() if tty is None else tty
         self.started = time.monotonic()
         self.total = None
         self._last_line = self.started
         self._done = 0
+        self.active_at = self.started
         self.bar = None
         if self.tty:
             tqdm.monitor_interval = 0  # no monitor thread: the pool may fork again later
@@ -54,6 +56,8 @@ class Progress:
 
     def update(self, totals, force_line=False):
         done = totals["embedded"] + totals["failed"]
+        if done > self._done:
+            self.active_at = time.monotonic()
         if self.bar is not None:
             if done > self._done:
                 self.bar.update(done - self._done)
@@ -74,6 +78,7 @@ class Progress:
             f"progress done={self._done} embedded={totals['embedded']} failed={totals['failed']} "
             f"total={total} rows_per_s={self.rate():.1f} eta={format_eta(eta)} "
             f"elapsed={format_eta(time.monotonic() - self.started)}"
+            + (f" last_activity={format_eta(time.monotonic() - self.active_at)}_ago" if self.follow else "")
         )
 
     def close(self):
