@@ -6,7 +6,7 @@ import psycopg2
 from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
-from . import catalog, db
+from . import batchapi, catalog, db
 from .embedders import make_embedder
 from .errors import EXIT_OK, DatabaseError
 from .texts import row_text
@@ -83,6 +83,7 @@ def show_status(settings, out, top=5):
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
         conn.rollback()
+        batches = batchapi.status_lines(conn, target)
     finally:
         conn.close()
     total = f"~{estimate}" if estimate >= 0 else "unknown"
@@ -96,6 +97,8 @@ def show_status(settings, out, top=5):
         print(f"run {run_id} share=1/{runs} {budgets or 'no configured budget'} running_for={age}".rstrip(), file=out)
     for reason, count in reasons:
         print(f"failed {count:>8}  {reason}", file=out)
+    for line in batches:
+        print(line, file=out)
     return EXIT_OK
 
 

@@ -135,7 +135,10 @@ def ensure_ledger(conn):
     transaction-level advisory lock.
     """
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('etl_failures') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL")
+        cur.execute(
+            "SELECT to_regclass('etl_failures') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL "
+            "AND to_regclass('etl_batch_rows') IS NOT NULL"
+        )
         exists = cur.fetchone()[0]
         if not exists:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEDGER_LOCK_KEY,))

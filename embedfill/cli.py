@@ -15,7 +15,7 @@ from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
 
-VERBS = ("run", "init", "status", "demo", "search")
+VERBS = ("run", "init", "status", "demo", "search", "batches")
 
 EXAMPLES = """\
 examples:
@@ -26,8 +26,10 @@ examples:
   python etl.py status                     # where the table stands, and whether a run is active
   python etl.py demo                       # a local embedfill_demo table, embedded (offline without a key)
   python etl.py search "김치찌개" --top 5
+  python etl.py --batch-api                # OpenAI's Batch API: half the price, within 24 h; rerun to resume
+  python etl.py batches cancel             # cancel this table's pending batches
 
-verbs: run (the default), init, status, demo, search; `python etl.py VERB --help` for each.
+verbs: run (the default), init, status, demo, search, batches; `python etl.py VERB --help` for each.
 Settings come from flags, then the environment, then config.env (see config.env.example).
 exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
   3 finished but some rows failed (recorded in etl_failures), 130/143 interrupted by SIGINT/SIGTERM.
@@ -44,6 +46,8 @@ DESCRIPTIONS = {
     "name the demo did not make is never replaced. Without "
     "OPENAI_API_KEY it embeds offline with the local provider.",
     "search": "Embed a query with the configured provider and print the nearest rows by cosine distance.",
+    "batches": "Act on this table's pending --batch-api batches: `cancel` cancels them at OpenAI and releases "
+    "their rows.",
 }
 
 
@@ -77,6 +81,16 @@ def build_parser(verb):
     if verb == "search":
         parser.add_argument("query", help="the text to look for")
         parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
+    if verb == "batches":
+        parser.add_argument("action", choices=["cancel"], help="cancel: cancel the pending batches")
+    if verb == "run":
+        parser.add_argument(
+            "--batch-api",
+            action="store_true",
+            default=None,
+            help="embed through OpenAI's Batch API at half the price, within 24 h [env ETL_BATCH_API]",
+        )
+        parser.add_argument("--no-wait", action="store_true", help="with --batch-api: submit, then exit 0 (for cron)")
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb in ("run", "demo"):
@@ -136,7 +150,8 @@ def main(argv=None):
     level = "INFO"
     try:
         flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
-        flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run")})
+        flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run", "no_wait")})
+        flags["batch_api"] = getattr(args, "batch_api", None)
         flags["truncate"] = False if getattr(args, "no_truncate", False) else None
         file_values = config.read_config_file(args.config or "config.env", explicit=args.config is not None)
         preliminary = resolve(flags, os.environ, file_values)
@@ -183,6 +198,12 @@ def dispatch(verb, args, flags, file_values, preliminary):
         return admin.show_status(settings, sys.stdout)
     if verb == "search":
         return admin.search(settings, args.query, args.top, sys.stdout)
+    if verb == "batches" or (settings.batch_api and not settings.dry_run):
+        from . import batchapi
+
+        if verb == "batches":
+            return batchapi.cancel_batches(settings, sys.stdout)
+        return batchapi.run_batches(settings)
     return driver.run_backfill(settings)
 
 
