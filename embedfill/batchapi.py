@@ -429,7 +429,7 @@ def run_batches(settings, out=None):
     if run is None:  # a signal before the database answered
         return EXIT_SIGINT if received[0] == signal.SIGINT else EXIT_SIGTERM
     print(summary_line(settings, run.totals, time.monotonic() - started, 0), file=out, flush=True)
-    print(f"batches submitted={run.submitted} ended={run.landed}", file=out, flush=True)
+    log.info("batches submitted=%d ended=%d", run.submitted, run.landed)
     if received:
         log.warning(
             "interrupted by %s: the batches keep running at OpenAI; rerun the same command to land them",

@@ -10,7 +10,7 @@ import traceback
 
 from . import config, logs
 from .config import OPTIONS, resolve
-from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ def dispatch(verb, args, flags, file_values, preliminary):
         return admin.show_status(settings, sys.stdout)
     if verb == "search":
         return admin.search(settings, args.query, args.top, sys.stdout)
+    if settings.no_wait and not settings.batch_api:
+        raise UsageError("--no-wait goes with --batch-api (or ETL_BATCH_API=true)")
     if verb == "batches" or (settings.batch_api and not settings.dry_run):
         from . import batchapi
 
