@@ -119,26 +119,26 @@ class BatchRun:
 
     # --- submit ----------------------------------------------------------------------------------
     def submit_new(self):
-        """Claim the NULL rows not in a pending batch, record each batch's rows, create it."""
-        after, left = None, self.settings.limit
-        exhausted = False
-        while not exhausted and (left is None or left > 0):
-            want = self.settings.batch_rows if left is None else min(left, self.settings.batch_rows)
-            row_ids, failures, size, full = [], [], 0, False
-            while not (exhausted or full) and len(row_ids) + len(failures) < want:
-                page = self.store.claim(after, None, min(CLAIM_PAGE, want - len(row_ids) - len(failures)))
-                exhausted = len(page) < min(CLAIM_PAGE, want - len(row_ids) - len(failures))
+        """Claim the NULL rows not in a pending batch, --batch-rows at a time; record each batch's rows, create it."""
+        after, left, exhausted = None, self.settings.limit, False
+        limit = self.settings.input_token_limit
+        while not exhausted and left != 0:
+            want = min(left or self.settings.batch_rows, self.settings.batch_rows)
+            row_ids, failures, size = [], [], 0
+            while not exhausted and size <= TEXT_BYTES_PER_FILE and len(row_ids) + len(failures) < want:
+                asked = min(CLAIM_PAGE, want - len(row_ids) - len(failures))
+                page = self.store.claim(after, None, asked)
+                exhausted = len(page) < asked
                 for row_id, *values in page:
                     text = row_text(values)
                     size += len(text.encode("utf-8"))
-                    if size > TEXT_BYTES_PER_FILE:  # the next batch starts here
-                        full, exhausted = True, False
+                    if size > TEXT_BYTES_PER_FILE:  # this row starts the next batch
+                        exhausted = False
                         break
                     after = row_id
                     if not text:
                         failures.append((row_id, "empty text", 1))
-                    elif not self.settings.truncate and fit(text, self.settings.input_token_limit, False)[2]:
-                        limit = self.settings.input_token_limit
+                    elif not self.settings.truncate and fit(text, limit, False)[2]:
                         failures.append(
                             (row_id, f"input is over the model's limit of {limit} tokens (--no-truncate)", 1)
                         )
@@ -153,12 +153,8 @@ class BatchRun:
                     cur.execute(
                         db.load_sql("batch_record"), {"key": key, "table_name": self.table, "row_count": len(row_ids)}
                     )
-                    psycopg2.extras.execute_values(
-                        cur,
-                        db.load_sql("batch_add_rows"),
-                        [(self.table, row_id, key) for row_id in row_ids],
-                        page_size=5000,
-                    )
+                    rows = [(self.table, row_id, key) for row_id in row_ids]
+                    psycopg2.extras.execute_values(cur, db.load_sql("batch_add_rows"), rows, page_size=5000)
             self.conn.commit()
             if row_ids:
                 self.create(key, 1)
@@ -263,12 +259,10 @@ class BatchRun:
         with api(f"retrieving batch {record.batch_id}"):
             batch = self.client.batches.retrieve(record.batch_id)
         counts = batch.request_counts
-        if counts is not None:
-            self.counts[record.key] = (counts.completed, counts.total)
-            described = f"{counts.completed}/{counts.total} failed={counts.failed}"
+        described = counts and f"{counts.completed}/{counts.total} failed={counts.failed}"
         if batch.status not in ENDED:
-            if batch.status != record.state or counts is not None:
-                self.update(record.key, state=batch.status, request_counts=described if counts else None)
+            self.counts[record.key] = (counts.completed, counts.total) if counts else (0, 0)
+            self.update(record.key, state=batch.status, request_counts=described)
             return
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
@@ -286,7 +280,7 @@ class BatchRun:
             self.totals["failed"] += len(left)
         self.release(record.key)  # rows of a completed or cancelled batch left NULL: a later run takes them
         state = {"completed": "landed", "cancelled": "cancelled"}.get(batch.status, "failed")
-        self.update(record.key, state=state, request_counts=described if counts else None)
+        self.update(record.key, state=state, request_counts=described)
         self.landed += 1
         log.info("batch %s %s: %s", record.key, batch.status, state)
 
