@@ -6,7 +6,7 @@ import psycopg2
 from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
-from . import batchapi, catalog, db
+from . import catalog, db
 from .embedders import make_embedder
 from .errors import EXIT_OK, DatabaseError
 from .texts import row_text
@@ -83,7 +83,9 @@ def show_status(settings, out, top=5):
             cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
         conn.rollback()
-        batches = batchapi.status_lines(conn, target)
+        from .batchapi import status_lines  # imported here: batchapi pulls in the driver, which status needs not
+
+        batches = status_lines(conn, target)
     finally:
         conn.close()
     total = f"~{estimate}" if estimate >= 0 else "unknown"
