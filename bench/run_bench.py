@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from embedfill import catalog, db, planner  # noqa: E402
 from embedfill.config import resolve  # noqa: E402
 from embedfill.demo import generate_rows, line_reader  # noqa: E402
+from embedfill.models import estimate_cost  # noqa: E402
 
 DIMS = 1536
 MODEL = "text-embedding-3-small"
@@ -699,6 +700,39 @@ def main():
             "",
             "< 1 s; < 200 MB",
             f"peak RSS of any process {peak:.0f} MB; whole run (sum of PSS) {stats['total_mb']:.0f} MB",
+        )
+
+    # The same table by both paths: the normal endpoint, then the Batch API (--batch-api).
+    if wanted("batch"):
+        rows = 5_000 if args.quick else 20_000
+        costs = {}
+        for label, extra in (("normal endpoint", []), ("batch API", ["--batch-api", "--poll-seconds", "1"])):
+            create_foods(url, rows)
+            fake = FakeServer(exact_usage=True)
+            seconds, summary, _, _, stats = run_etl(
+                url, fake, "--workers", "4", "--batch-size", "200", "--batch-rows", "10000", *extra
+            )
+            fake.stop()
+            costs[label] = (float(summary["cost_usd"]), int(summary["tokens"]), stats, seconds)
+        (normal, tokens, _, normal_s), (batch, batch_tokens, stats, batch_s) = (
+            costs["normal endpoint"],
+            costs["batch API"],
+        )
+        large, big = "text-embedding-3-large", 10_000_000 * tokens // rows
+        row(
+            "batch API cost",
+            f"{MODEL}, --batch-size 200; --batch-api --batch-rows 10000 vs the normal endpoint",
+            rows,
+            f"{batch_s:.1f}",
+            f"${batch:.4f} by batches",
+            f"${normal:.4f} normal",
+            f"{batch / normal:.2f}",
+            "0.50",
+            f"tokens {batch_tokens:,} (batch) and {tokens:,} (normal), from the fake's usage; {batch_s:.1f} s by "
+            f"batches (a batch done at the first poll) and {normal_s:.1f} s normal; inputs received "
+            f"{stats['batch_inputs']:,} by batch and {stats['inputs']:,} by the normal endpoint; "
+            f"a 10M-row table of {tokens / rows:.0f} tokens a row on text-embedding-3-large: "
+            f"${estimate_cost(large, big):,.2f} normal, ${estimate_cost(large, big, batch=True):,.2f} by batches",
         )
 
     # The demo's table generation and `status`, on the big size.

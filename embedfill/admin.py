@@ -149,6 +149,9 @@ def show_status(settings, out, top=5):
                 tracking += f" oldest_null_age={(cur.fetchone()[0] or 'none').replace(' ', '_')}"
         conn.rollback()
         holds = catalog.describe_column(conn, target)
+        from .batchapi import status_lines  # imported here: batchapi pulls in the driver, which status needs not
+
+        batches = status_lines(conn, target)
     finally:
         conn.close()
     total = f"~{estimate}" if estimate >= 0 else "unknown"
@@ -170,6 +173,8 @@ def show_status(settings, out, top=5):
         )
     for reason, count in reasons:
         print(f"failed {count:>8}  {reason}", file=out)
+    for line in batches:
+        print(line, file=out)
     return EXIT_OK
 
 

@@ -150,7 +150,14 @@ def has_partial_index(conn, target):
     return scalar(conn, load_sql("find_partial_index"), params) is not None
 
 
-LEDGER_TABLES = ["etl_failures", "etl_runs", "etl_columns", "etl_deferred_indexes"]  # sql/ledger.sql creates them all
+LEDGER_TABLES = [
+    "etl_failures",
+    "etl_runs",
+    "etl_columns",
+    "etl_deferred_indexes",
+    "etl_batches",
+    "etl_batch_rows",
+]  # sql/ledger.sql creates them all
 LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
 
 

@@ -15,7 +15,7 @@ from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
 
-VERBS = ("run", "init", "status", "demo", "search", "verify")
+VERBS = ("run", "init", "status", "demo", "search", "verify", "batches")
 
 EXAMPLES = """\
 examples:
@@ -30,8 +30,10 @@ examples:
   python etl.py search "김치찌개" --top 5
   python etl.py verify --sample 100        # re-embed 100 random rows and compare with what is stored
   python etl.py init --reset-column --yes  # clear the column and its record, to fill it with another model
+  python etl.py --batch-api                # OpenAI's Batch API: half the price, within 24 h; rerun to resume
+  python etl.py batches cancel             # cancel this table's pending batches
 
-verbs: run (the default), init, status, demo, search, verify; `python etl.py VERB --help` for each.
+verbs: run (the default), init, status, demo, search, verify, batches; `python etl.py VERB --help` for each.
 Settings come from flags, then the environment, then config.env (see config.env.example).
 exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
   3 finished but some rows failed (recorded in etl_failures) or, for verify, hold a vector that is not
@@ -53,6 +55,8 @@ DESCRIPTIONS = {
     "search": "Embed a query with the configured provider and print the nearest rows by cosine distance.",
     "verify": "Re-embed stored rows (a random sample, or --all) and compare each with its stored vector "
     "(cosine >= 0.99); name every row that does not match, and with --fix set it to NULL for the next run.",
+    "batches": "Act on this table's pending --batch-api batches: `cancel` cancels them at OpenAI and releases "
+    "their rows.",
 }
 
 
@@ -110,6 +114,16 @@ def build_parser(verb):
             metavar="S",
             help="seconds between progress lines [default 10]",
         )
+    if verb == "batches":
+        parser.add_argument("action", choices=["cancel"], help="cancel: cancel the pending batches")
+    if verb == "run":
+        parser.add_argument(
+            "--batch-api",
+            action="store_true",
+            default=None,
+            help="embed through OpenAI's Batch API at half the price, within 24 h [env ETL_BATCH_API]",
+        )
+        parser.add_argument("--no-wait", action="store_true", help="with --batch-api: submit, then exit 0 (for cron)")
     if verb == "demo":
         parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb == "init":
@@ -181,7 +195,8 @@ def main(argv=None):
     level = "INFO"
     try:
         flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
-        flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run")})
+        flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run", "no_wait")})
+        flags["batch_api"] = getattr(args, "batch_api", None)
         flags["truncate"] = False if getattr(args, "no_truncate", False) else None
         file_values = config.read_config_file(args.config or "config.env", explicit=args.config is not None)
         preliminary = resolve(flags, os.environ, file_values)
@@ -239,6 +254,16 @@ def dispatch(verb, args, flags, file_values, preliminary):
         return verify.verify(settings, None if args.all else args.sample, args.fix, sys.stdout)
     if settings.follow and settings.limit is not None:
         raise UsageError("--limit and --follow do not go together: a follower has no end (drop one of them)")
+    if settings.no_wait and not settings.batch_api:
+        raise UsageError("--no-wait goes with --batch-api (or ETL_BATCH_API=true)")
+    if settings.batch_api and (settings.follow or settings.defer_index):
+        raise UsageError("--batch-api does not go with --follow or --defer-index (drop one of them)")
+    if verb == "batches" or (settings.batch_api and not settings.dry_run):
+        from . import batchapi
+
+        if verb == "batches":
+            return batchapi.cancel_batches(settings, sys.stdout)
+        return batchapi.run_batches(settings)
     return driver.run_backfill(settings)
 
 

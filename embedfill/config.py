@@ -36,21 +36,14 @@ _batch_size = _checked(
 _columns = _checked(
     lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), bool, "needs at least one column name"
 )
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 boolean = _checked(
-    lambda text: {
-        "1": True,
-        "true": True,
-        "yes": True,
-        "on": True,
-        "0": False,
-        "false": False,
-        "no": False,
-        "off": False,
-    }.get(text.strip().lower()),
-    lambda value: value is not None,
-    "must be true or false",
+    lambda text: _BOOLEANS.get(text.strip().lower()), lambda value: value is not None, "must be true or false"
 )
 _provider = _checked(str, lambda value: value in ("openai", "azure", "local"), "must be openai, azure or local")
+_batch_rows = _checked(
+    _positive_int, lambda value: value <= 50_000, "must be at most 50000 (the Batch API's limit of inputs per batch)"
+)
 _log_level = _checked(
     str.upper, lambda value: value in ("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR"
 )
@@ -127,9 +120,14 @@ OPTIONS = [
     Option("follow", "ETL_FOLLOW", "--follow", False, boolean,
            "after the backlog, stay up and embed new and edited rows as they come (LISTEN and polling)"),
     Option("poll_seconds", "ETL_POLL_SECONDS", "--poll-seconds", 30.0, _positive_float,
-           "with --follow: look for NULL rows at least this often, notified or not", "S"),
+           "with --follow: look for NULL rows at least this often, notified or not; "
+           "with --batch-api: seconds between two looks at the pending batches", "S"),
     Option("updated_column", "ETL_UPDATED_COLUMN", "--updated-column", None, str,
            "a timestamp column of the table: `status` shows how old the oldest NULL row is", "NAME"),
+    Option("batch_api", "ETL_BATCH_API", None, False, boolean,
+           "embed through OpenAI's Batch API: half the price, results within 24 h (flag: --batch-api)"),
+    Option("batch_rows", "ETL_BATCH_ROWS", "--batch-rows", 50_000, _batch_rows,
+           "rows per submitted batch (--batch-api; at most 50000)", "N"),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
@@ -158,7 +156,7 @@ class _Derived:
 
 # Everything a run needs, resolved once and passed down: a field per option, then what only
 # the command line sets, and `extras` for what a verb passes along (the progress interval).
-RUN_ONLY = {"limit": None, "truncate": True, "retry_failed": False, "dry_run": False}
+RUN_ONLY = {"limit": None, "truncate": True, "retry_failed": False, "dry_run": False, "no_wait": False}
 Settings = make_dataclass(
     "Settings",
     [option.dest for option in OPTIONS]

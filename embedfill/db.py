@@ -92,12 +92,15 @@ def copy_chunks(row_ids, vectors, half=False):
 class WorkerStore:
     """One worker's connection and the statements of the hot path."""
 
-    def __init__(self, conn, target, retry_failed):
+    def __init__(self, conn, target, retry_failed, skip_batched=None):
         self.conn = conn
         self.target = target
         self.retry_failed = retry_failed
         skip = sql.SQL("") if retry_failed else target.query("skip_failures")
-        self._claim = target.query("claim_batch", skip_failures=skip).as_string(conn)
+        if skip_batched is None:  # rows of pending --batch-api batches: checked once per connection
+            skip_batched = self._has_pending_batches()
+        batched = target.query("skip_batched") if skip_batched else sql.SQL("")
+        self._claim = target.query("claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
         self._write = target.query("write_batch").as_string(conn)
         with conn.cursor() as cur:
             # The staging table has no statistics: keep the planner on the nested loop.
@@ -105,6 +108,16 @@ class WorkerStore:
             cur.execute("SET enable_mergejoin = off")
             cur.execute(target.query("create_stage"))
         conn.commit()
+
+    def _has_pending_batches(self):
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('etl_batch_rows') IS NOT NULL")
+            if cur.fetchone()[0]:
+                cur.execute(
+                    "SELECT EXISTS (SELECT 1 FROM etl_batch_rows WHERE table_name = %s)", (self.target.qualified_name,)
+                )
+                return cur.fetchone()[0]
+        return False
 
     def claim(self, after, upto, limit):
         """Lock and return up to `limit` rows (id text, *column texts) after `after`, up to `upto`."""

@@ -369,12 +369,13 @@ def _load_client_library():
 
 def summary_line(settings, totals, elapsed, skipped):
     rate = (totals["embedded"] + totals["failed"]) / elapsed if elapsed > 0 else 0.0
-    cost = estimate_cost(settings.model_name, totals["tokens"], settings.price)
+    cost = estimate_cost(settings.model_name, totals["tokens"], settings.price, batch=settings.batch_api)
     return (
         f"summary embedded={totals['embedded']} failed={totals['failed']} skipped_known_failures={skipped} "
         f"elapsed_s={elapsed:.1f} rows_per_s={rate:.1f} tokens={totals['tokens']} "
         f"cost_usd={'unknown' if cost is None else f'{cost:.4f}'} requests={totals['requests']} "
         f"retries={totals['retries']} rate_limited={totals['rate_limited']} truncated={totals['truncated']}"
+        + (" batch_api=yes" if settings.batch_api else "")
     )
 
 
@@ -397,7 +398,7 @@ def dry_run(settings, target, ranges, out):
     texts = [text for text in texts if text]
     mean = sum(min(count_tokens(t), settings.input_token_limit) for t in texts) / len(texts) if texts else 0.0
     tokens = int(mean * rows)
-    cost = estimate_cost(settings.model_name, tokens, settings.price)
+    cost = estimate_cost(settings.model_name, tokens, settings.price, batch=settings.batch_api)
     minutes = []
     if settings.tpm:
         minutes.append(tokens / settings.tpm)
@@ -409,7 +410,7 @@ def dry_run(settings, target, ranges, out):
         f"estimated_cost_usd={'unknown' if cost is None else f'{cost:.4f}'} "
         f"estimated_time={format_eta(max(minutes) * 60) if minutes else 'unbounded (no ETL_TPM or ETL_RPM set)'} "
         f"model={settings.model_name} workers={settings.workers} batch_size={settings.batch_size} "
-        f"ranges={len(ranges)}",
+        f"ranges={len(ranges)}" + (" batch_api=yes" if settings.batch_api else ""),
         file=out,
     )
     processes = process_count(settings.workers)

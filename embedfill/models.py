@@ -18,6 +18,9 @@ KNOWN_MODELS = {
     "text-embedding-ada-002": ModelInfo(1536, 8191, 0.10),
 }
 
+# OpenAI's Batch API bills every embedding model at half its list price.
+BATCH_PRICE_FACTOR = 0.5
+
 DEFAULT_MODEL = "text-embedding-3-small"
 DEFAULT_MAX_INPUT_TOKENS = 8191
 LOCAL_MODEL = "local-hashing"
@@ -33,11 +36,12 @@ def model_info(model):
     return KNOWN_MODELS.get(model)
 
 
-def estimate_cost(model, tokens, price_override=None):
-    """US dollars for `tokens` input tokens, or None when the price is unknown."""
+def estimate_cost(model, tokens, price_override=None, batch=False):
+    """US dollars for `tokens` input tokens, or None when the price is unknown. `batch`: at the
+    Batch API's price (an override is taken as the price of the path in use)."""
     if price_override is not None:
         return tokens * price_override / 1e6
     info = model_info(model)
     if info is None:
         return 0.0 if model == LOCAL_MODEL else None
-    return tokens * info.usd_per_million_tokens / 1e6
+    return tokens * info.usd_per_million_tokens * (BATCH_PRICE_FACTOR if batch else 1) / 1e6

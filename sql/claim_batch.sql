@@ -9,7 +9,8 @@
 -- keyset cursor, which is safe: whoever holds them writes them.
 --
 -- The skip_failures slot below is either empty (--retry-failed) or the anti-join against
--- the failure ledger (sql/skip_failures.sql).
+-- the failure ledger (sql/skip_failures.sql). The skip_batched slot is empty unless the table
+-- had rows in a pending --batch-api batch when the connection was opened (sql/skip_batched.sql).
 SELECT t.{id}::text AS row_id, {text_columns}
 FROM {table} t
 WHERE t.{embedding} IS NULL
@@ -17,6 +18,7 @@ WHERE t.{embedding} IS NULL
   AND (%(upto)s::{id_type} IS NULL OR t.{id} <= %(upto)s::{id_type})
   AND t.{id} IS NOT NULL
   {skip_failures}
+  {skip_batched}
 ORDER BY t.{id}
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;

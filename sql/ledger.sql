@@ -52,3 +52,32 @@ CREATE TABLE IF NOT EXISTS etl_columns (
     recorded       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_name, column_name)
 );
+
+-- --batch-api (batchapi.py): one row per batch submitted to OpenAI's Batch API, recorded
+-- before the batch is created (its key is also in the batch's metadata), so that a rerun after
+-- a kill finds it instead of paying for its rows twice. state: submitting (no batch id yet),
+-- the batch's own status while it is pending, then landed, failed or cancelled.
+CREATE TABLE IF NOT EXISTS etl_batches (
+    key             text        PRIMARY KEY,
+    table_name      text        NOT NULL,
+    input_file_id   text,
+    batch_id        text,
+    state           text        NOT NULL DEFAULT 'submitting',
+    row_count       int         NOT NULL,
+    attempts        int         NOT NULL DEFAULT 1,
+    request_counts  text,
+    created         timestamptz NOT NULL DEFAULT now(),
+    updated         timestamptz NOT NULL DEFAULT now()
+);
+
+-- The rows of the pending batches: a run skips them. `request` and `position` place each
+-- vector of the batch's output (custom_id and index); a row leaves when its vector lands.
+CREATE TABLE IF NOT EXISTS etl_batch_rows (
+    table_name  text NOT NULL,
+    row_id      text NOT NULL,
+    batch_key   text NOT NULL,
+    request     int,
+    position    int,
+    PRIMARY KEY (table_name, row_id)
+);
+CREATE INDEX IF NOT EXISTS etl_batch_rows_key_idx ON etl_batch_rows (batch_key, request, position);

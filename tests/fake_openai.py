@@ -10,12 +10,19 @@
   limit that answers 429 past it, a fixed response time (--latency: each answer leaves that
   long after its request came in, however long computing it took).
 * Counters: requests, inputs, statuses, and how many times each text was embedded.
+* The Files and Batches endpoints (`files.create/content`, `batches.create/retrieve/list/
+  cancel`) as the real API speaks them: a batch's request lines are embedded like requests
+  to /embeddings (refused inputs go to its error file) once it is done, after
+  `batch_delay` seconds and on the `batch_retrieves`-th retrieve; output lines are shuffled;
+  `expire_batches` batches expire with half their requests run. `batch_inputs` counts the
+  inputs embedded through batches (`inputs` those of /embeddings).
 
 Run standalone for the benchmark: python -m tests.fake_openai --port 8911 --latency 0.2
 """
 
 import argparse
 import collections
+import email.policy
 import hashlib
 import json
 import random
@@ -23,7 +30,10 @@ import socket
 import threading
 import time
 import urllib.parse
+import uuid
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -140,6 +150,8 @@ class FakeOpenAI:
         self._bucket_stamp = time.monotonic()
         self.server = None
         self.thread = None
+        self.files, self.batches = {}, {}
+        self.batch_delay, self.batch_retrieves, self.expire_batches = 0.0, 1, 0
 
     def reset_counters(self):
         with self.lock:
@@ -159,6 +171,8 @@ class FakeOpenAI:
             self.idle_seconds = 0.0  # per connection: from an answer leaving to the next request
             self.idle_gaps = 0
             self.spans = []  # per connection: [first request arrived, last answer left, requests]
+            self.batch_inputs = 0
+            self.batches_created = 0
 
     def add_faults(self, *actions):
         """Queue actions for the next requests: {'status': 429, 'headers': {...}}, {'drop': True},
@@ -229,17 +243,19 @@ class FakeOpenAI:
             headers[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, capacity - level) / (limit / 60.0):.3f}s"
         return ok, wait, headers
 
-    def handle(self, headers, body, azure=None):
+    def handle(self, headers, body, azure=None, via_batch=False):
         """(status, response headers, payload dict or None for a dropped connection, hang seconds).
 
         `azure` is (deployment, api-version) for a request on Azure OpenAI's path: its own key
-        header, error bodies, 404s and rate-limit headers (remaining only, no limit or reset)."""
+        header, error bodies, 404s and rate-limit headers (remaining only, no limit or reset).
+        via_batch: a request line of a batch (no faults, budgets or key check; counted apart)."""
         with self.lock:
-            self.requests += 1
-            self.arrivals.append(time.monotonic())
-            if self.first_request_at is None:
-                self.first_request_at = time.time()
-            action = self.script.popleft() if self.script else None
+            if not via_batch:
+                self.requests += 1
+                self.arrivals.append(time.monotonic())
+                if self.first_request_at is None:
+                    self.first_request_at = time.time()
+            action = self.script.popleft() if self.script and not via_batch else None
         if action and action.get("drop"):
             self._count_status("dropped")
             return None, {}, None, 0
@@ -263,7 +279,7 @@ class FakeOpenAI:
                 self._count_status(404)
                 return 404, {}, {"error": {"code": "DeploymentNotFound", "message": AZURE_NO_DEPLOYMENT}}, hang
             model = self.azure_deployments[deployment]
-        elif headers.get("Authorization") != f"Bearer {self.api_key}":
+        elif not via_batch and headers.get("Authorization") != f"Bearer {self.api_key}":
             with self.lock:
                 self.auth_failures += 1
             self._count_status(401)
@@ -305,7 +321,7 @@ class FakeOpenAI:
             self._count_status(400)
             return 400, {}, _error("Requested 300001+ tokens, max 300000 tokens per request"), hang
         with self.lock:
-            ok, wait, limit_headers = self._take_budget(total)
+            ok, wait, limit_headers = self._take_budget(total) if not via_batch else (True, 0.0, {})
         if azure is not None:
             limit_headers = {key: value for key, value in limit_headers.items() if "-remaining-" in key}
         if not ok:
@@ -327,8 +343,11 @@ class FakeOpenAI:
         if self.shuffle:
             random.shuffle(data)
         with self.lock:
-            self.inputs += len(inputs)
-            self.batch_sizes.append(len(inputs))
+            if via_batch:
+                self.batch_inputs += len(inputs)
+            else:
+                self.inputs += len(inputs)
+                self.batch_sizes.append(len(inputs))
             self.texts.update(inputs)
             self.tokens_served += total
         self._count_status(200)
@@ -349,9 +368,130 @@ class FakeOpenAI:
         with self.lock:
             self.statuses[status] += 1
 
+    # --- Files and Batches ---------------------------------------------------------------
+    def add_file(self, content, filename, purpose):
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        self.files[file_id] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "content": content,
+        }
+        return {key: value for key, value in self.files[file_id].items() if key != "content"}
+
+    def batch_api(self, method, path, query, headers, raw):
+        """(status, payload) for /files and /batches; payload bytes for a file's content."""
+        if headers.get("Authorization") != f"Bearer {self.api_key}":
+            return 401, _error("Incorrect API key provided", "invalid_api_key")
+        parts = path.split("?")[0].rstrip("/").split("/")[2:]  # after /v1
+        with self.lock:
+            if parts == ["files"] and method == "POST":
+                form = _multipart(headers.get("Content-Type"), raw)
+                return 200, self.add_file(form["file"][1], form["file"][0], form["purpose"][1].decode())
+            if len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and parts[1] in self.files:
+                return 200, RawBytes(self.files[parts[1]]["content"])
+            if parts == ["batches"] and method == "POST":
+                body = json.loads(raw)
+                source = self.files.get(body.get("input_file_id"))
+                if source is None or source["purpose"] != "batch" or body.get("endpoint") != "/v1/embeddings":
+                    return 400, _error("invalid input_file_id or endpoint")
+                batch_id = f"batch_{uuid.uuid4().hex[:24]}"
+                lines = source["content"].decode().count("\n")
+                self.batches[batch_id] = batch = {
+                    "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                    "input_file_id": source["id"], "completion_window": body.get("completion_window"),
+                    "status": "validating", "output_file_id": None, "error_file_id": None,
+                    "created_at": int(time.time()), "metadata": body.get("metadata"),
+                    "request_counts": {"total": lines, "completed": 0, "failed": 0}, "_retrieves": 0,
+                }  # fmt: skip
+                self.batches_created += 1
+                return 200, _public(batch)
+            if parts == ["batches"] and method == "GET":
+                ordered = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
+                after = query.get("after", [None])[0]
+                if after:
+                    ordered = ordered[[b["id"] for b in ordered].index(after) + 1 :]
+                limit = int(query.get("limit", ["20"])[0])
+                page = [_public(b) for b in ordered[:limit]]
+                return 200, {
+                    "object": "list", "data": page, "has_more": len(ordered) > limit,
+                    "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
+                }  # fmt: skip
+            batch = self.batches.get(parts[1]) if len(parts) >= 2 and parts[0] == "batches" else None
+            if batch is None:
+                return 404, _error("unknown path or id")
+            if parts[2:] == ["cancel"] and method == "POST":
+                if batch["status"] in ("validating", "in_progress", "finalizing"):
+                    batch["status"] = "cancelling"
+                return 200, _public(batch)
+            batch["_retrieves"] += 1
+            if batch["status"] == "cancelling":
+                batch["status"] = "cancelled"
+            elif batch["status"] in ("validating", "in_progress", "finalizing"):
+                batch["status"] = "in_progress"
+                ready = time.time() - batch["created_at"] >= self.batch_delay
+                if ready and batch["_retrieves"] >= self.batch_retrieves:
+                    self._run_batch(batch)
+            return 200, _public(batch)
+
+    def _run_batch(self, batch):
+        """Embed every request line of a batch (or half of them, when it expires) into its files."""
+        lines = self.files[batch["input_file_id"]]["content"].decode().splitlines()
+        expire = self.expire_batches > 0
+        self.expire_batches -= expire
+        output, errors = [], []
+        for number, line in enumerate(lines):
+            request = json.loads(line)
+            head = b'{"id":"batch_req_%d","custom_id":%s,' % (number, json.dumps(request["custom_id"]).encode())
+            if expire and number >= len(lines) // 2:
+                message = "This request could not be executed before the completion window expired."
+                errors.append(head + b'"response":null,"error":%s}' % json.dumps(
+                    {"code": "batch_expired", "message": message}).encode())  # fmt: skip
+                continue
+            self.lock.release()  # handle() takes the lock itself
+            try:
+                status, _, payload, _ = self.handle({}, request["body"], via_batch=True)
+            finally:
+                self.lock.acquire()
+            body = payload if isinstance(payload, RawJson) else json.dumps(payload).encode()
+            answer = b'"response":{"status_code":%d,"request_id":"req_%d","body":%s},"error":null}'
+            (output if status == 200 else errors).append(head + answer % (status, number, body))
+        random.shuffle(output)
+        random.shuffle(errors)
+        for kind, found in (("output", output), ("error", errors)):
+            if found:
+                batch[f"{kind}_file_id"] = self.add_file(b"\n".join(found) + b"\n", f"{kind}.jsonl", "batch_output")[
+                    "id"
+                ]
+        batch["request_counts"].update(completed=len(output), failed=len(errors))
+        batch["status"] = "expired" if expire else "completed"
+
 
 class RawJson(bytes):
     """A payload already encoded as JSON (UTF-8 bytes)."""
+
+
+class RawBytes(bytes):
+    """A file's content, sent as it is."""
+
+
+def _public(batch):
+    return {key: value for key, value in batch.items() if not key.startswith("_")}
+
+
+def _multipart(content_type, raw):
+    """{field name: (filename, bytes)} of a multipart/form-data body, read with the email parser."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    return {
+        part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
+        for part in message.iter_parts()
+    }
 
 
 def _error(message, code=None):
@@ -367,6 +507,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         """/_stats: the counters, for the benchmark (which runs the server in its own process)."""
+        if self.path.startswith(("/v1/files", "/v1/batches")):
+            return self._send(*self._batch_api("GET", b""))
         if self.path != "/_stats":
             return self._send(404, {}, _error("unknown path"))
         owner = self.owner
@@ -381,12 +523,15 @@ class _Handler(BaseHTTPRequestHandler):
                 "idle_seconds": owner.idle_seconds,
                 "idle_gaps": owner.idle_gaps,
                 "spans": owner.spans,
+                "batch_inputs": owner.batch_inputs,
             }
         self._send(200, {}, stats)
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        if self.path.startswith(("/v1/files", "/v1/batches")):
+            return self._send(*self._batch_api("POST", raw))
         url = urllib.parse.urlsplit(self.path)
         azure = None
         if url.path.startswith("/openai/deployments/") and url.path.endswith("/embeddings"):
@@ -429,8 +574,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(status, headers, payload)
 
+    def _batch_api(self, method, raw):
+        status, payload = self.owner.batch_api(
+            method, self.path, parse_qs(urlsplit(self.path).query), self.headers, raw
+        )
+        return status, {}, payload
+
     def _send(self, status, headers, payload):
-        data = payload if isinstance(payload, RawJson) else json.dumps(payload).encode()
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
