@@ -214,8 +214,10 @@ def column_identity(settings, target):
     if settings.provider == "local":
         provider, default = "local", LOCAL_DEFAULT_DIMENSIONS
     else:
-        url = settings.azure_endpoint if settings.provider == "azure" else settings.base_url
-        provider = urlsplit(url or "").hostname or "api.openai.com"
+        if settings.provider == "azure":
+            provider = urlsplit(settings.azure_endpoint).hostname
+        else:
+            provider = urlsplit(settings.base_url or "").hostname or "api.openai.com"
         default = getattr(model_info(settings.model), "dimensions", None)
     return {
         "model": settings.model_name,
@@ -237,15 +239,19 @@ def column_record(conn, target):
 
 
 def _has_vectors(conn, target):
-    """Whether the column already holds vectors (True also when it cannot tell within a few seconds)."""
+    """Whether the column already holds vectors: statistics that saw one say yes at once; else a
+    search of at most 5 s (a big table still all NULL is not read to its end: then, no)."""
     params = {"relation": relation_literal(conn, target.name_parts), "column": target.embedding_column}
+    if scalar(conn, load_sql("stats_say_vectors"), params):
+        return True
     try:
         with conn.cursor() as cur:
             cur.execute("SET LOCAL statement_timeout = '5s'")
-            cur.execute(target.query("has_vectors"), params)
+            cur.execute(target.query("has_vectors"))
             return cur.fetchone()[0]
     except psycopg2.errors.QueryCanceled:
-        return True
+        log.info("%s.%s: no vector found within 5 s; taken as empty", target.display, target.embedding_column)
+        return False
     finally:
         conn.rollback()
 

@@ -10,7 +10,7 @@ import traceback
 
 from . import config, logs
 from .config import OPTIONS, resolve
-from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, EtlError, UsageError
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, EtlError, Terminated, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
@@ -206,9 +206,9 @@ def main(argv=None):
     except EtlError as error:
         _report(error, level)
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("error: interrupted", file=sys.stderr)
-        return EXIT_SIGINT
+        return EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_SIGINT
     except Exception as error:  # a bug: one line unless DEBUG
         message = f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"
         _report(EtlError(message), level, error)

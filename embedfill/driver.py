@@ -136,6 +136,8 @@ def run_backfill(settings, out=None):
             totals["truncated"],
             settings.input_token_limit,
         )
+    if run.fatal is not None or run.received:
+        indexes.say_waiting(settings, target)
     if run.fatal is not None:
         raise EtlError(str(run.fatal))
     if not run.received:

@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import numpy as np
 import pybase64  # SIMD base64: decoding a 1536-dim vector takes 1 µs instead of 19 µs
@@ -89,6 +90,12 @@ def check_provider(settings):
         missing = [name for name, value in {**needed, "OPENAI_API_VERSION": settings.api_version}.items() if not value]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} not set: Azure OpenAI needs its endpoint, key and API version")
+    for name, url in (("AZURE_OPENAI_ENDPOINT", settings.azure_endpoint), ("OPENAI_BASE_URL", settings.base_url)):
+        parts = urlsplit(url or "http://x")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{name}={url!r} is not a URL: write it as https://HOST (e.g. https://NAME.openai.azure.com)"
+            )
 
 
 def retry_after_seconds(headers):

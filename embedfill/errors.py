@@ -52,5 +52,9 @@ class FatalProviderError(ProviderError):
     """Bad key, no access, unknown model, a dimension mismatch: stop every worker."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where the tool stops like at Ctrl-C (exit 143, not 130)."""
+
+
 class WorkerDied(EtlError):
     """A worker process ended without reporting (OOM killer, segfault)."""

@@ -2,33 +2,41 @@
 
 Every row written into a column with such an index is inserted into the index too, which costs
 far more than the write (the bench measures it). With --defer-index the definition is recorded
-in etl_deferred_indexes in the same transaction that drops the index, so it is never lost; the
-last run on the table to finish rebuilds it with CREATE INDEX CONCURRENTLY (search keeps
-working meanwhile, without the index), and any later run or `init --restore-index` rebuilds
-what an interrupted run left recorded.
+in etl_deferred_indexes and committed before the index is dropped (CONCURRENTLY), so it is never
+lost; the last run on the table to finish rebuilds it with CREATE INDEX CONCURRENTLY (search
+keeps working meanwhile, without the index), and any later run or `init --restore-index`
+rebuilds what an interrupted run left recorded. Dropping and rebuilding happen under one
+advisory lock per table, so two hosts never drop what the other is rebuilding.
 """
 
 import logging
 import re
+import signal
+import threading
 import time
 
 import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db
-from .errors import DatabaseError
+from .errors import DatabaseError, EtlError, FatalProviderError, Terminated
 from .lease import RENEW_SECONDS
 
 log = logging.getLogger(__name__)
 
-REBUILD_LOCK_KEY = 0x656D6269  # "embi", with the table's hash: one rebuild at a time per table
+LOCK_KEY = 0x656D6269  # "embi", with the table's hash: one drop or rebuild at a time per table
+DEFINITION = re.compile(r"CREATE (UNIQUE )?INDEX (\S+|\"(?:[^\"]|\"\")+\") ON ")
 
 
 def vector_indexes(conn, target):
-    """[(schema, name, definition)] of the HNSW/IVFFlat indexes on the embedding column."""
+    """[(schema, name, definition)] of the valid HNSW/IVFFlat indexes on the embedding column,
+    each definition schema-qualified throughout (read with an empty search_path, as pg_dump does)."""
     relation = catalog.relation_literal(conn, target.name_parts)
     with conn.cursor() as cur:
-        cur.execute(db.load_sql("vector_indexes"), {"relation": relation, "embedding_column": target.embedding_column})
+        cur.execute("SELECT to_regclass(%s)::oid", (relation,))  # resolved before the search_path is emptied
+        table = cur.fetchone()[0]
+        cur.execute("SET LOCAL search_path = ''")
+        cur.execute(db.load_sql("vector_indexes"), {"table": table, "embedding_column": target.embedding_column})
         rows = cur.fetchall()
     conn.rollback()
     return rows
@@ -45,40 +53,81 @@ def deferred(conn, target):
 
 def prepare(conn, target, settings):
     """Before the first request: say which vector indexes the writes will feed, and with
-    --defer-index record and drop them (one transaction: the definition is never lost)."""
-    live = vector_indexes(conn, target)
+    --defer-index (once a request has shown that the provider answers) record, then drop them."""
     waiting = deferred(conn, target)
     if waiting:
         names = ", ".join(name for _, name, _, _ in waiting)
         log.info("index %s, dropped by an earlier --defer-index run, is rebuilt when this run ends", names)
+    live = vector_indexes(conn, target)
     if not live:
         return
     names = ", ".join(name for _, name, _ in live)
-    if not settings.defer_index or settings.dry_run:
+    if not settings.defer_index or settings.dry_run or settings.limit is not None:
+        why = "" if not settings.defer_index else " (not now: --dry-run)" if settings.dry_run else " (not with --limit)"
         log.warning(
-            "%s has a vector index on %s (%s): every row written is inserted into it, several times slower "
-            "than the write itself (README: Vector indexes). Keep it (search stays fast during the run) or "
-            "rerun with --defer-index to drop it now and rebuild it at the end",
+            "%s has a vector index on %s (%s): every row written is inserted into it, several times slower than "
+            "the write itself (README: Vector indexes). Keep it (search stays fast during the run) or run with "
+            "--defer-index to drop it for the run and rebuild it at the end%s",
             target.display,
             target.embedding_column,
             names,
+            why,
         )
         return
+    _probe(settings, target)
+    conn.autocommit = True  # DROP INDEX CONCURRENTLY: app queries on the table are never queued behind it
     try:
         with conn.cursor() as cur:
-            cur.execute("SET LOCAL lock_timeout = '10s'")
-            for schema, name, definition in live:
-                cur.execute(
-                    "INSERT INTO etl_deferred_indexes (table_name, schema_name, index_name, definition) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (target.qualified_name, schema, name, definition),
-                )
-                cur.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, name)))
-        conn.commit()
+            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_KEY, target.qualified_name))
+            try:
+                for schema, name, definition in live:
+                    cur.execute(
+                        "INSERT INTO etl_deferred_indexes (table_name, schema_name, index_name, definition) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        (target.qualified_name, schema, name, definition),
+                    )
+                    cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name)))
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_KEY, target.qualified_name))
     except psycopg2.Error as error:
-        conn.rollback()
         raise DatabaseError(f"could not drop {names} for --defer-index: {db.first_line(error)}") from error
+    finally:
+        conn.autocommit = False
     log.info("--defer-index: dropped %s (recorded in etl_deferred_indexes); rebuilt when the run ends", names)
+
+
+def _probe(settings, target):
+    """One request before an index is dropped: a wrong key, model, deployment or dimension stops
+    the run while the index is still there."""
+    from .embedders import make_embedder
+
+    embedder = make_embedder(settings, target.dimensions)
+    try:
+        width = embedder.embed(["embedfill --defer-index probe"]).vectors.shape[1]
+    except EtlError as error:
+        raise EtlError(f"{error} (the vector index was not dropped)") from error
+    finally:
+        embedder.close()  # no socket crosses the fork
+    expected = target.dimensions or settings.dimensions
+    if expected and width != expected:
+        raise FatalProviderError(
+            f"{target.display}.{target.embedding_column} is {target.column_type} but {settings.model_name} returned "
+            f"{width} dimensions; set EMBEDDING_DIMENSIONS={expected} or change the column (the index was not dropped)"
+        )
+
+
+def say_waiting(settings, target):
+    """After a run that did not rebuild: name the indexes that stay dropped (one log line)."""
+    try:
+        conn = db.connect(settings.database_url)
+        try:
+            names = ", ".join(name for _, name, _, _ in deferred(conn, target))
+        finally:
+            conn.close()
+    except (psycopg2.Error, EtlError):
+        return
+    if names:
+        log.warning("index %s stays dropped until a run ends or `python etl.py init --restore-index`", names)
 
 
 def restore(settings, target, own_run=None):
@@ -97,9 +146,9 @@ def restore(settings, target, own_run=None):
                     "other runs on %s are alive: the last one to finish rebuilds its vector indexes", target.display
                 )
                 return rebuilt
-            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (REBUILD_LOCK_KEY, target.qualified_name))
+            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_KEY, target.qualified_name))
             if not cur.fetchone()[0]:
-                log.info("another process is rebuilding the vector indexes of %s", target.display)
+                log.info("another process is dropping or rebuilding the vector indexes of %s", target.display)
                 return rebuilt
             for key in ("maintenance_work_mem", "max_parallel_maintenance_workers"):
                 value = getattr(settings, key)
@@ -133,6 +182,8 @@ def _others_alive(cur, target, own_run):
 
 def _rebuild(cur, target, schema, name, definition):
     index = sql.Identifier(schema, name)
+    if not DEFINITION.match(definition):
+        raise DatabaseError(f"etl_deferred_indexes holds {definition[:80]!r} for {name}, not a CREATE INDEX statement")
     cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (index.as_string(cur),))
     state = cur.fetchone()
     if state and not state[0]:  # an interrupted CREATE INDEX CONCURRENTLY leaves an invalid index
@@ -140,6 +191,37 @@ def _rebuild(cur, target, schema, name, definition):
     if not state or not state[0]:
         started = time.monotonic()
         log.info("rebuilding index %s on %s (CREATE INDEX CONCURRENTLY): it can take a while", name, target.display)
-        cur.execute(re.sub(r"^CREATE (UNIQUE )?INDEX ", r"CREATE \1INDEX CONCURRENTLY ", definition))
+        _interruptible(cur, DEFINITION.sub(r"CREATE \1INDEX CONCURRENTLY \2 ON ", definition, count=1), name)
         log.info("index %s rebuilt in %.1f s", name, time.monotonic() - started)
     cur.execute("DELETE FROM etl_deferred_indexes WHERE schema_name = %s AND index_name = %s", (schema, name))
+
+
+def _interruptible(cur, statement, name):
+    """Run a long statement in a thread, so that Ctrl-C or SIGTERM cancel it at once (it may wait
+    for every older transaction in the database) instead of after it ends."""
+    failure = []
+
+    def execute():
+        try:
+            cur.execute(statement)
+        except psycopg2.Error as error:
+            failure.append(error)
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    thread = threading.Thread(target=execute, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        cur.connection.cancel()
+        thread.join()
+        log.warning("rebuild of index %s interrupted; it stays recorded: `python etl.py init --restore-index`", name)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failure:
+        raise failure[0]

@@ -238,11 +238,8 @@ class Worker:
             if self.target.vector_type == "halfvec":
                 finite &= (np.abs(matrix) <= HALF_MAX).all(axis=1)
             if not finite.all():
-                failures.extend(
-                    (row_id, f"the API returned a vector with NaN or infinity in {self.target.vector_type}", 1)
-                    for row_id, ok in zip(ids, finite)
-                    if not ok
-                )
+                why = f"the API returned a vector with NaN, infinity or a value {self.target.vector_type} cannot hold"
+                failures.extend((row_id, why, 1) for row_id, ok in zip(ids, finite) if not ok)
                 ids = [row_id for row_id, ok in zip(ids, finite) if ok]
                 matrix = matrix[finite]
             if ids:

@@ -72,6 +72,14 @@ def test_azure_misconfiguration_is_one_line(etl, db, azure_env, override, expect
     assert null_count(db) == 30
 
 
+def test_an_endpoint_that_is_not_a_url_is_one_line(etl, db, azure_env):
+    make_foods(db, 5)
+    result = etl.run(**{**azure_env, "AZURE_OPENAI_ENDPOINT": "myres.openai.azure.com"})
+    assert result.returncode == 1
+    assert "AZURE_OPENAI_ENDPOINT='myres.openai.azure.com' is not a URL" in one_line_error(result)
+    assert etl.fake.requests == 0 and null_count(db) == 5
+
+
 def test_azure_settings_missing_before_any_request(etl, db, azure_env):
     make_foods(db, 5)
     result = etl.run(**{**azure_env, "OPENAI_API_VERSION": None, "AZURE_OPENAI_API_KEY": None})

@@ -123,8 +123,14 @@ def test_an_index_on_the_column_is_named_and_never_touched_without_the_flag(etl,
     assert len(check_table(db)[0]) == 300
 
 
-def test_defer_index_drops_then_rebuilds_the_same_definition(etl, db):
-    with_hnsw(db, 300)
+EXPRESSION = "CREATE INDEX foods_hnsw ON public.foods USING hnsw (((embedding)::halfvec(8)) halfvec_cosine_ops)"
+
+
+@pytest.mark.parametrize("definition", [HNSW, EXPRESSION])
+def test_defer_index_drops_then_rebuilds_the_same_definition(etl, db, definition):
+    make_foods(db, 300)
+    with db.cursor() as cur:
+        cur.execute(definition)
     result = etl.run(
         "--workers",
         "2",
@@ -137,7 +143,7 @@ def test_defer_index_drops_then_rebuilds_the_same_definition(etl, db):
     )
     assert result.returncode == 0, result.stderr
     assert "dropped foods_hnsw" in result.stderr and "index foods_hnsw rebuilt" in result.stderr
-    assert index_state(db) == ([("foods_hnsw", HNSW)], [])
+    assert index_state(db) == ([("foods_hnsw", definition)], [])
     assert len(check_table(db)[0]) == 300
 
 
@@ -148,7 +154,8 @@ def test_defer_index_killed_mid_run_then_resumed_brings_the_index_back(etl, db, 
     env = env_for_table(EMBEDDING_DIMENSIONS=8)
     run = etl.start("--workers", "2", "--batch-size", "10", "--defer-index", **env)
     assert wait_for(lambda: embedded_count(db) > 100)
-    assert index_state(db) == ([], [("foods_hnsw", HNSW)])  # dropped, and its definition kept
+    recorded = HNSW.replace("vector_cosine_ops", "public.vector_cosine_ops")  # qualified, as pg_dump writes it
+    assert index_state(db) == ([], [("foods_hnsw", recorded)])  # dropped, and its definition kept
     os.killpg(run.pid, signal.SIGKILL)
     run.communicate(timeout=30)
     status = etl.run("status", **env)
@@ -161,3 +168,26 @@ def test_defer_index_killed_mid_run_then_resumed_brings_the_index_back(etl, db, 
         assert len(check_table(db)[0]) == 2000
     else:
         assert "vector indexes rebuilt: foods_hnsw" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, overrides, code, said",
+    [
+        (["--dry-run"], {}, 0, "--defer-index to drop it for the run and rebuild it at the end (not now: --dry-run)"),
+        (["--limit", "10"], {}, 0, "(not with --limit)"),
+        ([], {"OPENAI_API_KEY": "wrong"}, 1, "check OPENAI_API_KEY (the vector index was not dropped)"),
+        ([], {"EMBEDDING_DIMENSIONS": None}, 1, "returned 1536 dimensions; set EMBEDDING_DIMENSIONS=8 or change"),
+    ],
+)
+def test_defer_index_leaves_the_index_alone_for_a_trial_or_a_run_that_cannot_work(
+    etl, db, flags, overrides, code, said
+):
+    oid = with_hnsw(db, 100)
+    result = etl.run("--defer-index", *flags, **{**env_for_table(EMBEDDING_DIMENSIONS=8), **overrides})
+    assert result.returncode == code, result.stderr
+    assert said in result.stderr
+    with db.cursor() as cur:
+        cur.execute("SELECT 'foods_hnsw'::regclass::oid")
+        assert cur.fetchone()[0] == oid  # the same index, never dropped
+        cur.execute("SELECT count(*) FROM etl_deferred_indexes")
+        assert cur.fetchone()[0] == 0

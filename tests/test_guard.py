@@ -66,9 +66,12 @@ def test_another_model_provider_or_recipe_is_refused_before_any_request(etl, db,
     assert len(embedded) == 20
 
 
-def test_a_column_with_vectors_of_unknown_origin_is_adopted_with_a_warning(etl, db):
+@pytest.mark.parametrize("stale_statistics", [False, True])
+def test_a_column_with_vectors_of_unknown_origin_is_adopted_with_a_warning(etl, db, stale_statistics):
     make_foods(db, 30)
     with db.cursor() as cur:  # written by someone else, before the tool saw the column
+        if stale_statistics:  # the last ANALYZE saw the column all NULL: it is not believed
+            cur.execute("ANALYZE foods")
         cur.execute("SELECT id, name, category, description FROM foods WHERE id <= 10")
         for row_id, *values in cur.fetchall():
             cur.execute(
