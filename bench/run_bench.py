@@ -644,6 +644,11 @@ def main():
             ("no vector index", None, []),
             ("HNSW index kept", "hnsw (embedding vector_cosine_ops)", []),
             ("HNSW index, --defer-index", "hnsw (embedding vector_cosine_ops)", ["--defer-index"]),
+            (
+                "HNSW index, --defer-index --index-memory 512MB",
+                "hnsw (embedding vector_cosine_ops)",
+                ["--defer-index", "--index-memory", "512MB"],
+            ),
         ):
             create_foods(url, rows, index=index)
             fake = FakeServer()

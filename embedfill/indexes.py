@@ -67,7 +67,8 @@ def prepare(conn, target, settings):
         log.warning(
             "%s has a vector index on %s (%s): every row written is inserted into it, several times slower than "
             "the write itself (README: Vector indexes). Keep it (search stays fast during the run) or run with "
-            "--defer-index to drop it for the run and rebuild it at the end%s",
+            "--defer-index to drop it for the run and rebuild it at the end, with --index-memory large enough "
+            "for the whole index (else the rebuild can take longer than the inserts)%s",
             target.display,
             target.embedding_column,
             names,

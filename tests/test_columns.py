@@ -173,7 +173,7 @@ def test_defer_index_killed_mid_run_then_resumed_brings_the_index_back(etl, db, 
 @pytest.mark.parametrize(
     "flags, overrides, code, said",
     [
-        (["--dry-run"], {}, 0, "--defer-index to drop it for the run and rebuild it at the end (not now: --dry-run)"),
+        (["--dry-run"], {}, 0, "(else the rebuild can take longer than the inserts) (not now: --dry-run)"),
         (["--limit", "10"], {}, 0, "(not with --limit)"),
         ([], {"OPENAI_API_KEY": "wrong"}, 1, "check OPENAI_API_KEY (the vector index was not dropped)"),
         ([], {"EMBEDDING_DIMENSIONS": None}, 1, "returned 1536 dimensions; set EMBEDDING_DIMENSIONS=8 or change"),
