@@ -21,12 +21,11 @@ from collections import namedtuple
 
 import numpy as np
 import psycopg2.extras
-import pybase64
 from psycopg2 import sql
 
 from . import catalog, db
 from .driver import summary_line
-from .embedders import OpenAIEmbedder, check_provider
+from .embedders import OpenAIEmbedder, check_provider, decode_vector
 from .errors import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -304,7 +303,7 @@ class BatchRun:
                         row_id = places.pop((request, data["index"]), None)
                         if row_id is not None:  # None: landed before a kill
                             ids.append(row_id)
-                            vectors.append(decode(data["embedding"]))
+                            vectors.append(decode_vector(data["embedding"]))
                     if len(ids) >= LAND_CHUNK_ROWS:
                         self.write(key, ids, vectors)
                         ids, vectors = [], []
@@ -370,13 +369,6 @@ class BatchRun:
         self.totals["tokens"] += result.tokens
         self.totals["requests"] += 1
         return [(rows, result.vectors)], []
-
-
-def decode(value):
-    """One embedding of an output line: base64 (as requested) or floats."""
-    if isinstance(value, str):
-        return np.frombuffer(pybase64.b64decode(value), dtype="<f4")
-    return np.asarray(value, dtype=np.float32)
 
 
 def _open(settings):

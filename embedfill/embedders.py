@@ -200,8 +200,9 @@ class OpenAIEmbedder(Embedder):
             )
         if status == 404 and self.azure:
             return FatalProviderError(
-                f"Azure OpenAI at {self.base_url} has no deployment {self.model} for api-version "
-                f"{self.api_version} (404: {message}); check AZURE_OPENAI_DEPLOYMENT and OPENAI_API_VERSION"
+                f"Azure OpenAI at {self.base_url} has no deployment {self.model} for api-version {self.api_version} "
+                f"(404: {message}); check AZURE_OPENAI_DEPLOYMENT, OPENAI_API_VERSION and AZURE_OPENAI_ENDPOINT "
+                "(the resource's URL, without /openai)"
             )
         if status == 404:
             return FatalProviderError(
@@ -246,10 +247,7 @@ class _Rows:
             )
         value = item["embedding"]
         try:
-            if isinstance(value, str):
-                vector = np.frombuffer(_b64decode(value), dtype="<f4")
-            else:  # servers that ignore encoding_format send floats
-                vector = np.asarray(value, dtype=np.float32)
+            vector = decode_vector(value)
         except (binascii.Error, ValueError, TypeError) as error:
             raise TransientProviderError(f"malformed response: embedding {index} cannot be read ({error})") from None
         if vector.ndim != 1:
@@ -275,11 +273,15 @@ class _Rows:
         return self.matrix
 
 
-def _b64decode(value):
+def decode_vector(value):
+    """One embedding as the API sends it: base64 of little-endian float32 (as asked), or floats
+    (servers that ignore encoding_format)."""
+    if not isinstance(value, str):
+        return np.asarray(value, dtype=np.float32)
     try:
-        return pybase64.b64decode(value, validate=True)
+        return np.frombuffer(pybase64.b64decode(value, validate=True), dtype="<f4")
     except (binascii.Error, ValueError):  # line breaks or other characters the strict decoder refuses
-        return pybase64.b64decode(value)
+        return np.frombuffer(pybase64.b64decode(value), dtype="<f4")
 
 
 def _usage(payload):
