@@ -8,7 +8,7 @@ from psycopg2 import sql
 
 from . import catalog, db, indexes
 from .embedders import make_embedder
-from .errors import EXIT_OK, DatabaseError
+from .errors import EXIT_OK, ConfigError, DatabaseError
 from .texts import row_text
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,14 @@ def search(settings, query, top, out):
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)
+        held, wanted = catalog.column_record(conn, target), catalog.column_identity(settings, target)
+        differing = [key for key in ("model", "dimensions") if held is not None and held[key] != wanted[key]]
+        if differing:  # vectors of two models are not comparable: the nearest rows would be noise
+            raise ConfigError(
+                f"{target.display}.{target.embedding_column} holds {catalog.describe_identity(held, differing)}; "
+                f"a {catalog.describe_identity(wanted, differing, 'query')} cannot be compared with them: "
+                "search with the model and dimensions that filled the column"
+            )
         embedder = make_embedder(settings, target.dimensions)
         try:
             vector = embedder.embed([query]).vectors[0]
@@ -211,6 +219,18 @@ def search(settings, query, top, out):
 RESET_CHUNK_ROWS = 10_000
 
 
+def _refuse_if_busy(conn, target, outcome):
+    """A run or a pending batch would write the old model's vectors into the cleared column."""
+    with conn.cursor() as cur:
+        cur.execute(db.load_sql("column_busy"), {"table_name": target.qualified_name})
+        runs, batches = cur.fetchone()
+    conn.rollback()
+    if runs or batches:
+        what = f"{runs} run(s) with a live lease" if runs else f"{batches} pending --batch-api batch(es)"
+        advice = "stop them" if runs else "land them (rerun --batch-api) or `python etl.py batches cancel`"
+        raise DatabaseError(f"{what} on {target.display}: {advice} before init --reset-column; {outcome}")
+
+
 def reset_column(settings, out):
     """`init --reset-column --yes`: set the column to NULL in committed chunks of ids, then forget
     what it held and the table's failed rows, so that a run of another model may fill it."""
@@ -218,6 +238,7 @@ def reset_column(settings, out):
     try:
         target = catalog.inspect_target(conn, settings)
         catalog.ensure_ledger(conn)
+        _refuse_if_busy(conn, target, "nothing was cleared")
         query, after, cleared = target.query("clear_chunk"), None, 0
         while True:
             with conn.cursor() as cur:
@@ -233,6 +254,7 @@ def reset_column(settings, out):
                 {"table_name": target.qualified_name, "column_name": target.embedding_column},
             )
         conn.commit()
+        _refuse_if_busy(conn, target, "it may have written vectors meanwhile: run the reset again once it stops")
     except psycopg2.Error as error:
         raise DatabaseError(f"reset failed: {db.first_line(error)}") from error
     finally:

@@ -35,8 +35,9 @@ HALF_MAX = 65504.0  # the largest finite float16: halfvec stores nothing beyond 
 
 def process_count(workers):
     """Pool processes for --workers requests in flight: the spare ones decode, write and claim
-    while the others wait on the API (a process spends a few percent of its time on those)."""
-    return workers + max(1, workers // 4)
+    while the others wait on the API. At least four: with three, a DB-bound run of two
+    workers waits on its own writes (bench/RESULTS.md)."""
+    return max(4, workers + max(1, workers // 4))
 
 
 class Interrupted(Exception):
@@ -274,11 +275,10 @@ class Worker:
                     try:
                         answer = self.embedder.fetch(texts)
                     except TransientProviderError as error:
-                        if error.rate_limited:  # pause every worker before another one takes this slot
-                            limited += 1
-                            self.limiter.rate_limited(
-                                backoff(limited) if error.retry_after is None else error.retry_after
-                            )
+                        if error.rate_limited:  # pause every worker before another one takes this slot,
+                            limited += 1  # never past --stall-seconds (an hour's Retry-After would be a hang)
+                            wanted = backoff(limited) if error.retry_after is None else error.retry_after
+                            self.limiter.rate_limited(min(wanted, self._stall_left(error)))
                         raise
                 result = self.embedder.decode(answer)
             except TransientProviderError as error:

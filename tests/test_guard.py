@@ -1,8 +1,11 @@
 """The model guard: a column holds vectors of one model, provider, dimension count and recipe."""
 
+import signal
+
 import pytest
 
 from tests.conftest import check_table, env_for_table, expected_vector, make_foods, row_text
+from tests.test_resilience import wait_for
 
 DIMS = {"EMBEDDING_DIMENSIONS": 8}
 SMALL = "text-embedding-3-small vectors"
@@ -170,3 +173,38 @@ def test_two_runs_of_different_models_started_together_agree_on_one(etl, db):
     assert "this run would add" in loser_err and len(loser_err.strip().splitlines()) == 1
     assert record(db)[0][0] == winner
     assert etl.fake.inputs == 200 and counts(db) == (200, 0)
+
+
+def test_reset_column_refuses_while_a_run_or_a_pending_batch_may_write(etl, db):
+    make_foods(db, 400)
+    etl.fake.latency = 0.2
+    run = etl.start("--workers", "1", "--batch-size", "5", **env_for_table(**DIMS))
+    assert wait_for(lambda: counts(db)[0] >= 5)
+    refused = etl.run("init", "--reset-column", "--yes", **env_for_table())
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: 1 run(s) with a live lease on foods: stop them before init --reset-column; nothing was cleared"
+    )
+    run.send_signal(signal.SIGTERM)
+    run.communicate(timeout=30)
+    filled = counts(db)[0]
+    assert filled >= 5 and len(record(db)) == 1  # the run's vectors and the record are still there
+
+    with db.cursor() as cur:
+        cur.execute(
+            "INSERT INTO etl_batches (key, table_name, batch_id, state, row_count) "
+            "VALUES ('embedfill-k', 'public.foods', 'batch_1', 'in_progress', 10)"
+        )
+    refused = etl.run("init", "--reset-column", "--yes", **env_for_table())
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: 1 pending --batch-api batch(es) on foods: land them (rerun --batch-api) or "
+        "`python etl.py batches cancel` before init --reset-column; nothing was cleared"
+    )
+    assert counts(db)[0] == filled and len(record(db)) == 1
+
+    with db.cursor() as cur:
+        cur.execute("UPDATE etl_batches SET state = 'cancelled'")
+    reset = etl.run("init", "--reset-column", "--yes", **env_for_table())
+    assert reset.returncode == 0, reset.stderr
+    assert counts(db) == (0, 400) and record(db) == []

@@ -261,3 +261,12 @@ def test_search_with_the_openai_compatible_provider(etl, db):
     first = found.stdout.splitlines()[0].split()
     assert first[1] == "17" and float(first[0]) == pytest.approx(0.0, abs=1e-5)
     assert len(found.stdout.splitlines()) == 2
+
+    other = etl.run(
+        "search", "food 17", **env_for_table(EMBEDDING_DIMENSIONS=8, EMBEDDING_MODEL="text-embedding-3-large")
+    )
+    assert other.returncode == 1 and other.stdout == ""
+    assert other.stderr.strip().splitlines()[-1] == (
+        "error: foods.embedding holds text-embedding-3-small vectors; a text-embedding-3-large query cannot be "
+        "compared with them: search with the model and dimensions that filled the column"
+    )
