@@ -14,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db, indexes, planner
-from .embedders import check_provider, load_client_library
+from .embedders import check_provider, load_client_library, make_embedder
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, DatabaseError, EtlError, WorkerDied
 from .lease import Lease
 from .models import estimate_cost
@@ -120,6 +120,7 @@ def run_backfill(settings, out=None):
             run.follow()
     finally:
         run.lease.release()
+        run.embedder.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if run.progress is not None:
@@ -168,6 +169,9 @@ class Run:
         self.limiter = RateLimiter(self.context, settings.rpm, settings.tpm, settings.workers)
         self.requests = self.context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
         self.lease = Lease(settings, target, self.limiter)
+        # One client for every pass's processes, built before any fork and never used here:
+        # no connection of it exists to cross the fork, and its pages are shared, not copied.
+        self.embedder = make_embedder(settings, target.dimensions)
         self.received = []
         self.fatal = None
         self.shared = None  # the current pass's
@@ -196,7 +200,7 @@ class Run:
         pool = self.context.Pool(
             processes,
             initializer=init_worker,
-            initargs=(settings, self.target, ranges, shared, self.limiter, self.requests),
+            initargs=(settings, self.target, ranges, shared, self.limiter, self.requests, self.embedder),
         )
         # Threads (the count, tqdm) start only after the fork.
         if self.progress is None:

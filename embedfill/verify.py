@@ -80,7 +80,8 @@ def verify(settings, sample, fix, out):
     shared = SharedState(context, settings.workers)
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
     requests = context.BoundedSemaphore(settings.workers)
-    pool = context.Pool(settings.workers, _init_pool, (settings, target, shared, limiter, requests))
+    embedder = make_embedder(settings, target.dimensions)  # built before the fork: see worker.py
+    pool = context.Pool(settings.workers, _init_pool, (settings, target, shared, limiter, requests, embedder))
     progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     progress.set_total(total)
     check, finished = Check(), False
@@ -115,6 +116,7 @@ def verify(settings, sample, fix, out):
         else:  # an error or an interrupt: end the processes now
             pool.terminate()
         pool.join()
+        embedder.close()
         signal.signal(signal.SIGTERM, previous)
         progress.update({"embedded": check.checked, "failed": len(check.mismatches)}, force_line=True)
         progress.close()
@@ -258,15 +260,14 @@ def _interrupt(signum, frame):
 _worker = None
 
 
-def _init_pool(settings, target, shared, limiter, requests):
-    """Pool initializer: a Worker without a database connection, with its own API client."""
+def _init_pool(settings, target, shared, limiter, requests, embedder):
+    """Pool initializer: a Worker without a database connection, with its copy of the API client."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent alone decides how to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    _worker = Worker(settings, target, [], shared, limiter, requests, number)
-    _worker.embedder = make_embedder(settings, target.dimensions)
+    _worker = Worker(settings, target, [], shared, limiter, requests, number, embedder)
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 
 

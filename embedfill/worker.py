@@ -3,8 +3,10 @@
 A run has `--workers` requests in flight: a run-wide semaphore of that many slots, held from
 the rate-limit budget to the answer's last byte. The pool has a few spare processes
 (`process_count`) that send requests while others decode, write and claim. Ranges come from
-a queue in shared memory; each process opens its own connection and API client in the
-child: nothing that holds a socket crosses the fork.
+a queue in shared memory; each process opens its own connection in the child. The API
+client is built once in the parent before the fork, before it has opened any connection:
+each child uses its own copy (the SDK's TLS setup then takes one copy of memory, not one
+per process), and nothing that holds a socket crosses the fork.
 """
 
 import logging
@@ -18,7 +20,6 @@ import numpy as np
 import psycopg2
 
 from . import db, logs
-from .embedders import make_embedder
 from .errors import DatabaseError, EtlError, FatalProviderError, InvalidInputError, TransientProviderError
 from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
 from .texts import fit, row_text
@@ -88,7 +89,7 @@ class RangeCursor:
 class Worker:
     """One pool process: settings, shared memory and (once opened) its connection and client."""
 
-    def __init__(self, settings, target, ranges, shared, limiter, requests, number):
+    def __init__(self, settings, target, ranges, shared, limiter, requests, number, embedder):
         self.settings = settings
         self.target = target
         self.ranges = ranges
@@ -97,7 +98,7 @@ class Worker:
         self.requests = requests  # the run-wide semaphore: --workers requests in flight
         self.number = number
         self.store = None
-        self.embedder = None
+        self.embedder = embedder  # built in the parent, unused there: this process's own copy
         self.succeeded = 0
         self.refused = 0
         self.db_retries = 0
@@ -106,8 +107,6 @@ class Worker:
     def open(self):
         if self.store is None:
             self.store = self._connect()
-        if self.embedder is None:
-            self.embedder = make_embedder(self.settings, self.target.dimensions)
 
     def _connect(self):
         # r<pid of the run>w<N>: `status` counts runs and their processes (sql/status_active.sql)
@@ -122,8 +121,7 @@ class Worker:
     def close(self):
         if self.store is not None:
             self.store.close()
-        if self.embedder is not None:
-            self.embedder.close()
+        self.embedder.close()
 
     # --- the ranges ----------------------------------------------------------------------------
     def run(self):
@@ -280,6 +278,9 @@ class Worker:
                             wanted = backoff(limited) if error.retry_after is None else error.retry_after
                             self.limiter.rate_limited(min(wanted, self._stall_left(error)))
                         raise
+                    except FatalProviderError:  # a bad key or model: stop before another process sends
+                        self.shared.request_stop(fatal=True)
+                        raise
                 result = self.embedder.decode(answer)
             except TransientProviderError as error:
                 self.shared.add(retries=1, rate_limited=int(error.rate_limited), requests=1)
@@ -360,7 +361,7 @@ def pack_requests(rows):
 _worker = None
 
 
-def init_worker(settings, target, ranges, shared, limiter, requests):
+def init_worker(settings, target, ranges, shared, limiter, requests, embedder):
     """Pool initializer: runs once in each new worker process."""
     global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
@@ -370,7 +371,7 @@ def init_worker(settings, target, ranges, shared, limiter, requests):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    _worker = Worker(settings, target, ranges, shared, limiter, requests, number)
+    _worker = Worker(settings, target, ranges, shared, limiter, requests, number, embedder)
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 
 

@@ -7,6 +7,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
+from embedfill.worker import process_count
 from tests.conftest import _with_database, check_table, env_for_table, make_foods
 from tests.test_errors import one_line_error
 
@@ -173,7 +174,7 @@ def test_a_statement_timeout_rolls_the_batch_back_and_tries_it_again(etl, db):
     assert null == [] and len(embedded) == 60
 
 
-def test_one_worker_is_two_processes_with_one_request_in_flight(etl, db):
+def test_one_worker_is_several_processes_with_one_request_in_flight(etl, db):
     make_foods(db, 200)
     etl.fake.latency = 0.05
     result = etl.run("--workers", "1", "--batch-size", "5", **env_for_table(**DIMS))
@@ -181,7 +182,8 @@ def test_one_worker_is_two_processes_with_one_request_in_flight(etl, db):
     embedded, null = check_table(db)
     assert null == [] and len(embedded) == 200
     assert etl.fake.max_in_flight == 1
-    assert len([span for span in etl.fake.spans if span[2] > 0]) == 2  # each process its own API connection
+    connections = len([span for span in etl.fake.spans if span[2] > 0])  # each process its own API connection
+    assert 2 <= connections <= process_count(1)
 
 
 def test_the_range_cursor_walks_every_id_once_and_again_after_a_rollback():
