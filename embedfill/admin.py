@@ -238,6 +238,11 @@ def reset_column(settings, out):
     try:
         target = catalog.inspect_target(conn, settings)
         catalog.ensure_ledger(conn)
+        # Held until the connection closes: a run that starts meanwhile refuses (catalog.guard_column).
+        if not catalog.scalar(
+            conn, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (catalog.RESET_LOCK_KEY, target.qualified_name)
+        ):
+            raise DatabaseError(f"another init --reset-column is clearing {target.display} now")
         _refuse_if_busy(conn, target, "nothing was cleared")
         query, after, cleared = target.query("clear_chunk"), None, 0
         while True:

@@ -159,6 +159,7 @@ LEDGER_TABLES = [
     "etl_batch_rows",
 ]  # sql/ledger.sql creates them all
 LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
+RESET_LOCK_KEY = 0x656D6272  # "embr", with the table's hash: held by init --reset-column while it clears
 
 
 def ensure_ledger(conn):
@@ -262,6 +263,11 @@ def guard_column(conn, settings, target, record=True):
 
     Vectors of two models in one column are not comparable: search would be quietly wrong."""
     wanted = column_identity(settings, target)
+    reset = "SELECT pg_try_advisory_xact_lock_shared(%s, hashtext(%s))"
+    if record and not scalar(conn, reset, (RESET_LOCK_KEY, target.qualified_name)):
+        raise ConfigError(
+            f"init --reset-column is clearing {target.display}.{target.embedding_column} now: run again once it ends"
+        )
     held = column_record(conn, target)
     if held is None and record:
         adopted = _has_vectors(conn, target)

@@ -268,6 +268,7 @@ def _init_pool(settings, target, shared, limiter, requests, embedder):
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
     _worker = Worker(settings, target, [], shared, limiter, requests, number, embedder)
+    _worker.stops_others = False  # the parent reads every page's result, its error included, in order
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 
 

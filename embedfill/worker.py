@@ -102,6 +102,7 @@ class Worker:
         self.succeeded = 0
         self.refused = 0
         self.db_retries = 0
+        self.stops_others = True  # a fatal answer stops the run's other processes (verify reads each page's own)
 
     # --- lifetime --------------------------------------------------------------------------
     def open(self):
@@ -279,7 +280,7 @@ class Worker:
                             self.limiter.rate_limited(min(wanted, self._stall_left(error)))
                         raise
                     except FatalProviderError:  # a bad key or model: stop before another process sends
-                        self.shared.request_stop(fatal=True)
+                        self._stop_others()
                         raise
                 result = self.embedder.decode(answer)
             except TransientProviderError as error:
@@ -322,11 +323,16 @@ class Worker:
         window = self.settings.stall_seconds
         stalled = self.limiter.stalled_for()
         if stalled >= window:
+            self._stop_others()
             raise FatalProviderError(
                 f"rate limited for {stalled:.0f} s with no request succeeding (--stall-seconds {window:g}): "
                 "another client may be using this key's quota; rerun when it is free, or lower --workers"
             ) from error
         return window - stalled
+
+    def _stop_others(self):
+        if self.stops_others:
+            self.shared.request_stop(fatal=True)
 
     def wait_for_budget(self, tokens):
         """Reserve one request and `tokens`, then wait until the reservation and any shared

@@ -4,6 +4,7 @@ import signal
 
 import pytest
 
+from embedfill.catalog import RESET_LOCK_KEY
 from tests.conftest import check_table, env_for_table, expected_vector, make_foods, row_text
 from tests.test_resilience import wait_for
 
@@ -208,3 +209,24 @@ def test_reset_column_refuses_while_a_run_or_a_pending_batch_may_write(etl, db):
     reset = etl.run("init", "--reset-column", "--yes", **env_for_table())
     assert reset.returncode == 0, reset.stderr
     assert counts(db) == (0, 400) and record(db) == []
+
+
+def test_a_run_refuses_to_start_while_a_reset_clears_the_column(etl, db):
+    make_foods(db, 20)
+    with db.cursor() as cur:  # what init --reset-column holds while it clears, from another session
+        cur.execute("SELECT pg_advisory_lock(%s, hashtext('public.foods'))", (RESET_LOCK_KEY,))
+    try:
+        refused = etl.run(**env_for_table(**DIMS))
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "error: init --reset-column is clearing foods.embedding now: run again once it ends"
+        )
+        again = etl.run("init", "--reset-column", "--yes", **env_for_table())
+        assert again.returncode == 1
+        assert again.stderr.strip().splitlines()[-1] == "error: another init --reset-column is clearing foods now"
+        assert counts(db) == (0, 20) and record(db) == []  # nothing written, nothing recorded
+    finally:
+        with db.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s, hashtext('public.foods'))", (RESET_LOCK_KEY,))
+    assert etl.run(**env_for_table(**DIMS)).returncode == 0
+    assert counts(db) == (20, 0)

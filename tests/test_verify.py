@@ -137,6 +137,20 @@ def test_verify_help_and_a_bad_key(etl, db):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+def test_a_fatal_answer_while_another_page_backs_off_is_the_error_verify_reports(etl, db):
+    filled_foods(etl, db, rows=60)
+    etl.fake.add_faults(
+        {"status": 500, "headers": {"retry-after": "3"}},
+        {"status": 404, "code": "model_not_found", "message": "The model does not exist"},
+    )
+    result = etl.run("verify", "--workers", "2", "--batch-size", "10", **ENV)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model text-embedding-3-small was not found at "), (
+        result.stderr
+    )
+    assert result.stdout == ""
+
+
 def test_sigterm_ends_verify_and_its_processes(etl, db):
     import psutil
 
