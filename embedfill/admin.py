@@ -227,7 +227,11 @@ def _refuse_if_busy(conn, target, outcome):
     conn.rollback()
     if runs or batches:
         what = f"{runs} run(s) with a live lease" if runs else f"{batches} pending --batch-api batch(es)"
-        advice = "stop them" if runs else "land them (rerun --batch-api) or `python etl.py batches cancel`"
+        advice = (
+            "stop them (`python etl.py status` lists them)"
+            if runs
+            else ("land them (rerun --batch-api) or `python etl.py batches cancel`")
+        )
         raise DatabaseError(f"{what} on {target.display}: {advice} before init --reset-column; {outcome}")
 
 
@@ -242,7 +246,7 @@ def reset_column(settings, out):
         if not catalog.scalar(
             conn, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (catalog.RESET_LOCK_KEY, target.qualified_name)
         ):
-            raise DatabaseError(f"another init --reset-column is clearing {target.display} now")
+            raise DatabaseError(f"another init --reset-column is clearing {target.display} now: wait for it to end")
         _refuse_if_busy(conn, target, "nothing was cleared")
         query, after, cleared = target.query("clear_chunk"), None, 0
         while True:

@@ -106,14 +106,6 @@ def build_parser(verb):
         which.add_argument("--sample", type=_positive, default=100, help="random rows to check [default 100]")
         which.add_argument("--all", action="store_true", help="check every row that holds a vector")
         parser.add_argument("--fix", action="store_true", help="set the mismatched rows' embedding to NULL")
-        parser.add_argument("--dry-run", action="store_true", help="rows, estimated tokens and cost; no API calls")
-        parser.add_argument(
-            "--progress-interval",
-            type=float,
-            default=10.0,
-            metavar="S",
-            help="seconds between progress lines [default 10]",
-        )
     if verb == "batches":
         parser.add_argument("action", choices=["cancel"], help="cancel: cancel the pending batches")
     if verb == "run":
@@ -140,6 +132,7 @@ def build_parser(verb):
         parser.add_argument(
             "--no-truncate", action="store_true", help="record over-long inputs as failed instead of truncating them"
         )
+    if verb in ("run", "demo", "verify"):
         parser.add_argument("--dry-run", action="store_true", help="plan only: rows, tokens, cost, time; no API calls")
         parser.add_argument(
             "--progress-interval",

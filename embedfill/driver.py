@@ -21,7 +21,7 @@ from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
 from .shared import FIELDS, SharedState
-from .texts import count_tokens, load_encoding, row_text
+from .texts import load_encoding, mean_tokens, row_text
 from .worker import embed_ranges, init_worker, process_count
 
 log = logging.getLogger(__name__)
@@ -400,9 +400,7 @@ def dry_run(settings, target, ranges, out):
     rows = max(0, null_rows - known)
     if settings.limit is not None:
         rows = min(rows, settings.limit)
-    texts = [row_text(values) for values in samples]
-    texts = [text for text in texts if text]
-    mean = sum(min(count_tokens(t), settings.input_token_limit) for t in texts) / len(texts) if texts else 0.0
+    mean = mean_tokens((row_text(values) for values in samples), settings.input_token_limit)
     tokens = int(mean * rows)
     cost = estimate_cost(settings.model_name, tokens, settings.price, batch=settings.batch_api)
     minutes = []

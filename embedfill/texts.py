@@ -36,6 +36,12 @@ def count_tokens(text):
     return len(load_encoding().encode_ordinary(text))
 
 
+def mean_tokens(texts, limit):
+    """Mean tokens of the non-empty texts, each counted up to `limit` (0.0 without any): for estimates."""
+    counts = [min(count_tokens(text), limit) for text in texts if text]
+    return sum(counts) / len(counts) if counts else 0.0
+
+
 def fit(text, limit, exact=True):
     """(text, tokens, truncated): `text` cut to at most `limit` tokens, with its token count.
 

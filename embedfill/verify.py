@@ -28,7 +28,7 @@ from .models import estimate_cost
 from .progress import Progress
 from .ratelimit import RateLimiter
 from .shared import SharedState
-from .texts import count_tokens, fit, row_text
+from .texts import fit, mean_tokens, row_text
 from .worker import Row, Worker, pack_requests
 
 SIMILAR = 0.99  # cosine at or above which a stored vector is its text's
@@ -236,8 +236,7 @@ def dry_run(conn, settings, target, sample, out):
         cur.execute(target.query("verify_sample"), {"limit": min(max(rows, 1), 1000)})
         texts = [row_text(values) for _, *values, _ in cur.fetchall()]
     conn.rollback()
-    texts = [text for text in texts if text]
-    mean = sum(min(count_tokens(t), settings.input_token_limit) for t in texts) / len(texts) if texts else 0.0
+    mean = mean_tokens(texts, settings.input_token_limit)
     tokens = int(mean * rows)
     cost = estimate_cost(settings.model_name, tokens, settings.price)
     print(

@@ -184,7 +184,8 @@ def test_reset_column_refuses_while_a_run_or_a_pending_batch_may_write(etl, db):
     refused = etl.run("init", "--reset-column", "--yes", **env_for_table())
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
-        "error: 1 run(s) with a live lease on foods: stop them before init --reset-column; nothing was cleared"
+        "error: 1 run(s) with a live lease on foods: stop them (`python etl.py status` lists them) before "
+        "init --reset-column; nothing was cleared"
     )
     run.send_signal(signal.SIGTERM)
     run.communicate(timeout=30)
@@ -223,7 +224,9 @@ def test_a_run_refuses_to_start_while_a_reset_clears_the_column(etl, db):
         )
         again = etl.run("init", "--reset-column", "--yes", **env_for_table())
         assert again.returncode == 1
-        assert again.stderr.strip().splitlines()[-1] == "error: another init --reset-column is clearing foods now"
+        assert again.stderr.strip().splitlines()[-1] == (
+            "error: another init --reset-column is clearing foods now: wait for it to end"
+        )
         assert counts(db) == (0, 20) and record(db) == []  # nothing written, nothing recorded
     finally:
         with db.cursor() as cur:
