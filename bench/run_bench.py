@@ -29,7 +29,7 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from embedfill import catalog, db, planner  # noqa: E402
+from embedfill import catalog, db, planner, schema  # noqa: E402
 from embedfill.config import resolve  # noqa: E402
 from embedfill.demo import generate_rows, line_reader  # noqa: E402
 from embedfill.models import estimate_cost  # noqa: E402
@@ -194,18 +194,17 @@ def tokens_per_row():
 # --- the raw write limit: the tool's own claim + binary COPY + UPDATE, no API ---------------------
 def _raw_writer(url, settings, target, bounds, batch, out):
     conn = db.connect(url)
-    store = db.WorkerStore(conn, target, retry_failed=True)
+    store = db.WorkerStore(conn, target, "bench-raw-writer", retry_failed=True)
     pool = np.random.default_rng(1).standard_normal((256, DIMS)).astype(np.float32)
     written = 0
     for after, upto in bounds:
         while True:
             rows = store.claim(after, upto, batch)
-            if not rows:
-                store.commit()
-                break
-            ids = [row[0] for row in rows]
-            written += store.write(ids, pool[np.arange(len(ids)) % len(pool)])[0]
             store.commit()
+            if not rows:
+                break
+            ids, hashes = [row[0] for row in rows], [row[1] for row in rows]
+            written += store.write(ids, ids, hashes, pool[np.arange(len(ids)) % len(pool)])[0]
             after = ids[-1]
     out.put(written)
 
@@ -216,7 +215,7 @@ def raw_write_limit(url, connections, batch):
     )
     conn = db.connect(url)
     target = catalog.inspect_target(conn, settings)
-    catalog.ensure_ledger(conn)
+    schema.ensure(conn)
     ranges = planner.plan_ranges(conn, target, connections, batch)
     conn.close()
     context = multiprocessing.get_context("fork")

@@ -6,7 +6,7 @@ import psycopg2
 from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
-from . import catalog, db, indexes
+from . import catalog, db, indexes, schema
 from .embedders import make_embedder
 from .errors import EXIT_OK, ConfigError, DatabaseError
 from .texts import row_text
@@ -24,7 +24,10 @@ def init_schema(settings, out, vector_type="vector", restore_index=False, tracki
     try:
         with conn.cursor() as cur:
             cur.execute(db.load_sql("extension"))
-            cur.execute(db.load_sql("ledger"))
+        conn.autocommit = False
+        schema.ensure(conn)
+        conn.commit()
+        conn.autocommit = True
         print("extension vector: ready", file=out)
         print("ledger etl_failures: ready", file=out)
         parts = catalog.split_table_name(settings.table)
@@ -55,7 +58,8 @@ def init_schema(settings, out, vector_type="vector", restore_index=False, tracki
             print("partial index: present", file=out)
         else:
             with conn.cursor() as cur:
-                cur.execute(target.query("partial_index", index=sql.Identifier(index)))
+                how = sql.SQL("" if target.partitioned else "CONCURRENTLY")
+                cur.execute(target.query("partial_index", index=sql.Identifier(index), concurrently=how))
             print(f"partial index {index}: created", file=out)
         if tracking == "track":
             with conn.cursor() as cur:
@@ -241,7 +245,7 @@ def reset_column(settings, out):
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)
-        catalog.ensure_ledger(conn)
+        schema.ensure(conn)
         # Held until the connection closes: a run that starts meanwhile refuses (catalog.guard_column).
         if not catalog.scalar(
             conn, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (catalog.RESET_LOCK_KEY, target.qualified_name)

@@ -12,6 +12,7 @@ through the key, a batch created just before the kill.
 import contextlib
 import json
 import logging
+import multiprocessing
 import signal
 import sys
 import tempfile
@@ -23,22 +24,14 @@ import numpy as np
 import psycopg2.extras
 from psycopg2 import sql
 
-from . import catalog, db
+from . import catalog, db, schema
 from .driver import summary_line
 from .embedders import OpenAIEmbedder, check_provider, decode_vector
-from .errors import (
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    ConfigError,
-    FatalProviderError,
-    InvalidInputError,
-    ProviderError,
-    TransientProviderError,
-)
+from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, FatalProviderError, ProviderError
+from .ratelimit import RateLimiter
+from .shared import SharedState
 from .texts import fit, row_text
-from .worker import Row, backoff, pack_requests
+from .worker import Row, Worker, pack_requests
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +73,31 @@ class BatchRun:
     def __init__(self, settings, conn, target):
         self.settings, self.conn, self.target = settings, conn, target
         self.table = target.qualified_name
-        self.store = db.WorkerStore(conn, target, settings.retry_failed, skip_batched=True)
+        self.store = db.WorkerStore(conn, target, "", settings.retry_failed, skip_batched=True)
         self.client = make_client(settings)
-        self.embedder = None  # the normal endpoint, opened for the few rows a batch refused
+        self._worker = None  # the normal endpoint, opened for the few rows a batch refused
+        self.keys = {"column_name": target.embedding_column, "run_id": ""}
+        self.identity = catalog.column_identity(settings, target)
         self.totals = dict(embedded=0, failed=0, tokens=0, requests=0, retries=0, rate_limited=0, truncated=0)
         self.submitted = self.landed = 0
         self.counts = {}  # key -> (completed, total) at the last poll
 
     def close(self):
         self.client.close()
-        if self.embedder is not None:
-            self.embedder.close()
+        if self._worker is not None:
+            self._worker.close()
+            for name, value in self._worker.shared.totals().items():
+                if name in self.totals:
+                    self.totals[name] += value
 
     # --- PostgreSQL ------------------------------------------------------------------------------
     def execute(self, name, **params):
         cur = self.conn.cursor()
-        cur.execute(self.target.query(name), {"table_name": self.table, **params})
+        slots = {}
+        if name == "batch_claim":
+            skip = sql.SQL("") if self.settings.retry_failed else self.target.query("skip_failures")
+            slots = {"skip_failures": skip, "skip_claimed": self.target.query("skip_claimed")}
+        cur.execute(self.target.query(name, **slots), {"table_name": self.table, **params})
         return cur
 
     def update(self, key, **fields):
@@ -126,9 +128,9 @@ class BatchRun:
             row_ids, failures, size = [], [], 0
             while not exhausted and size <= TEXT_BYTES_PER_FILE and len(row_ids) + len(failures) < want:
                 asked = min(CLAIM_PAGE, want - len(row_ids) - len(failures))
-                page = self.store.claim(after, None, asked)
+                page = self.execute("batch_claim", after=after, limit=asked, **self.keys).fetchall()
                 exhausted = len(page) < asked
-                for row_id, *values in page:
+                for row_id, digest, *values in page:
                     text = row_text(values)
                     size += len(text.encode("utf-8"))
                     if size > TEXT_BYTES_PER_FILE:  # this row starts the next batch
@@ -142,18 +144,20 @@ class BatchRun:
                             (row_id, f"input is over the model's limit of {limit} tokens (--no-truncate)", 1)
                         )
                     else:
-                        row_ids.append(row_id)
+                        row_ids.append((row_id, bytes(digest)))
             self.store.record_failures(failures)
             self.totals["failed"] += len(failures)
             left = None if left is None else left - len(row_ids) - len(failures)
             key = f"embedfill-{uuid.uuid4().hex[:20]}"
-            if row_ids:
+            if row_ids:  # a row another run put into its batch meanwhile stays out of this one
                 with self.conn.cursor() as cur:
+                    rows = [(self.table, row_id, key, digest) for row_id, digest in row_ids]
+                    sql_text = db.load_sql("batch_add_rows")
+                    row_ids = psycopg2.extras.execute_values(cur, sql_text, rows, page_size=5000, fetch=True)
                     cur.execute(
                         db.load_sql("batch_record"), {"key": key, "table_name": self.table, "row_count": len(row_ids)}
                     )
-                    rows = [(self.table, row_id, key) for row_id in row_ids]
-                    psycopg2.extras.execute_values(cur, db.load_sql("batch_add_rows"), rows, page_size=5000)
+                    catalog.record_column(cur, self.target, self.identity)  # with the batch that pays for vectors
             self.conn.commit()
             if row_ids:
                 self.create(key, 1)
@@ -196,7 +200,7 @@ class BatchRun:
         with self.conn.cursor(name="batch_rows") as cur:
             cur.itersize = 2000
             cur.execute(self.target.query("batch_rows_text"), {"table_name": self.table, "key": key, "row_ids": None})
-            for row_id, *values in cur:
+            for row_id, _, *values in cur:
                 text = row_text(values)
                 if text:
                     fitted, tokens, cut = fit(text, limit, exact=False)
@@ -285,7 +289,8 @@ class BatchRun:
 
     def land(self, key, file_id):
         """Place every vector of an output (or error) file by custom_id and index, a chunk per commit."""
-        places = {(request, position): row_id for request, position, row_id in self.execute("batch_places", key=key)}
+        places = {(request, position): (row_id, digest) for request, position, row_id, digest in self.execute(
+            "batch_places", key=key)}  # fmt: skip
         self.conn.rollback()
         ids, vectors, refused = [], [], {}
         with api(f"reading file {file_id}"), self.client.files.with_streaming_response.content(file_id) as response:
@@ -300,9 +305,9 @@ class BatchRun:
                     self.totals["tokens"] += int((body.get("usage") or {}).get("prompt_tokens") or 0)
                     self.totals["requests"] += 1
                     for data in body["data"]:
-                        row_id = places.pop((request, data["index"]), None)
-                        if row_id is not None:  # None: landed before a kill
-                            ids.append(row_id)
+                        place = places.pop((request, data["index"]), None)
+                        if place is not None:  # None: landed before a kill
+                            ids.append(place)
                             vectors.append(decode_vector(data["embedding"]))
                     if len(ids) >= LAND_CHUNK_ROWS:
                         self.write(key, ids, vectors)
@@ -313,13 +318,16 @@ class BatchRun:
                     )
         self.write(key, ids, vectors)
         if refused:
-            row_ids = [row_id for (request, _), row_id in places.items() if request in refused]
+            row_ids = [row_id for (request, _), (row_id, _) in places.items() if request in refused]
             log.warning("%d rows in %d refused requests of the batch: sending them through the normal endpoint "
                         "(first reason: %s)", len(row_ids), len(refused), next(iter(refused.values())))  # fmt: skip
             self.resend(key, row_ids)
 
-    def write(self, key, ids, vectors, failures=()):
-        """Write vectors (COPY, IS NULL guard), record failures, take the rows out of the batch, commit."""
+    def write(self, key, places, vectors, failures=()):
+        """Write vectors where each row is still NULL with the text that was sent, record failures,
+        take the rows out of the batch, commit. `places`: [(row_id, text hash)], one per vector."""
+        ids, hashes = [row_id for row_id, _ in places], [digest for _, digest in places]
+        matrix = None
         if ids:
             matrix = np.vstack(vectors)
             expected = self.target.dimensions or self.settings.dimensions
@@ -328,47 +336,40 @@ class BatchRun:
                     f"{self.target.display}.{self.target.embedding_column} expects {expected} dimensions but "
                     f"{self.settings.model} returned {matrix.shape[1]}; check EMBEDDING_DIMENSIONS"
                 )
-            written, left = self.store.write(ids, matrix)
-            failures = list(failures) + left
-            self.totals["embedded"] += written
-        self.store.record_failures(failures)
-        self.totals["failed"] += len(failures)
-        for row_id, reason, _ in failures:
+        self.release(key, ids + [row_id for row_id, _, _ in failures])
+        written, failed, _ = self.store.write([], ids, hashes, matrix, failures)
+        self.totals["embedded"] += written
+        self.totals["failed"] += len(failed)
+        for row_id, reason, _ in failed:
             log.warning("row %s failed: %s", row_id, reason)
-        self.release(key, list(ids) + [row_id for row_id, _, _ in failures])
-        self.store.commit()
 
     def resend(self, key, row_ids):
-        """Rows of requests the batch refused, through the normal endpoint, halving to isolate the culprits."""
-        self.embedder = self.embedder or OpenAIEmbedder(self.settings)
+        """Rows of requests the batch refused, through the normal endpoint and the backfill's own
+        request path (its retries, its split to isolate the rows refused)."""
         rows = self.execute("batch_rows_text", key=key, row_ids=row_ids).fetchall()
         self.conn.rollback()
-        texts = [(row_id, row_text(values)) for row_id, *values in rows]
-        rows = [Row(row_id, *fit(text, self.settings.input_token_limit)[:2]) for row_id, text in texts if text]
-        embedded, failures = self.isolate(rows) if rows else ([], [])
-        failures += [(row_id, "empty text", 1) for row_id, text in texts if not text]
-        ids = [row.row_id for chunk, _ in embedded for row in chunk]
-        self.write(key, ids, [vectors for _, vectors in embedded], failures)
+        texts = [(row_id, bytes(digest) if digest else None, row_text(values)) for row_id, digest, *values in rows]
+        hashes = {row_id: digest for row_id, digest, _ in texts}
+        fitted = [Row(row_id, *fit(text, self.settings.input_token_limit)[:2]) for row_id, _, text in texts if text]
+        worker = self.worker()
+        embedded, failures = [], [(row_id, "empty text", 1) for row_id, _, text in texts if not text]
+        for chunk in pack_requests(fitted):
+            ok, failed = worker.embed_rows(chunk)
+            embedded += ok
+            failures += failed
+        places = [(row.row_id, hashes[row.row_id]) for chunk, _ in embedded for row in chunk]
+        self.write(key, places, [vectors for _, vectors in embedded], failures)
 
-    def isolate(self, rows):
-        for attempt in range(1, self.settings.max_attempts + 1):
-            try:
-                result = self.embedder.embed([row.text for row in rows])
-                break
-            except InvalidInputError as error:
-                if len(rows) == 1:
-                    return [], [(rows[0].row_id, f"refused by the API: {error}", 1)]
-                left, right = self.isolate(rows[: len(rows) // 2]), self.isolate(rows[len(rows) // 2 :])
-                return left[0] + right[0], left[1] + right[1]
-            except TransientProviderError as error:
-                self.totals["retries"] += 1
-                self.totals["rate_limited"] += int(error.rate_limited)
-                if attempt == self.settings.max_attempts:
-                    return [], [(row.row_id, f"gave up after {attempt} attempts: {error}", attempt) for row in rows]
-                time.sleep(backoff(attempt) if error.retry_after is None else error.retry_after)
-        self.totals["tokens"] += result.tokens
-        self.totals["requests"] += 1
-        return [(rows, result.vectors)], []
+    def worker(self):
+        """A Worker without a database, in this process: the normal endpoint for the few rows a batch refused."""
+        if self._worker is None:
+            context = multiprocessing.get_context("fork")
+            shared = SharedState(context, 1)
+            shared.register_worker()
+            limiter = RateLimiter(context, self.settings.rpm, self.settings.tpm, 1)
+            embedder = OpenAIEmbedder(self.settings)
+            self._worker = Worker(self.settings, self.target, [], shared, limiter, context.Semaphore(1), 0, embedder)
+        return self._worker
 
 
 def _open(settings):
@@ -378,8 +379,8 @@ def _open(settings):
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)
-        catalog.ensure_ledger(conn)
-        catalog.guard_column(conn, settings, target)
+        schema.ensure(conn)
+        catalog.guard_column(conn, settings, target)  # the record is made with the first batch (submit_new)
         return BatchRun(settings, conn, target)
     except BaseException:
         conn.close()

@@ -10,11 +10,15 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extras import RealDictCursor
 
+from . import schema
 from .db import load_sql
-from .errors import ConfigError, DatabaseError
+from .errors import ConfigError, DatabaseError, UsageError
 from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
+
+
+VECTOR_TYPES = ("vector", "halfvec")
 
 
 def split_table_name(name):
@@ -37,6 +41,7 @@ class Target:
     embedding_column: str
     dimensions: int | None
     vector_type: str = "vector"  # or halfvec: pgvector's half-precision type
+    partitioned: bool = False
 
     @property
     def display(self):
@@ -48,15 +53,24 @@ class Target:
         return f"{self.vector_type}({self.dimensions})" if self.dimensions else self.vector_type
 
     def identifiers(self):
+        texts = [sql.Identifier(column) for column in self.text_columns]
+        qualified = sql.SQL(", ").join(sql.SQL("t.{}::text").format(text) for text in texts)
         return {
             "table": sql.Identifier(*self.name_parts),
             "id": sql.Identifier(self.id_column),
             "id_type": sql.SQL(self.id_type),
             "vector_type": sql.SQL(self.vector_type),  # one of two names, never user input
             "embedding": sql.Identifier(self.embedding_column),
-            "text_columns": sql.SQL(", ").join(
-                sql.SQL("{}::text").format(sql.Identifier(column)) for column in self.text_columns
+            "text_columns": sql.SQL(", ").join(sql.SQL("{}::text").format(text) for text in texts),
+            # The hash of a row's text columns (the table aliased t): taken at claim time, checked at
+            # the write. A ROW's text form quotes its fields, so ('a b', NULL) and ('a', 'b') differ.
+            "row_hash": sql.SQL("sha256(convert_to(ROW({})::text, 'UTF8'))").format(qualified),
+            # Positional names inside the claim, whatever the user's columns are called.
+            "claim_texts": sql.SQL(", ").join(
+                sql.SQL("t.{}::text AS {}").format(text, sql.Identifier(f"etl_text_{n}"))
+                for n, text in enumerate(texts)
             ),
+            "claimed_texts": sql.SQL(", ").join(sql.Identifier("k", f"etl_text_{n}") for n in range(len(texts))),
         }
 
     def query(self, name, **extra):
@@ -89,23 +103,34 @@ def inspect_target(conn, settings):
     shown = ".".join(parts)
     if not rows:
         raise DatabaseError(f"table {shown} does not exist in {conn.info.dbname} (check ETL_TABLE or --table)")
-    columns = {name: (type_sql, typname, typmod) for name, type_sql, typname, typmod, _ in rows}
-    qualified = rows[0][4]
+    columns = {name: (type_sql, typname, typmod) for name, type_sql, typname, typmod, *_ in rows}
+    qualified, partitioned = rows[0][4], rows[0][5]
     checks = [(settings.id_column, "ETL_ID_COLUMN or --id-column")]
     checks += [(column, "ETL_TEXT_COLUMNS or --text-columns") for column in settings.text_columns]
     for column, where in checks:
         if column not in columns:
             raise DatabaseError(f"column {shown}.{column} does not exist (check {where})")
-    if settings.embedding_column not in columns:
+    embedding = settings.embedding_column
+    vectors = [name for name, (_, typname, _) in columns.items() if typname in VECTOR_TYPES]
+    if embedding not in columns or columns[embedding][1] not in VECTOR_TYPES:
+        if not scalar(conn, "SELECT to_regtype('vector') IS NOT NULL"):
+            raise DatabaseError(
+                f"the pgvector extension is not installed in {conn.info.dbname}, so {shown}.{embedding} cannot hold "
+                "vectors: run `python etl.py init` (CREATE EXTENSION vector), or ask the database's administrator"
+            )
+    if embedding not in columns and vectors:
         raise DatabaseError(
-            f"column {shown}.{settings.embedding_column} does not exist: run `python etl.py init --dimensions N` "
+            f"column {shown}.{embedding} does not exist; {shown} has the vector column {', '.join(vectors)} "
+            f"(set ETL_EMBEDDING_COLUMN={vectors[0]}), or add {embedding} with `python etl.py init --dimensions N`"
+        )
+    if embedding not in columns:
+        raise DatabaseError(
+            f"column {shown}.{embedding} does not exist: run `python etl.py init --dimensions N` "
             "to add it, or check ETL_EMBEDDING_COLUMN"
         )
-    type_sql, typname, typmod = columns[settings.embedding_column]
-    if typname not in ("vector", "halfvec"):
-        raise DatabaseError(
-            f"column {shown}.{settings.embedding_column} is {type_sql}, not a pgvector vector or halfvec column"
-        )
+    type_sql, typname, typmod = columns[embedding]
+    if typname not in VECTOR_TYPES:
+        raise DatabaseError(f"column {shown}.{embedding} is {type_sql}, not a pgvector vector or halfvec column")
     dimensions = typmod if typmod and typmod > 0 else None
     if dimensions and settings.dimensions and dimensions != settings.dimensions:
         raise ConfigError(
@@ -128,16 +153,24 @@ def inspect_target(conn, settings):
         embedding_column=settings.embedding_column,
         dimensions=dimensions,
         vector_type=typname,
+        partitioned=partitioned,
     )
 
 
+def _quoted(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
 def partial_index_sql(target):
-    """The statement that creates the recommended partial index (as text, for messages)."""
+    """(the statement that creates the recommended partial index, as text for messages, its name).
+    Every identifier is quoted, so that it works as printed; a partitioned table cannot have an
+    index built CONCURRENTLY in one statement, so it is advised without."""
     index = re.sub(r"\W+", "_", f"{target.name_parts[-1]}_{target.embedding_column}_null_idx")[:63]
-    table = ".".join(f'"{p}"' if not re.fullmatch(r"[a-z_][a-z0-9_]*", p) else p for p in target.name_parts)
+    table = ".".join(_quoted(part) for part in target.name_parts)
+    how = "" if target.partitioned else "CONCURRENTLY "
     return (
-        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} ({target.id_column}) "
-        f"WHERE {target.embedding_column} IS NULL;"
+        f"CREATE INDEX {how}IF NOT EXISTS {_quoted(index)} ON {table} ({_quoted(target.id_column)}) "
+        f"WHERE {_quoted(target.embedding_column)} IS NULL;"
     ), index
 
 
@@ -150,32 +183,7 @@ def has_partial_index(conn, target):
     return scalar(conn, load_sql("find_partial_index"), params) is not None
 
 
-LEDGER_TABLES = [
-    "etl_failures",
-    "etl_runs",
-    "etl_columns",
-    "etl_deferred_indexes",
-    "etl_batches",
-    "etl_batch_rows",
-]  # sql/ledger.sql creates them all
-LEDGER_LOCK_KEY = 0x656D6266  # "embf": serialises ledger creation between runs started together
 RESET_LOCK_KEY = 0x656D6272  # "embr", with the table's hash: held by init --reset-column while it clears
-
-
-def ensure_ledger(conn):
-    """Create the tool's tables when missing: the failure ledger and the runs' leases.
-
-    Two runs started at the same moment would both pass CREATE TABLE IF NOT EXISTS and one
-    would fail on the catalog's unique index, so the check and the creation happen under a
-    transaction-level advisory lock.
-    """
-    with conn.cursor() as cur:
-        cur.execute("SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) name", (LEDGER_TABLES,))
-        exists = cur.fetchone()[0]
-        if not exists:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEDGER_LOCK_KEY,))
-            cur.execute(load_sql("ledger"))
-    conn.commit()
 
 
 def scalar(conn, query, params=None):
@@ -229,14 +237,25 @@ def column_identity(settings, target):
 
 
 def column_record(conn, target):
-    """What etl_columns says the column holds (column_identity's keys, origin_unknown, recorded), or None."""
-    if not scalar(conn, "SELECT to_regclass('etl_columns') IS NOT NULL"):
+    """What etl_columns says the column holds (column_identity's keys, origin_unknown, recorded,
+    claimed_by), or None. A record not yet confirmed by a write counts while the run that made
+    it is alive (its lease): a run that died before writing a vector left no record."""
+    if schema.version(conn) < schema.VERSION:  # a read-only verb on tables no run has migrated yet
+        conn.rollback()
         return None
     with conn.cursor(cursor_factory=RealDictCursor) as cur:
         cur.execute(load_sql("column_record"), _column_key(target))
         row = cur.fetchone()
     conn.rollback()
-    return dict(row) if row else None
+    return dict(row) if row and row["live"] else None
+
+
+def record_column(cur, target, identity, origin_unknown=False, claimed_by=None):
+    """Make the column's record (held by run `claimed_by` until its first write confirms it, or
+    confirmed at once); True if this one is the record now, False if another was there first."""
+    params = {**_column_key(target), **identity, "origin_unknown": origin_unknown, "claimed_by": claimed_by}
+    cur.execute(load_sql("record_column"), params)
+    return cur.fetchone() is not None
 
 
 def _has_vectors(conn, target):
@@ -257,23 +276,24 @@ def _has_vectors(conn, target):
         conn.rollback()
 
 
-def guard_column(conn, settings, target, record=True):
+def guard_column(conn, settings, target, run_id=None):
     """Refuse, before any request, a run that would add vectors of another model, dimension
-    count, provider or recipe to the column; with `record`, the first run records its own.
+    count, provider or recipe to the column. A run that writes (`run_id`, whose lease is live)
+    and finds no record makes one, held for it until its first vectors confirm it (db.WorkerStore):
+    a run that writes nothing leaves no record.
 
     Vectors of two models in one column are not comparable: search would be quietly wrong."""
     wanted = column_identity(settings, target)
     reset = "SELECT pg_try_advisory_xact_lock_shared(%s, hashtext(%s))"
-    if record and not scalar(conn, reset, (RESET_LOCK_KEY, target.qualified_name)):
+    if run_id is not None and not scalar(conn, reset, (RESET_LOCK_KEY, target.qualified_name)):
         raise ConfigError(
             f"init --reset-column is clearing {target.display}.{target.embedding_column} now: run again once it ends"
         )
     held = column_record(conn, target)
-    if held is None and record:
+    if held is None and run_id is not None:
         adopted = _has_vectors(conn, target)
         with conn.cursor() as cur:
-            cur.execute(load_sql("record_column"), {**_column_key(target), **wanted, "origin_unknown": adopted})
-            won = cur.fetchone() is not None
+            won = record_column(cur, target, wanted, adopted, claimed_by=run_id)
         conn.commit()
         if won and adopted:
             log.warning(
@@ -291,6 +311,7 @@ def guard_column(conn, settings, target, record=True):
             f"add {describe_identity(wanted, differing, 'ones')}. Fill a new column (--embedding-column embedding_v2, "
             "created by init --dimensions N) or clear this one first (init --reset-column --yes)"
         )
+    return wanted
 
 
 def describe_identity(identity, keys=("dimensions", "provider", "recipe"), noun="vectors"):
@@ -311,6 +332,8 @@ def describe_column(conn, target):
     name = f"{target.display}.{target.embedding_column}"
     if held is None:
         return f"column {name}: no record yet (the next run records its model, provider and text columns)"
+    if held["claimed_by"]:
+        return f"column {name}: run {held['claimed_by']} is filling it with {describe_identity(held)} (not yet written)"
     unknown = "; vectors already there then: origin unknown" if held["origin_unknown"] else ""
     return f"column {name} holds {describe_identity(held)} (recorded {held['recorded']}{unknown})"
 
@@ -319,9 +342,37 @@ def _column_key(target):
     return {"table_name": target.qualified_name, "column_name": target.embedding_column}
 
 
-def has_rows_to_embed(conn, target, retry_failed):
-    """Is there a row to embed? One row through the partial index, never a count."""
+def _left_query(name, target, retry_failed, run_id):
     skip = sql.SQL("") if retry_failed else target.query("skip_failures")
-    return (
-        scalar(conn, target.query("probe_null", skip_failures=skip), {"table_name": target.qualified_name}) is not None
-    )
+    params = {"table_name": target.qualified_name, "column_name": target.embedding_column, "run_id": run_id or ""}
+    return target.query(name, skip_failures=skip, skip_claimed=target.query("skip_claimed")), params
+
+
+def has_rows_to_embed(conn, target, retry_failed, run_id=None):
+    """Is there a row to embed that no other run is on? One row through the partial index, never a count."""
+    return scalar(conn, *_left_query("probe_null", target, retry_failed, run_id)) is not None
+
+
+def count_left(conn, target, run_id, retry_failed):
+    """Rows still NULL that no run is on: not failed, not claimed by another live run, not batched."""
+    return scalar(conn, *_left_query("count_left", target, retry_failed, run_id))
+
+
+def check_connections(conn, workers, needed):
+    """Refuse before anything starts a run that needs more connections than the server has free."""
+    free, most, used, role_free, database_free = _row(conn, load_sql("free_connections"))
+    limits = [value for value in (free, role_free, database_free) if value is not None]
+    if limits and needed > min(limits):
+        which = "the role's connection limit" if role_free == min(limits) and role_free != free else "the server"
+        raise UsageError(
+            f"--workers {workers} needs {needed} database connections, but {which} leaves {max(0, min(limits))} "
+            f"free (max_connections {most}, {used} in use): lower --workers"
+        )
+
+
+def _row(conn, query, params=None):
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    conn.rollback()
+    return row

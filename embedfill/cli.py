@@ -8,9 +8,11 @@ import os
 import sys
 import traceback
 
-from . import config, logs
+import psycopg2
+
+from . import config, db, logs
 from .config import OPTIONS, resolve
-from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, EtlError, Terminated, UsageError
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, DatabaseError, EtlError, Terminated, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
@@ -193,12 +195,16 @@ def main(argv=None):
         flags["truncate"] = False if getattr(args, "no_truncate", False) else None
         file_values = config.read_config_file(args.config or "config.env", explicit=args.config is not None)
         preliminary = resolve(flags, os.environ, file_values)
+        logs.add_secrets(preliminary.api_key, preliminary.azure_api_key, db.password(preliminary.database_url or ""))
         level = preliminary.log_level
         logs.configure(preliminary.log_level, preliminary.log_file)
         return dispatch(verb, args, flags, file_values, preliminary)
     except EtlError as error:
         _report(error, level)
         return error.exit_code
+    except psycopg2.Error as error:  # one the code did not expect where it happened: say it, with advice
+        _report(DatabaseError(f"database error: {db.explain(error)}"), level, error)
+        return EXIT_FATAL
     except KeyboardInterrupt as stop:
         print("error: interrupted", file=sys.stderr)
         return EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_SIGINT
@@ -209,10 +215,11 @@ def main(argv=None):
 
 
 def _report(error, level, original=None):
+    """The one line of an error (a traceback before it at DEBUG), with every secret redacted."""
     if level == "DEBUG":
-        traceback.print_exception(original or error, file=sys.stderr)
+        print(logs.redact("".join(traceback.format_exception(original or error))), file=sys.stderr, end="")
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {logs.redact(message)}", file=sys.stderr, flush=True)
 
 
 def dispatch(verb, args, flags, file_values, preliminary):

@@ -2,6 +2,7 @@
 
 Catalog inspection, counts and advice live in catalog.py."""
 
+import collections
 import contextlib
 import functools
 import logging
@@ -13,7 +14,8 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql
 
-from .errors import DatabaseError
+from . import logs
+from .errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,20 @@ COPY_CHUNK_BYTES = 1 << 20  # the COPY is sent in pieces of about this size, nev
 # Serialization failure, deadlock, lock timeout, statement timeout: roll back and try again.
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
-SKIPPED = "a trigger, rule or row-level security policy on the table skipped it"
+# Why a row the write could not fill is recorded (it would be paid for again on every rerun).
+NULLED = "the write was undone: a trigger on the table set the vector back to NULL"
+SKIPPED = "the write skipped the row: a rule or a trigger on the table (one that returns NULL)"
+HIDDEN = "row-level security does not let this role update the row"
+# A dead connection is noticed in about half a minute, not after TCP's two hours: keepalive probes
+# after 10 s of silence, and a send that is not acknowledged within 30 s aborts (libpq parameters;
+# the ones DATABASE_URL sets itself win).
+TCP_SETTINGS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 
@@ -46,19 +61,63 @@ def describe_url(url):
 
 
 def first_line(error):
+    """The first line of an error's text, without secrets (libpq may echo a password)."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0].strip()
+    return logs.redact(text.splitlines()[0].strip())
 
 
-def connect(url, application_name=APPLICATION_PREFIX):
+def connect(url, application_name=APPLICATION_PREFIX, timeout=10, **options):
     """A psycopg2 connection speaking UTF-8 whatever the database's encoding (ids and texts
-    round-trip exactly), or a one-line DatabaseError naming the server and the cause."""
+    round-trip exactly), with TCP keepalives, or a one-line DatabaseError naming the server and
+    the cause. `timeout`: seconds to wait for the server (a reconnect passes what is left of its window)."""
     try:
-        return psycopg2.connect(url, application_name=application_name[:63], connect_timeout=10, client_encoding="UTF8")
+        given = psycopg2.extensions.parse_dsn(url)
+    except psycopg2.Error as error:
+        raise DatabaseError(f"DATABASE_URL is not a valid connection URL: {first_line(error)}") from None
+    tcp = {key: value for key, value in TCP_SETTINGS.items() if key not in given}
+    try:
+        return psycopg2.connect(
+            url,
+            application_name=application_name[:63],
+            connect_timeout=max(2, round(timeout)),
+            client_encoding="UTF8",
+            **tcp,
+            **options,
+        )
     except psycopg2.Error as error:
         raise DatabaseError(
             f"cannot connect to the database at {describe_url(url)}: {first_line(error)} (check DATABASE_URL)"
         ) from error
+
+
+# What to do about the errors a user can act on, by SQLSTATE.
+ADVICE = {
+    "25006": "the database is read-only (a standby, or default_transaction_read_only is on): "
+    "point DATABASE_URL at the primary",
+    "53300": "the server has no connection left (max_connections): lower --workers, or free connections",
+    "53400": "the server has no connection left (max_connections): lower --workers, or free connections",
+    "42501": "the tool's role lacks a privilege on the table or the etl_* tables: grant it, or use another role",
+    "57P01": "the server was shut down or the connection terminated by an administrator",
+}
+
+
+def explain(error):
+    """A database error in one line, with what to do when the tool knows (read-only server, no
+    connection left, a missing privilege)."""
+    text = first_line(error)
+    advice = ADVICE.get(getattr(error, "pgcode", None))
+    return f"{text} ({advice})" if advice else text
+
+
+def password(url):
+    """The password in a connection URL or string, if any (so that no message shows it)."""
+    try:
+        return psycopg2.extensions.parse_dsn(url).get("password")
+    except psycopg2.Error:
+        try:
+            return urlsplit(url).password
+        except ValueError:
+            return None
 
 
 class ChunkReader:
@@ -71,87 +130,107 @@ class ChunkReader:
         return next(self.chunks, b"")
 
 
-def copy_chunks(row_ids, vectors, half=False):
-    """The binary COPY of (row_id text, embedding vector or halfvec) rows, about COPY_CHUNK_BYTES
-    at a time, so that a batch's vectors exist once in memory (the matrix), not two or three times.
-    Both types are sent as (int16 dimensions, int16 unused, values): float32 or float16, big-endian."""
+def copy_chunks(row_ids, hashes, vectors, half=False):
+    """The binary COPY of (row_id text, text_hash bytea, embedding vector or halfvec) rows, about
+    COPY_CHUNK_BYTES at a time, so that a batch's vectors exist once in memory (the matrix), not two
+    or three times. Both vector types are sent as (int16 dimensions, int16 unused, values): float32
+    or float16, big-endian. A hash of None is sent as NULL."""
     yield _COPY_HEADER
     dims = vectors.shape[1]
     dtype, size = (">f2", 2) if half else (">f4", 4)
     field = struct.pack(">ihh", 4 + size * dims, dims, 0)
-    per_chunk = max(1, COPY_CHUNK_BYTES // (size * dims + 64))
+    per_chunk = max(1, COPY_CHUNK_BYTES // (size * dims + 96))
+    null = struct.pack(">i", -1)
     for start in range(0, len(row_ids), per_chunk):
         parts, end = [], start + per_chunk
-        for row_id, vector in zip(row_ids[start:end], vectors[start:end].astype(dtype)):
+        rows = zip(row_ids[start:end], hashes[start:end], vectors[start:end].astype(dtype))
+        for row_id, digest, vector in rows:
             encoded = row_id.encode("utf-8")
-            parts += (struct.pack(">hi", 2, len(encoded)), encoded, field, vector.tobytes())
+            hashed = null if digest is None else struct.pack(">i", len(digest)) + digest
+            parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, field, vector.tobytes())
         yield b"".join(parts)
     yield _COPY_TRAILER
 
 
 class WorkerStore:
-    """One worker's connection and the statements of the hot path."""
+    """One worker's connection and the statements of the hot path: claim (a short committed
+    transaction before any request) and write (another, after the answer). No transaction is
+    open in between, so no row of the user's table is locked while the API works."""
 
-    def __init__(self, conn, target, retry_failed, skip_batched=None):
+    def __init__(self, conn, target, run_id, retry_failed, skip_batched=None):
         self.conn = conn
         self.target = target
         self.retry_failed = retry_failed
+        self.keys = {"table_name": target.qualified_name, "column_name": target.embedding_column, "run_id": run_id}
         skip = sql.SQL("") if retry_failed else target.query("skip_failures")
         if skip_batched is None:  # rows of pending --batch-api batches: checked once per connection
             skip_batched = self._has_pending_batches()
         batched = target.query("skip_batched") if skip_batched else sql.SQL("")
         self._claim = target.query("claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
         self._write = target.query("write_batch").as_string(conn)
+        self.confirmed = False  # the column's record in etl_columns, once this connection has confirmed it
         with conn.cursor() as cur:
-            # The staging table has no statistics: keep the planner on the nested loop.
-            cur.execute("SET enable_hashjoin = off")
-            cur.execute("SET enable_mergejoin = off")
             cur.execute(target.query("create_stage"))
         conn.commit()
 
     def _has_pending_batches(self):
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('etl_batch_rows') IS NOT NULL")
-            if cur.fetchone()[0]:
-                cur.execute(
-                    "SELECT EXISTS (SELECT 1 FROM etl_batch_rows WHERE table_name = %s)", (self.target.qualified_name,)
-                )
-                return cur.fetchone()[0]
-        return False
+            cur.execute(
+                "SELECT EXISTS (SELECT 1 FROM etl_batch_rows WHERE table_name = %s)", (self.keys["table_name"],)
+            )
+            return cur.fetchone()[0]
 
     def claim(self, after, upto, limit):
-        """Lock and return up to `limit` rows (id text, *column texts) after `after`, up to `upto`."""
+        """Claim up to `limit` rows after `after`, up to `upto`: [(row_id, text hash, *texts)], in id
+        order. The caller commits before any request."""
         with self.conn.cursor() as cur:
-            cur.execute(
-                self._claim, {"after": after, "upto": upto, "limit": limit, "table_name": self.target.qualified_name}
-            )
-            return cur.fetchall()
+            cur.execute(self._claim, {"after": after, "upto": upto, "limit": limit, **self.keys})
+            return [(row_id, bytes(digest), *texts) for row_id, digest, *texts in cur.fetchall()]
 
-    def write(self, row_ids, vectors):
-        """Binary-COPY the vectors into the staging table, then move them into their rows.
+    def write(self, batch_ids, row_ids, hashes, vectors, failures=(), identity=None):
+        """One short transaction: the vectors of `row_ids` where each row is still NULL with the text
+        that was sent, the `failures` recorded, the claims of `batch_ids` released, then commit.
 
-        Returns (rows written, [(row_id, reason, attempts)] of rows the write left NULL)."""
+        Returns (rows written, [(row_id, reason, attempts)] recorded as failed, {state: rows} of rows
+        left out for a reason that is not theirs: "deleted", "filled", "changed", "busy")."""
+        written, failed, left = 0, list(failures), collections.Counter()
         with self.conn.cursor() as cur:
-            cur.copy_expert(
-                "COPY etl_stage (row_id, embedding) FROM STDIN WITH (FORMAT binary)",
-                ChunkReader(copy_chunks(row_ids, vectors, self.target.vector_type == "halfvec")),
-                size=COPY_CHUNK_BYTES,
-            )
-            cur.execute(self._write)
-            written = cur.rowcount
-            left = [] if written == len(row_ids) else self._unwritten(cur)
-            if self.retry_failed:
-                cur.execute(
-                    load_sql("clear_failures"), {"table_name": self.target.qualified_name, "row_ids": list(row_ids)}
+            if row_ids:
+                cur.copy_expert(
+                    "COPY etl_stage (row_id, text_hash, embedding) FROM STDIN WITH (FORMAT binary)",
+                    ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.vector_type == "halfvec")),
+                    size=COPY_CHUNK_BYTES,
                 )
-        return written, left
+                cur.execute(self._write)
+                kept = dict(cur.fetchall())
+                written = sum(kept.values())
+                failed += [(row_id, NULLED, 1) for row_id, stored in kept.items() if not stored]
+                missing = [row_id for row_id in row_ids if row_id not in kept]
+                if missing:
+                    more, refused = self._unwritten(cur, missing, left)
+                    written, failed = written + more, failed + refused
+                if self.retry_failed:
+                    cur.execute(load_sql("clear_failures"), {"table_name": self.keys["table_name"], "row_ids": row_ids})
+            if identity is not None and written and not self.confirmed:
+                self._confirm(cur, identity)
+            self.record_failures(failed)
+            if batch_ids:
+                cur.execute(load_sql("release_claims"), {**self.keys, "row_ids": list(batch_ids)})
+        self.conn.commit()
+        self.confirmed = self.confirmed or (identity is not None and written > 0)
+        return written, failed, left
 
-    def _unwritten(self, cur):
-        """Why the write matched fewer rows than were staged: a row deleted or filled by someone
-        else meanwhile is fine; a row left NULL is recorded (or every rerun would pay for it
-        again); an id that does not come back from its text form stops the run."""
-        cur.execute(self.target.query("unwritten_rows"))
-        left = []
+    def record_failures(self, failures):
+        """Add (row_id, reason, attempts) tuples to the ledger (in the open transaction)."""
+        if failures:
+            rows = [(self.keys["table_name"], row_id, why[:2000], n) for row_id, why, n in failures]
+            with self.conn.cursor() as cur:
+                psycopg2.extras.execute_values(cur, load_sql("record_failures"), rows)
+
+    def _unwritten(self, cur, missing, left):
+        """The rows the write left out, one by one: (rows written after all, rows refused by the table)."""
+        cur.execute(self.target.query("unwritten_rows"), {"row_ids": missing})
+        written, refused = 0, []
         for row_id, state in cur.fetchall():
             if state == "unmatched":
                 raise DatabaseError(
@@ -159,19 +238,45 @@ class WorkerStore:
                     f"form, so its vector cannot be written; use an id column of integer, bigint, uuid or text"
                 )
             if state == "null":
-                left.append((row_id, f"the write left the row NULL: {SKIPPED}", 1))
+                state = self._write_one(cur, row_id)
+            if state in (NULLED, SKIPPED, HIDDEN):
+                refused.append((row_id, state, 1))
+            elif state == "written":
+                written += 1
             else:
-                log.info("row %s was %s while it was being embedded; its vector was not written", row_id, state)
-        return left
+                left[state] += 1
+                log.debug("row %s was %s while it was being embedded; its vector was not written", row_id, state)
+        return written, refused
 
-    def record_failures(self, failures):
-        """Add (row_id, reason, attempts) tuples to the ledger."""
-        if failures:
-            table = self.target.qualified_name
-            with self.conn.cursor() as cur:
-                psycopg2.extras.execute_values(
-                    cur, load_sql("record_failures"), [(table, id_, why[:2000], n) for id_, why, n in failures]
-                )
+    def _write_one(self, cur, row_id):
+        """A row still NULL with the same text that the write left out: held by another transaction
+        ("busy": left for later, never waited for), or refused by the table (HIDDEN, SKIPPED, NULLED)."""
+        cur.execute("SAVEPOINT etl_row")
+        try:
+            cur.execute(self.target.query("lock_row"), {"row_id": row_id})
+            found = cur.fetchone()
+        except psycopg2.errors.LockNotAvailable:
+            cur.execute("ROLLBACK TO SAVEPOINT etl_row")
+            return "busy"
+        cur.execute("RELEASE SAVEPOINT etl_row")
+        if found is None:
+            return HIDDEN
+        if not found[0]:
+            return "changed"
+        cur.execute(self.target.query("write_row"), {"row_id": row_id})
+        stored = cur.fetchone()
+        return SKIPPED if stored is None else "written" if stored[0] else NULLED
+
+    def _confirm(self, cur, identity):
+        """The first vectors of this connection: the column's record must say what they are (it is made
+        at the start of the run, and confirmed here, in the same transaction as the vectors)."""
+        cur.execute(load_sql("confirm_column"), {**self.keys, **identity})
+        if cur.fetchone() is None:
+            raise ConfigError(
+                f"etl_columns no longer says that {self.target.display}.{self.target.embedding_column} holds "
+                f"{identity['model']} vectors (an init --reset-column, or a run of another model?): stopping; "
+                "`python etl.py status` shows what it holds"
+            )
 
     def commit(self):
         self.conn.commit()

@@ -7,7 +7,7 @@ import random
 import psycopg2
 from psycopg2 import sql
 
-from . import db
+from . import db, schema
 from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def create_demo_table(url, rows, dimensions, out):
     try:
         with conn.cursor() as cur:
             cur.execute(db.load_sql("extension"))
-            cur.execute(db.load_sql("ledger"))
+        schema.ensure(conn)
+        with conn.cursor() as cur:
             cur.execute(
                 "SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), 'pg_class')",
                 (DEMO_TABLE, DEMO_TABLE),

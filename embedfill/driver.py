@@ -13,10 +13,10 @@ import time
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, db, indexes, planner
+from . import catalog, db, indexes, planner, schema
 from .embedders import check_provider, load_client_library, make_embedder
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, DatabaseError, EtlError, WorkerDied
-from .lease import Lease
+from .lease import Lease, end_dead_runs
 from .models import estimate_cost
 from .progress import Progress, format_eta
 from .ratelimit import RateLimiter
@@ -31,27 +31,46 @@ POLL_SECONDS = 0.2
 DEBOUNCE_SECONDS = 1.0  # --follow: after a notification, gather the rest of a burst this long
 
 
-def prepare(settings, processes):
-    """Check the table, make sure the ledger exists, plan the ranges (one short connection)."""
+SWEEPS = 2  # passes after the backlog's for rows that became NULL meanwhile, or that a write left out
+
+
+def prepare(settings, processes, limiter):
+    """Check the table and the server, migrate the tool's tables, take the run's lease (unless
+    --dry-run), guard the column and plan the ranges (one short connection).
+    Returns (target, ranges, lease or None, what the column's record must say)."""
     conn = db.connect(settings.database_url)
+    lease = None
     try:
         target = catalog.inspect_target(conn, settings)
-        catalog.ensure_ledger(conn)
-        catalog.guard_column(conn, settings, target, record=not settings.dry_run)
+        schema.ensure(conn)
+        catalog.check_connections(conn, settings.workers, processes + 2)  # the workers, the lease, the count
+        if not settings.dry_run:
+            end_dead_runs(conn)
+            lease = Lease(settings, target, limiter)
+            lease.renew()  # live before the guard holds the column's record for it, and before any claim
+        identity = catalog.guard_column(conn, settings, target, run_id=lease and lease.run_id)
         indexes.prepare(conn, target, settings)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)
             log.warning(
                 "no partial index on %s WHERE %s IS NULL: every claim scans more than it needs. "
-                "Create it with: %s (or run `python etl.py init`)",
+                "Create it with: %s (or run `python etl.py init`)%s",
                 target.display,
                 target.embedding_column,
                 statement,
+                " (a partitioned table: this locks writes on it while it builds; or create it CONCURRENTLY on "
+                "each partition)"
+                if target.partitioned
+                else "",
             )
         ranges = planner.plan_ranges(conn, target, processes, settings.batch_size)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
     finally:
         conn.close()
-    return target, ranges
+    return target, ranges, lease, identity
 
 
 class _Counts:
@@ -62,6 +81,7 @@ class _Counts:
         self.target = target
         self.null_rows = None
         self.known_failures = 0
+        self.announced = False
         self.ready = threading.Event()
 
     def start(self):
@@ -79,6 +99,14 @@ class _Counts:
         except Exception:  # the total only feeds the display
             log.debug("counting the rows to embed failed", exc_info=True)
         self.ready.set()
+
+    def announce(self):
+        """Say once that rows of the ledger are skipped."""
+        if self.known_failures and not self.announced:
+            self.announced = True
+            log.info(
+                "skipping %d rows recorded in etl_failures (use --retry-failed to take them again)", self.known_failures
+            )
 
     def total(self):
         if self.null_rows is None:
@@ -101,7 +129,9 @@ def run_backfill(settings, out=None):
         # the ranges planned, before the fork, so that every worker shares it.
         importer = threading.Thread(target=_load_client_library, daemon=True)
         importer.start()
-    target, ranges = prepare(settings, processes)
+    context = multiprocessing.get_context("fork")
+    limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
+    target, ranges, lease, identity = prepare(settings, processes, limiter)
     if importer is not None:
         importer.join()
     if settings.tpm or settings.dry_run:
@@ -109,15 +139,17 @@ def run_backfill(settings, out=None):
     if settings.dry_run:
         return dry_run(settings, target, ranges, out)
 
-    run = Run(settings, target, processes)
-    run.lease.renew()  # the share of the budgets is known before the first request
-    run.lease.close()  # no socket crosses the fork: the next renewal opens its connection again
+    run = Run(settings, target, processes, context, limiter, lease, identity)
     previous = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     counts = _Counts(settings, target)
+    still_null = None
     try:
-        if run.embed(ranges, counts) and settings.follow:
-            indexes.restore(settings, target, run.lease.params["run_id"])  # the backlog is done: search needs it
+        finished = run.embed(ranges, counts)
+        if finished and settings.follow:
+            indexes.restore(settings, target, lease.run_id)  # the backlog is done: search needs it
             run.follow()
+        elif finished and settings.limit is None:
+            still_null = run.sweep()
     finally:
         run.lease.release()
         run.embedder.close()
@@ -127,15 +159,22 @@ def run_backfill(settings, out=None):
             run.progress.update(run.totals(), force_line=True)
             run.progress.close()
 
-    counts.ready.wait(timeout=2.0)
+    if counts.ready.wait(timeout=2.0):
+        counts.announce()
     totals = run.totals()
     elapsed = time.monotonic() - started
-    print(summary_line(settings, totals, elapsed, counts.known_failures), file=out, flush=True)
+    print(summary_line(settings, totals, elapsed, counts.known_failures, still_null), file=out, flush=True)
     if totals["truncated"]:
         log.warning(
             "%d inputs were longer than %d tokens and were truncated before sending",
             totals["truncated"],
             settings.input_token_limit,
+        )
+    if still_null:
+        log.warning(
+            "%d rows are still NULL and no run is on them: the application wrote them while this run went "
+            "(inserted, or edited while their request was out); rerun, or keep the column filled with --follow",
+            still_null,
         )
     if run.fatal is not None or run.received:
         indexes.say_waiting(settings, target)
@@ -161,14 +200,15 @@ class Run:
     """One invocation: its signals, its lease, and its passes of the worker pool over the NULL rows
     (one for the backlog; with --follow, one more each time rows need a vector)."""
 
-    def __init__(self, settings, target, processes):
+    def __init__(self, settings, target, processes, context, limiter, lease, identity):
         self.settings = settings
         self.target = target
         self.processes = processes
-        self.context = multiprocessing.get_context("fork")
-        self.limiter = RateLimiter(self.context, settings.rpm, settings.tpm, settings.workers)
+        self.context = context
+        self.limiter = limiter
         self.requests = self.context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
-        self.lease = Lease(settings, target, self.limiter)
+        self.lease = lease
+        self.identity = identity
         # One client for every pass's processes, built before any fork and never used here:
         # no connection of it exists to cross the fork, and its pages are shared, not copied.
         self.embedder = make_embedder(settings, target.dimensions)
@@ -200,7 +240,17 @@ class Run:
         pool = self.context.Pool(
             processes,
             initializer=init_worker,
-            initargs=(settings, self.target, ranges, shared, self.limiter, self.requests, self.embedder),
+            initargs=(
+                settings,
+                self.target,
+                ranges,
+                shared,
+                self.limiter,
+                self.requests,
+                self.embedder,
+                self.lease.run_id,
+                self.identity,
+            ),
         )
         # Threads (the count, tqdm) start only after the fork.
         if self.progress is None:
@@ -226,13 +276,9 @@ class Run:
                 if counts is not None and counts.ready.is_set() and not total_applied:
                     total_applied = True
                     self.progress.set_total(counts.total())
-                    if counts.known_failures:
-                        log.info(
-                            "skipping %d rows recorded in etl_failures (use --retry-failed to take them again)",
-                            counts.known_failures,
-                        )
+                    counts.announce()
                 self.progress.update(self.totals())
-                self.lease.renew()
+                self.lease.tick()
                 if not shared.stopping() and shared.workers_started > processes:
                     self.fatal = WorkerDied(
                         "a worker process died unexpectedly (killed by the OOM killer or a signal?); "
@@ -265,6 +311,40 @@ class Run:
             self.progress.update(self.totals())
         return finished
 
+    def sweep(self):
+        """After the backlog: passes over the rows that became NULL meanwhile or that a write left out
+        (edited while their request was out, held by the application at the write), while a pass finds
+        some and at most SWEEPS; then the rows still NULL that no run is on (None after a stop)."""
+        for _ in range(SWEEPS):
+            ranges = self._plan_left()
+            if not ranges:
+                break
+            log.info("rows became NULL while the run went, or a write left them out: one more pass")
+            before = self.totals()
+            if not self.embed(ranges):
+                return None
+            if self.totals()["embedded"] == before["embedded"]:
+                break
+        try:
+            conn = db.connect(self.settings.database_url)
+            try:
+                return catalog.count_left(conn, self.target, self.lease.run_id, self.settings.retry_failed)
+            finally:
+                conn.close()
+        except (psycopg2.Error, EtlError) as error:
+            log.debug("counting the rows left failed: %s", db.first_line(error))
+            return None
+
+    def _plan_left(self):
+        """Ranges over the rows to embed that no run is on, or [] when there are none."""
+        conn = db.connect(self.settings.database_url)
+        try:
+            if not catalog.has_rows_to_embed(conn, self.target, self.settings.retry_failed, self.lease.run_id):
+                return []
+            return planner.plan_ranges(conn, self.target, self.processes, self.settings.batch_size)
+        finally:
+            conn.close()  # no socket crosses the fork
+
     # --- --follow --------------------------------------------------------------------------------
     def follow(self):
         """After the backlog: sleep on LISTEN (and a poll every --poll-seconds), then embed the rows
@@ -282,7 +362,9 @@ class Run:
                 listener = listener or self._listen()
                 if listener is None:
                     break
-                if look and catalog.has_rows_to_embed(listener, self.target, self.settings.retry_failed):
+                if look and catalog.has_rows_to_embed(
+                    listener, self.target, self.settings.retry_failed, self.lease.run_id
+                ):
                     ranges = planner.plan_ranges(listener, self.target, self.processes, self.settings.batch_size)
                     log.debug("rows to embed: a pass over %d ranges", len(ranges))
                     listener.close()  # no socket crosses the fork
@@ -362,7 +444,7 @@ class Run:
         return bool(self.received)
 
     def _tick(self):
-        self.lease.renew()
+        self.lease.tick()
         self.progress.update(self.totals())
 
 
@@ -373,7 +455,8 @@ def _load_client_library():
         log.debug("loading the API client library before the fork failed", exc_info=True)
 
 
-def summary_line(settings, totals, elapsed, skipped):
+def summary_line(settings, totals, elapsed, skipped, still_null=None):
+    """The parseable summary: what the database holds now, counted from RETURNING, not from what was sent."""
     rate = (totals["embedded"] + totals["failed"]) / elapsed if elapsed > 0 else 0.0
     cost = estimate_cost(settings.model_name, totals["tokens"], settings.price, batch=settings.batch_api)
     return (
@@ -381,6 +464,7 @@ def summary_line(settings, totals, elapsed, skipped):
         f"elapsed_s={elapsed:.1f} rows_per_s={rate:.1f} tokens={totals['tokens']} "
         f"cost_usd={'unknown' if cost is None else f'{cost:.4f}'} requests={totals['requests']} "
         f"retries={totals['retries']} rate_limited={totals['rate_limited']} truncated={totals['truncated']}"
+        + ("" if still_null is None else f" still_null={still_null}")
         + (" batch_api=yes" if settings.batch_api else "")
     )
 

@@ -167,11 +167,8 @@ class OpenAIEmbedder(Embedder):
             # them a request of 200 inputs costs 5-8 ms more CPU. The JSON is read by `decode`.
             response = self.client.post("/embeddings", body=body, cast_to=self._raw_response)
             return Answer(response.content, response.headers, len(texts))
-        except openai.APITimeoutError as error:
-            raise TransientProviderError(f"request timed out ({error})") from error
-        except openai.APIConnectionError as error:
-            cause = error.__cause__ or error
-            raise TransientProviderError(f"connection error: {type(cause).__name__}: {cause}") from error
+        except openai.APIConnectionError as error:  # APITimeoutError included
+            raise self._wrap_connection(error) from error
         except openai.APIStatusError as error:
             raise self._wrap_status(error) from error
         except openai.APIResponseValidationError as error:
@@ -187,6 +184,19 @@ class OpenAIEmbedder(Embedder):
             return Embedding(rows.matrix_for(payload["data"]), _usage(payload), answer.headers)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise TransientProviderError(f"malformed response: {type(error).__name__}: {error}") from error
+
+    def _wrap_connection(self, error):
+        """No answer: a timeout, or no connection at all ("unreachable": refused, a name that does
+        not resolve, a connect that timed out), or one dropped on the way."""
+        import httpx2
+
+        cause = error.__cause__ or error
+        if isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            message = f"cannot connect to {self.base_url}: {_cause_text(cause)}"
+            return TransientProviderError(message, kind="unreachable")
+        if isinstance(error, self._openai.APITimeoutError):
+            return TransientProviderError(f"request timed out ({error})", kind="timeout")
+        return TransientProviderError(f"connection error: {type(cause).__name__}: {_cause_text(cause)}")
 
     def _wrap_status(self, error):
         status = error.status_code
@@ -215,7 +225,9 @@ class OpenAIEmbedder(Embedder):
                 "quota" in lowered and "exceeded" in lowered
             ):
                 return FatalProviderError(f"the account's quota is used up (429: {message}); check billing")
-            return TransientProviderError(f"rate limited (429: {message})", retry_after_seconds(headers), True)
+            return TransientProviderError(
+                f"rate limited (429: {message})", retry_after_seconds(headers), kind="rate_limited"
+            )
         if status in (408, 409) or status >= 500:
             return TransientProviderError(f"server error ({status}: {message})", retry_after_seconds(headers))
         if status in (400, 413, 422):
@@ -293,14 +305,29 @@ def _usage(payload):
 
 
 def _api_message(error):
-    body = getattr(error, "body", None)
+    """What the server said, whatever its shape: OpenAI's {"error": {"message"}}, TEI's
+    {"error": "..."}, FastAPI's {"detail": "..." or [{"msg": ...}]}, {"message"}, or plain text."""
+    said = _said(getattr(error, "body", None)) or str(error).strip() or type(error).__name__
+    return said.splitlines()[0][:300]
+
+
+def _said(body):
+    if isinstance(body, str):
+        return body.strip()
+    if isinstance(body, list):
+        return "; ".join(filter(None, (_said(item) for item in body)))
     if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"]).splitlines()[0][:300]
-        if isinstance(inner, str):
-            return inner[:300]
-    return str(error).splitlines()[0][:300]
+        for key in ("message", "error", "detail", "msg"):
+            if body.get(key):
+                return _said(body[key])
+    return ""
+
+
+def _cause_text(cause):
+    """An httpx error's text, with the innermost OS error when it has one ('[Errno 111] Connection refused')."""
+    while cause.__context__ is not None and not str(cause):
+        cause = cause.__context__
+    return str(cause) or type(cause).__name__
 
 
 class LocalEmbedder(Embedder):

@@ -33,15 +33,21 @@ class ProviderError(EtlError):
 
 
 class TransientProviderError(ProviderError):
-    """Worth retrying: 408/409/429/5xx, a timeout, a dropped connection."""
+    """The server's problem, never a row's: 408/409/429/5xx, a timeout, a dropped or refused
+    connection. `kind` says which: "rate_limited" (429), "timeout", "unreachable" (no connection
+    could be made: refused, a name that does not resolve) or "error"."""
 
-    def __init__(self, message, retry_after=None, rate_limited=False):
+    def __init__(self, message, retry_after=None, kind="error"):
         super().__init__(message)
         self.retry_after = retry_after
-        self.rate_limited = rate_limited
+        self.kind = kind
+
+    @property
+    def rate_limited(self):
+        return self.kind == "rate_limited"
 
     def __reduce__(self):
-        return (type(self), (str(self), self.retry_after, self.rate_limited))
+        return (type(self), (str(self), self.retry_after, self.kind))
 
 
 class InvalidInputError(ProviderError):

@@ -120,7 +120,7 @@ def _probe(settings, target):
 def say_waiting(settings, target):
     """After a run that did not rebuild: name the indexes that stay dropped (one log line)."""
     try:
-        conn = db.connect(settings.database_url)
+        conn = db.connect(settings.database_url, timeout=3)  # after a stop: a database away costs 3 s at most
         try:
             names = ", ".join(name for _, name, _, _ in deferred(conn, target))
         finally:

@@ -1,16 +1,23 @@
-"""Runs that use one API key share its quota, through PostgreSQL, the one thing all their hosts
-reach: each run keeps a row in etl_runs alive with a lease, and splits --max-tokens-per-minute
-and --max-requests-per-minute by the number of live rows with its key's hash. No coordinator:
-a run that ends deletes its row, a run that dies stops renewing it and drops out within
-LEASE_SECONDS, and the others take its share."""
+"""A run's lease: its row in etl_runs, renewed every few seconds by the run's parent, is what keeps
+the run's claims (etl_claims) and its not yet confirmed column record alive, and how runs on one
+API key share its quota through PostgreSQL, the one thing all their hosts reach. No coordinator:
+a run that ends deletes its row, its claims and its unconfirmed record; a run that dies, or is cut
+off from the database, stops renewing, and within LEASE_SECONDS its rows are free for others and
+its share of --max-tokens-per-minute and --max-requests-per-minute goes to the runs left.
+
+The renewal never makes the parent wait: it goes through an asynchronous connection that the
+parent's loop drives a step at a time (`tick`), so that a database that hangs stops neither the
+progress lines nor the answer to a signal."""
 
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import time
 
 import psycopg2
+import psycopg2.extensions
 
 from . import db
 from .errors import EtlError
@@ -19,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15.0
 RENEW_SECONDS = 2.0
+STEP_SECONDS = 10.0  # a renewal that has not completed by then is abandoned and started again
 
 
 def key_hash(settings):
@@ -30,59 +38,123 @@ def key_hash(settings):
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:32]
 
 
+def end_dead_runs(conn):
+    """End the leases of this host's runs whose process is gone (a kill -9, an OOM kill): their
+    claims are free at once, not LEASE_SECONDS later. A run on another host keeps its lease."""
+    prefix = f"{socket.gethostname()}:"
+    with conn.cursor() as cur:
+        cur.execute("SELECT run_id FROM etl_runs WHERE lease_until > now()")
+        dead = [run_id for (run_id,) in cur.fetchall() if run_id.startswith(prefix) and _gone(run_id[len(prefix) :])]
+        for run_id in dead:
+            log.info("run %s is gone (its process is no more): its claims are free", run_id)
+            cur.execute(db.load_sql("end_lease"), {"run_id": run_id})
+    conn.commit()
+
+
+def _gone(rest):
+    pid = rest.split(":")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) is gone too
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Lease:
-    """This run's row in etl_runs, renewed from the parent's loop; tells the limiter its share."""
+    """This run's row in etl_runs; tells the limiter its share."""
 
     def __init__(self, settings, target, limiter):
         self.settings = settings
         self.limiter = limiter
+        self.run_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.params = {
-            "run_id": f"{socket.gethostname()}:{os.getpid()}",
+            "run_id": self.run_id,
             "key_hash": key_hash(settings),
             "table_name": target.qualified_name,
             "tpm": settings.tpm,
             "rpm": settings.rpm,
             "lease_seconds": LEASE_SECONDS,
         }
-        self.conn = None
         self.runs = 1
         self.renewed_at = -RENEW_SECONDS
+        self.conn = self.cursor = None  # the asynchronous renewal under way
+        self.began = 0.0
 
     def renew(self):
-        """Renew the lease every RENEW_SECONDS and set the limiter's share. A database that does
-        not answer costs nothing here: the run keeps the share it has, and the lease runs out."""
-        if time.monotonic() - self.renewed_at < RENEW_SECONDS:
-            return
-        self.renewed_at = time.monotonic()
+        """Renew now, waiting for the database (before the workers start: their share is known)."""
+        conn = db.connect(self.settings.database_url)
         try:
-            if self.conn is None or self.conn.closed:
-                self.conn = db.connect(self.settings.database_url)
-            with self.conn.cursor() as cur:
+            with conn.cursor() as cur:
                 cur.execute(db.load_sql("renew_lease"), self.params)
                 runs = cur.fetchone()[0]
-            self.conn.commit()
-        except (psycopg2.Error, EtlError) as error:
+            conn.commit()
+        finally:
+            conn.close()
+        self.renewed_at = time.monotonic()
+        self._share(runs)
+
+    def tick(self):
+        """Take the renewal one step further, every RENEW_SECONDS; never waits on the database. A
+        database that does not answer costs nothing here: the run keeps its share, and its lease
+        runs out."""
+        now = time.monotonic()
+        try:
+            if self.conn is None:
+                if now - self.renewed_at < RENEW_SECONDS:
+                    return
+                self.renewed_at = self.began = now
+                self.conn = db.connect(self.settings.database_url, async_=True)
+            if now - self.began > STEP_SECONDS:
+                raise TimeoutError(f"no answer within {STEP_SECONDS:g} s")
+            if self.conn.poll() != psycopg2.extensions.POLL_OK:
+                return
+            if self.cursor is None:
+                self.cursor = self.conn.cursor()
+                self.cursor.execute(db.load_sql("renew_lease"), self.params)
+                return
+            runs = self.cursor.fetchone()[0]
+            self.cursor = None
+            self._share(runs)
+        except (psycopg2.Error, EtlError, TimeoutError) as error:
             log.debug("could not renew this run's lease: %s", db.first_line(error))
             self.close()
-            return
+
+    def _share(self, runs):
         if runs != self.runs:
-            log.info("%d runs share this API key's quota now: each uses 1/%d of the configured budgets", runs, runs)
+            log.log(
+                logging.INFO if self.settings.tpm or self.settings.rpm else logging.DEBUG,
+                "%d runs share this API key's quota now: each uses 1/%d of the configured budgets",
+                runs,
+                runs,
+            )
         self.runs = runs
         self.limiter.set_share(runs)
 
     def release(self):
-        """Delete this run's row: the others take its share at their next renewal."""
+        """Delete this run's row, its claims and its unconfirmed column record: others take its rows
+        and its share at once."""
+        self.close()
         try:
-            if self.conn is None or self.conn.closed:  # a run shorter than RENEW_SECONDS renewed before the fork only
-                self.conn = db.connect(self.settings.database_url)
-            with self.conn.cursor() as cur:
-                cur.execute("DELETE FROM etl_runs WHERE run_id = %(run_id)s", self.params)
-            self.conn.commit()
+            conn = db.connect(self.settings.database_url, timeout=3)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(db.load_sql("end_lease"), self.params)
+                conn.commit()
+            finally:
+                conn.close()
         except (psycopg2.Error, EtlError) as error:
             log.debug("could not end this run's lease: %s", db.first_line(error))
-        self.close()
 
     def close(self):
+        """Drop the renewal under way (before a fork: no socket crosses it)."""
         if self.conn is not None:
             self.conn.close()
-            self.conn = None
+        self.conn = self.cursor = None

@@ -1,10 +1,35 @@
 """Logging to stderr (or --log-file) with the process on every line: `main`, `w1`, `w2`..."""
 
 import logging
+import re
 import sys
 import warnings
 
 _process_name = "main"
+_secrets = []  # the API keys and the database password of this run: never printed
+_PATTERNS = [
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@]+@", re.I), r"\1***@"),  # scheme://user:PASSWORD@
+    (re.compile(r"\b(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I), r"\1***"),  # libpq's password=...
+]
+
+
+def add_secrets(*values):
+    """Remember values that no message may show (set in the parent before the fork: workers inherit them)."""
+    _secrets.extend(value for value in values if value and len(value) >= 4 and value not in _secrets)
+
+
+def redact(text):
+    """`text` with every known secret, URL password and password=... replaced by ***."""
+    for secret in _secrets:
+        text = text.replace(secret, "***")
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record):
+        return redact(super().format(record))
 
 
 class _ProcessFilter(logging.Filter):
@@ -22,7 +47,7 @@ def set_process_name(name):
 def configure(level="INFO", log_file=None):
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(process_name)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        _RedactingFormatter("%(asctime)s %(levelname)s [%(process_name)s] %(message)s", "%Y-%m-%d %H:%M:%S")
     )
     handler.addFilter(_ProcessFilter())
     root = logging.getLogger()

@@ -23,7 +23,7 @@ RATE_WINDOW = 5.0  # seconds over which the request rate is measured (exponentia
 
 _FIELDS = (
     "tokens requests stamp cooldown share factor ratio server_tpm server_rpm measured_rpm "
-    "last_cut last_success recent recent_at started"
+    "last_cut last_success recent recent_at started successes max_inputs"
 ).split()
 
 
@@ -88,8 +88,29 @@ class RateLimiter:
             since = now - max(self["last_success"], self["last_cut"])
             self["factor"] = min(1.0, self["factor"] + INCREASE * max(0.0, since))
             self["last_success"] = now
+            self["successes"] += 1
             self["recent"] = self["recent"] * math.exp(-(now - self["recent_at"]) / RATE_WINDOW) + 1.0
             self["recent_at"] = now
+
+    def successes(self):
+        """Requests that succeeded in this run, in every process."""
+        return int(self["successes"])
+
+    def succeeded_since(self, moment):
+        """Whether any process's request succeeded after `moment` (time.monotonic())."""
+        return self["successes"] > 0 and self["last_success"] > moment
+
+    def max_inputs(self):
+        """The most inputs a request may carry, as learned in this run (None: no limit learned)."""
+        return int(self["max_inputs"]) or None
+
+    def cap_inputs(self, inputs):
+        """Requests carry at most `inputs` from now on, in every process; True if that lowered the cap."""
+        with self._lock:
+            if self["max_inputs"] and self["max_inputs"] <= inputs:
+                return False
+            self["max_inputs"] = max(1, inputs)
+            return True
 
     def rate_limited(self, seconds):
         """A 429: pause every worker for `seconds`, and cut the rate once per burst of 429s."""

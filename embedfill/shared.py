@@ -6,7 +6,9 @@ its slot, so a worker killed mid-update can never leave a lock held that the par
 
 import time
 
-FIELDS = ("embedded", "failed", "tokens", "requests", "retries", "rate_limited", "truncated")
+# left: rows a write left out for a reason not theirs (edited while the request was out, filled or
+# deleted by someone else, held by another transaction): still NULL, for the next pass or run.
+FIELDS = ("embedded", "failed", "tokens", "requests", "retries", "rate_limited", "truncated", "left")
 
 RUNNING, STOPPING, FATAL = 0, 1, 2
 

@@ -21,7 +21,7 @@ import numpy as np
 import psycopg2.extras
 from pgvector.psycopg2 import register_vector
 
-from . import catalog, db, logs
+from . import catalog, db, logs, schema
 from .embedders import make_embedder
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGTERM, EtlError
 from .models import estimate_cost
@@ -67,8 +67,8 @@ def verify(settings, sample, fix, out):
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)
-        catalog.ensure_ledger(conn)
-        catalog.guard_column(conn, settings, target, record=False)
+        schema.ensure(conn)
+        catalog.guard_column(conn, settings, target)
         if settings.dry_run:
             return dry_run(conn, settings, target, sample, out)
         estimate = catalog.estimate_rows(conn, target)

@@ -1,6 +1,7 @@
--- The rows of one batch (or some of them) that are still NULL, with their texts. LATERAL keeps
--- the table's own column names apart from etl_batch_rows'.
-SELECT b.row_id, s.*
+-- The rows of one batch (or some of them) that are still NULL, with the hash of their text at
+-- submission and their texts now. LATERAL keeps the table's own column names apart from
+-- etl_batch_rows'.
+SELECT b.row_id, b.text_hash, s.*
 FROM etl_batch_rows b
 CROSS JOIN LATERAL (SELECT {text_columns} FROM {table} t
                     WHERE t.{id} = b.row_id::{id_type} AND t.{embedding} IS NULL) s

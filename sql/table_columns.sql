@@ -3,7 +3,8 @@ SELECT a.attname,
        format_type(a.atttypid, a.atttypmod) AS type_sql,
        t.typname,
        a.atttypmod,
-       n.nspname || '.' || c.relname          AS qualified_name
+       n.nspname || '.' || c.relname          AS qualified_name,
+       c.relkind = 'p'                        AS partitioned
 FROM pg_attribute a
 JOIN pg_type t      ON t.oid = a.atttypid
 JOIN pg_class c     ON c.oid = a.attrelid

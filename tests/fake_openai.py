@@ -129,6 +129,9 @@ class FakeOpenAI:
         burst_seconds=60.0,
         estimate_usage=False,
         azure_deployments=None,
+        echo_key=False,
+        seconds_per_input=0.0,
+        error_style="openai",
     ):
         self.api_key = api_key
         self.shuffle = shuffle
@@ -140,6 +143,10 @@ class FakeOpenAI:
         self.refuse_marker = refuse_marker
         self.azure_deployments = azure_deployments or {}  # deployment name -> model, on Azure's paths
         self.ignore_dimensions = ignore_dimensions
+        self.echo_key = echo_key  # a 401 that repeats the key it was given, as some servers do
+        self.seconds_per_input = seconds_per_input  # a slow server: each input adds this to the answer's time
+        self.error_style = error_style  # "openai", "fastapi" ({"detail": ...}) or "tei" ({"error": "..."})
+        self.connections = set()
         self.burst_seconds = burst_seconds
         self.script = collections.deque()
         self.lock = threading.Lock()
@@ -201,6 +208,25 @@ class FakeOpenAI:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+        with self.lock:
+            connections, self.connections = list(self.connections), set()
+        for connection in connections:  # a stopped server answers no open connection either
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restart(self, down_seconds):
+        """Go away like a server that restarts: open connections are cut and the port refuses new
+        ones for `down_seconds`, then the server answers again on the same port."""
+        port = self.server.server_address[1]
+        self.stop()
+
+        def come_back():
+            time.sleep(down_seconds)
+            self.start(port)
+
+        threading.Thread(target=come_back, daemon=True).start()
 
     # --- the API -------------------------------------------------------------------------
     def count_tokens(self, text):
@@ -283,7 +309,9 @@ class FakeOpenAI:
             with self.lock:
                 self.auth_failures += 1
             self._count_status(401)
-            return 401, {}, _error("Incorrect API key provided", "invalid_api_key"), hang
+            given = headers.get("Authorization", "").removeprefix("Bearer ")
+            said = f"Incorrect API key provided: {given}" if self.echo_key else "Incorrect API key provided"
+            return 401, {}, _error(said, "invalid_api_key"), hang
         else:
             model = body.get("model")
         if model not in MODELS:
@@ -362,7 +390,7 @@ class FakeOpenAI:
             b'],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (json.dumps(model).encode(), total, total)
         )
         payload = RawJson(b"".join(parts))
-        return 200, limit_headers, payload, hang
+        return 200, limit_headers, payload, hang + (0 if via_batch else self.seconds_per_input * len(inputs))
 
     def _count_status(self, status):
         with self.lock:
@@ -505,6 +533,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def setup(self):
+        super().setup()
+        with self.owner.lock:
+            self.owner.connections.add(self.connection)
+
+    def finish(self):
+        with self.owner.lock:
+            self.owner.connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
     def do_GET(self):
         """/_stats: the counters, for the benchmark (which runs the server in its own process)."""
         if self.path.startswith(("/v1/files", "/v1/batches")):
@@ -581,6 +622,12 @@ class _Handler(BaseHTTPRequestHandler):
         return status, {}, payload
 
     def _send(self, status, headers, payload):
+        if status >= 400 and isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            message = payload["error"].get("message")
+            if self.owner.error_style == "fastapi":
+                payload = {"detail": message}
+            elif self.owner.error_style == "tei":
+                payload = {"error": message, "error_type": "Validation"}
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)

@@ -364,8 +364,8 @@ def test_never_more_requests_in_flight_than_workers(etl, db):
 def test_runs_started_together_create_the_ledger_once(database_url, db):
     # Runs started by the same cron tick all find no ledger and create it at the same moment;
     # none of them may fail on the catalog's unique index.
-    from embedfill import catalog
     from embedfill import db as store
+    from embedfill import schema
 
     starters = 8
     barrier = threading.Barrier(starters)
@@ -375,7 +375,7 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
         conn = store.connect(database_url)
         try:
             barrier.wait()
-            catalog.ensure_ledger(conn)
+            schema.ensure(conn)
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(repr(exc))
         finally:
@@ -390,26 +390,30 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_class WHERE relname = 'etl_failures'")
         assert cur.fetchone()[0] == 1
+        cur.execute("SELECT version FROM etl_schema")
+        assert cur.fetchall() == [(schema.VERSION,)]  # migrated once
 
 
 def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(database_url, db, monkeypatch):
-    from embedfill import catalog
+    from embedfill import catalog, schema
     from embedfill import db as store
     from embedfill.config import resolve
 
     make_foods(db, 500)
-    monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 10 rows a chunk: 50 chunks
-    chunks = list(store.copy_chunks(["1"] * 25, np.zeros((25, 8), np.float32)))
-    assert len(chunks) == 5 and len(b"".join(chunks)) == 19 + 25 * (2 + 4 + 1 + 8 + 32) + 2  # header, 10+10+5, end
+    monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks
+    chunks = list(store.copy_chunks(["1"] * 25, [b"h" * 32] * 25, np.zeros((25, 8), np.float32)))
+    row = 2 + (4 + 1) + (4 + 32) + (4 + 4 + 8 * 4)  # fields; id; text hash; vector (dims, unused, values)
+    assert len(chunks) == 6 and len(b"".join(chunks)) == 19 + 25 * row + 2  # header, 7+7+7+4, end
     settings = resolve({"database_url": database_url, "table": "foods", "text_columns": ("name",)}, {}, {})
     conn = store.connect(database_url)
     target = catalog.inspect_target(conn, settings)
-    catalog.ensure_ledger(conn)
-    writer = store.WorkerStore(conn, target, retry_failed=False)
-    ids = [row[0] for row in writer.claim(None, None, 500)]
-    vectors = np.random.default_rng(7).standard_normal((len(ids), 8)).astype(np.float32)
-    assert writer.write(ids, vectors) == (500, [])
+    schema.ensure(conn)
+    writer = store.WorkerStore(conn, target, "a-run", retry_failed=False)
+    claimed = writer.claim(None, None, 500)
     writer.commit()
+    ids, hashes = [row[0] for row in claimed], [row[1] for row in claimed]
+    vectors = np.random.default_rng(7).standard_normal((len(ids), 8)).astype(np.float32)
+    assert writer.write(ids, ids, hashes, vectors) == (500, [], {})
     conn.close()
     with db.cursor() as cur:
         cur.execute("SELECT id::text, embedding::text FROM foods")

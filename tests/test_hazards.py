@@ -144,11 +144,7 @@ def test_a_row_the_write_could_not_fill_is_recorded_not_paid_for_again(etl, db):
     embedded, null = check_table(db)
     assert null == ["7"] and len(embedded) == 39
     assert ledger(db) == [
-        (
-            "public.foods",
-            "7",
-            "the write left the row NULL: a trigger, rule or row-level security policy on the table skipped it",
-        )
+        ("public.foods", "7", "the write skipped the row: a rule or a trigger on the table (one that returns NULL)")
     ]
     etl.fake.reset_counters()
     rerun = etl.run(**env_for_table(**DIMS))

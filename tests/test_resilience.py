@@ -78,25 +78,27 @@ def test_a_429_pauses_every_worker(etl, db):
     assert check_table(db)[1] == []
 
 
-def test_sdk_retries_do_not_stack_on_ours(etl, db):
-    """max_retries=0 in the SDK: --max-attempts is the whole budget per batch."""
+def test_a_server_that_fails_everything_stops_the_run_and_blames_no_row(etl, db):
+    """A server error on every request is the server's problem: the run waits until no request has
+    succeeded for --stall-seconds, then stops with one line and exit 1, recording no row. The SDK's
+    own retries are off (max_retries=0): every request the server saw is one the run counted."""
     make_foods(db, 20)
-    etl.fake.add_faults(*[{"status": 500}] * 50)
-    result = etl.run("--workers", "1", "--batch-size", "20", "--max-attempts", "3", **env())
-    assert result.returncode == 3, result.stderr
-    assert etl.fake.requests == 3
-    rows = ledger(db)
-    assert len(rows) == 20
-    assert all(
-        reason.startswith("gave up after 3 attempts: server error (500") and attempts == 3
-        for _, reason, attempts in rows
-    )
+    etl.fake.add_faults(*[{"status": 500}] * 500)
+    started = time.monotonic()
+    result = etl.run("--workers", "1", "--batch-size", "20", "--stall-seconds", "3", **env())
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 20
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and error[0].startswith("error: no request has succeeded for 3 s (--stall-seconds 3)")
+    assert "server error (500: injected 500)" in error[0] and "nothing was recorded as failed" in error[0]
+    assert ledger(db) == [] and embedded_count(db) == 0
+    assert f"requests={etl.fake.requests} " in result.stdout
 
 
 def test_known_failures_are_skipped_then_retried_on_request(etl, db):
-    make_foods(db, 40)
-    etl.fake.add_faults({"status": 500})  # one of the two batches, with one attempt only
-    result = etl.run("--workers", "1", "--batch-size", "20", "--max-attempts", "1", **env())
+    texts = [(f"dish {i}", "POISON" if i > 20 else "cat", "desc") for i in range(1, 41)]
+    make_foods(db, 0, ids=range(1, 41), texts=texts)
+    result = etl.run("--workers", "1", "--batch-size", "20", **env())
     assert result.returncode == 3
     assert len(ledger(db)) == 20 and embedded_count(db) == 20
 
@@ -107,6 +109,7 @@ def test_known_failures_are_skipped_then_retried_on_request(etl, db):
     assert "skipping 20 rows recorded in etl_failures" in result.stderr
     assert "skipped_known_failures=20" in result.stdout
 
+    etl.fake.refuse_marker = None  # the server takes them now
     result = etl.run("--workers", "2", "--retry-failed", **env())
     assert result.returncode == 0, result.stderr
     assert ledger(db) == []  # rows that succeed leave the ledger

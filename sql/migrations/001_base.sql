@@ -1,6 +1,9 @@
+-- Schema 1: the tables of the tool before schema versions existed (every statement idempotent, so
+-- that a database made by an older tool is brought to this version as it is).
+--
 -- The failure ledger: one row per table row that could not be embedded.
 -- A plain rerun skips these rows; --retry-failed takes them again, and a row that later
--- succeeds is removed. Created by the tool when missing; idempotent.
+-- succeeds is removed.
 CREATE TABLE IF NOT EXISTS etl_failures (
     table_name  text        NOT NULL,
     row_id      text        NOT NULL,

@@ -1,0 +1,9 @@
+-- In the transaction of a connection's first write of vectors: the column's record must say that
+-- the column holds what this run writes; the record is confirmed (no longer held by a run). No row
+-- back: the record says otherwise (or is gone), and the write rolls back.
+UPDATE etl_columns
+SET claimed_by = NULL
+WHERE table_name = %(table_name)s AND column_name = %(column_name)s
+  AND model = %(model)s AND dimensions IS NOT DISTINCT FROM %(dimensions)s
+  AND provider = %(provider)s AND recipe = %(recipe)s::text[]
+RETURNING 1;
