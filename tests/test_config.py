@@ -82,3 +82,19 @@ def test_misspelled_settings_are_named_with_the_closest_one(etl, db, workdir):
     embedded, null = check_table(db)
     assert len(embedded) == 10
 
+
+def test_a_copied_config_env_example_changes_nothing(etl, db, workdir):
+    """Every value in config.env.example is commented out: copied unedited it sets nothing."""
+    from pathlib import Path
+
+    from embedfill.config import read_config_file
+
+    example = Path(__file__).resolve().parent.parent / "config.env.example"
+    assert read_config_file(str(example), explicit=True) == {}
+    (workdir / "config.env").write_text(example.read_text())
+    make_foods(db, 12)
+    result = etl.run(ETL_TABLE="foods", ETL_TEXT_COLUMNS="name,category,description", EMBEDDING_DIMENSIONS=8)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" not in result.stderr
+    embedded, null = check_table(db)
+    assert len(embedded) == 12 and null == []
