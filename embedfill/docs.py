@@ -55,6 +55,28 @@ EXAMPLES = {
     "ETL_LOG_FILE": "etl.log",
 }
 
+# What docs/configuration.md says in the default column of a setting without a default value.
+UNSET = {
+    "database_url": "the embedded PostgreSQL in ETL_PGDATA",
+    "api_key": "required for the openai provider",
+    "base_url": "the SDK's (api.openai.com)",
+    "azure_endpoint": "required for azure",
+    "azure_api_key": "required for azure",
+    "api_version": "required for azure",
+    "deployment": "EMBEDDING_MODEL",
+    "dimensions": "the column's, else the model's (not sent)",
+    "table": "required",
+    "text_columns": "required",
+    "rpm": "unlimited",
+    "tpm": "unlimited",
+    "max_input_tokens": "the model's limit (8191)",
+    "price": "OpenAI's list price of known models",
+    "maintenance_work_mem": "the server's maintenance_work_mem",
+    "max_parallel_maintenance_workers": "the server's max_parallel_maintenance_workers",
+    "updated_column": "unset",
+    "log_file": "stderr",
+}
+
 ENV_HEADER = """\
 # Copy to config.env (git-ignored) in the folder you run the tool from, and uncomment what you need:
 # every line here is commented out, so a copy changes nothing until you edit it.
@@ -94,6 +116,9 @@ setting; the run goes on with what it understood. The openai SDK's own variables
 a flag of another verb is refused (exit 2). `run` is the default verb (`python etl.py` with no
 verb). Installed with `pip install .`, `embedfill` takes the same verbs and flags.
 
+Booleans (`ETL_DEFER_INDEX`, `ETL_FOLLOW`, `ETL_BATCH_API`) take true/false, yes/no, on/off or 1/0
+in the environment or `config.env`; on the command line they are plain flags.
+
 A request never carries more than 2048 inputs or 300,000 tokens: a large `--batch-size` is split
 into several requests, written and committed together.
 """
@@ -129,7 +154,8 @@ def configuration_md():
             flag = f"`{option.flag}`" if option.flag else "(environment or config.env only)"
             if option.dest == "batch_api":
                 flag = "`--batch-api`"
-            cells = [f"`{option.env}`", flag, _cell(_default(option)), _verbs(option), _cell(option.help)]
+            default = _default(option) or UNSET.get(dest, "")
+            cells = [f"`{option.env}`", flag, _cell(default), _verbs(option), _cell(option.help)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
