@@ -7,36 +7,62 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import psycopg2
 
-from . import config, db, logs
+from . import __version__, config, db, logs
 from .config import OPTIONS, resolve
 from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, DatabaseError, EtlError, Terminated, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
 
-VERBS = ("run", "init", "status", "demo", "search", "verify", "batches")
+VERBS = config.VERBS
 
-EXAMPLES = """\
-examples:
-  python etl.py --workers 4 --batch-size 20
-  nohup python etl.py --workers 4 --batch-size 20 > etl.log 2>&1 &    # rerun to resume
-  python etl.py --dry-run                  # rows, tokens, cost and ranges, no API calls
-  python etl.py init --dimensions 1536     # extension, ledger, column and partial index
-  python etl.py status                     # where the table stands, and whether a run is active
-  python etl.py init --track-changes       # a trigger: an edited text sets its row's vector to NULL
-  nohup python etl.py --follow > follow.log 2>&1 &    # the backlog, then new and edited rows as they come
-  python etl.py demo                       # a local embedfill_demo table, embedded (offline without a key)
-  python etl.py search "김치찌개" --top 5
-  python etl.py verify --sample 100        # re-embed 100 random rows and compare with what is stored
-  python etl.py init --reset-column --yes  # clear the column and its record, to fill it with another model
-  python etl.py --batch-api                # OpenAI's Batch API: half the price, within 24 h; rerun to resume
-  python etl.py batches cancel             # cancel this table's pending batches
+# Each verb's own examples, with {cmd} the way it was started (python etl.py, or embedfill when installed).
+EXAMPLES = {
+    "run": [
+        ("{cmd} --workers 4 --batch-size 20", ""),
+        ("nohup {cmd} --workers 4 --batch-size 20 > etl.log 2>&1 &", "rerun to resume"),
+        ("{cmd} --dry-run", "rows, tokens, cost and ranges, no API calls"),
+        ("nohup {cmd} --follow > follow.log 2>&1 &", "the backlog, then new and edited rows as they come"),
+        ("{cmd} --batch-api", "OpenAI's Batch API: half the price, within 24 h; rerun to resume"),
+    ],
+    "init": [
+        ("{cmd} init --dimensions 1536", "extension, ledger, column and partial index"),
+        ("{cmd} init --track-changes", "a trigger: an edited text sets its row's vector to NULL"),
+        ("{cmd} init --reset-column --yes", "clear the column and its record, to fill it with another model"),
+        ("{cmd} init --restore-index", "rebuild the vector indexes a --defer-index run dropped"),
+    ],
+    "status": [
+        ("{cmd} status", "where the table stands, and whether a run is active"),
+        ("{cmd} status --json", "the same, as one JSON document"),
+    ],
+    "demo": [
+        ("{cmd} demo", "a local embedfill_demo table, embedded (offline without a key); rerun to resume"),
+        ("{cmd} demo --rows 1000 --workers 2", ""),
+    ],
+    "search": [
+        ('{cmd} search "김치찌개" --top 5', "the nearest rows by cosine distance"),
+        ('{cmd} search "kimchi stew" --json', "id, distance and text of each, as JSON"),
+    ],
+    "embed": [('{cmd} embed "김치찌개"', "the vector the column's model makes for a text, as JSON")],
+    "verify": [
+        ("{cmd} verify --sample 100", "re-embed 100 random rows and compare with what is stored"),
+        ("{cmd} verify --all --fix", "check every row; set the mismatched ones to NULL for the next run"),
+    ],
+    "batches": [("{cmd} batches cancel", "cancel this table's pending batches")],
+    "db": [
+        ("{cmd} db url", "start the embedded PostgreSQL, keep it up, print its URL"),
+        ("{cmd} db psql", "psql on it (extra psql arguments after --)"),
+        ("{cmd} db stop", "stop it"),
+    ],
+}
 
-verbs: run (the default), init, status, demo, search, verify, batches; `python etl.py VERB --help` for each.
-Settings come from flags, then the environment, then config.env (see config.env.example).
+FOOTER = """\
+verbs: run (the default), init, status, demo, search, embed, verify, batches, db; `{cmd} VERB --help` for each.
+Settings come from flags, then the environment, then config.env (docs/configuration.md lists them all).
 exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
   3 finished but some rows failed (recorded in etl_failures) or, for verify, hold a vector that is not
   their text's, 130/143 interrupted by SIGINT/SIGTERM.
@@ -45,33 +71,63 @@ exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
 DESCRIPTIONS = {
     "run": "Fill the pgvector column of every row whose embedding IS NULL, from parallel workers, "
     "resumable by rerunning; with --follow, then stay up and embed new and edited rows as they come.",
-    "init": "Create what the tool relies on, idempotently: the vector extension, the etl_failures ledger, "
+    "init": "Create what the tool relies on, idempotently: the vector extension, its etl_* tables, "
     "the embedding column (with --dimensions) and the partial index WHERE embedding IS NULL; with "
-    "--track-changes also a trigger that sets a row's vector to NULL when its text changes (--untrack removes it).",
+    "--track-changes also a trigger that sets a row's vector to NULL when its text changes (--untrack removes it). "
+    "Everything is checked before anything is created, and it says what it created.",
     "status": "Show where the configured table stands: rows total (estimate), rows still NULL, failed rows "
     "and their reasons, whether a run is active now, whether change tracking is on, and with --updated-column "
     "how old the oldest NULL row is.",
-    "demo": "Create (or refresh) the embedfill_demo table, foods like the seed's, and backfill it; a table of that "
-    "name the demo did not make is never replaced. Without "
+    "demo": "Create the embedfill_demo table, foods like the seed's, and backfill it; rerun to resume an interrupted "
+    "demo; a table of that name the demo did not make is never replaced. Without "
     "OPENAI_API_KEY it embeds offline with the local provider.",
     "search": "Embed a query with the configured provider and print the nearest rows by cosine distance.",
+    "embed": "Print the vector that the column's model and settings make for a text, as JSON "
+    '({"model", "dimensions", "embedding"}), so that an application can search with the same vector.',
     "verify": "Re-embed stored rows (a random sample, or --all) and compare each with its stored vector "
     "(cosine >= 0.99); name every row that does not match, and with --fix set it to NULL for the next run.",
     "batches": "Act on this table's pending --batch-api batches: `cancel` cancels them at OpenAI and releases "
     "their rows.",
+    "db": "The embedded PostgreSQL of ETL_PGDATA, for other programs: `url` starts it if needed, keeps it up and "
+    "prints a URL that psql, Django and psycopg2 accept; `psql` opens psql on it; `stop` stops it.",
 }
+
+
+def command_name():
+    """How the user started the tool: `embedfill` when installed, else `python etl.py`."""
+    return "embedfill" if Path(sys.argv[0]).name == "embedfill" else "python etl.py"
+
+
+def epilog(verb):
+    cmd = command_name()
+    width = max(len(example.format(cmd=cmd)) for example, _ in EXAMPLES[verb])
+    lines = ["examples:"]
+    for example, note in EXAMPLES[verb]:
+        text = example.format(cmd=cmd)
+        lines.append(f"  {text:<{width}}    # {note}" if note else f"  {text}")
+    env_only = [o.env for o in OPTIONS if verb in o.verbs and not o.flag and o.dest != "batch_api"]
+    if env_only:
+        lines.append(f"\nalso read, from the environment or config.env only: {', '.join(env_only)}")
+    return "\n".join(lines) + "\n\n" + FOOTER.format(cmd=cmd)
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with a suggestion for a misspelled flag, and exit code 2 for usage errors."""
+
+    verb = "run"
 
     def error(self, message):
         if "unrecognized arguments:" in message:
             words = message.split("unrecognized arguments:", 1)[1].split()
             known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
             for word in words:
+                flag = word.split("=")[0]
+                other = next((o for o in OPTIONS if o.flag == flag and self.verb not in o.verbs), None)
+                if other is not None:  # a setting of other verbs: say whose
+                    message += f" ({flag} is read by {', '.join(other.verbs)}, not by {self.verb})"
+                    break
                 candidates = known if word.startswith("-") else list(VERBS)
-                guess = difflib.get_close_matches(word.split("=")[0], candidates, n=1)
+                guess = difflib.get_close_matches(flag, candidates, n=1)
                 if guess:
                     message += f" (did you mean {guess[0]}?)"
                     break
@@ -85,58 +141,82 @@ def _option_help(option):
 
 
 def build_parser(verb):
-    prog = "etl.py" if verb == "run" else f"etl.py {verb}"
+    name = "embedfill" if command_name() == "embedfill" else "etl.py"
     parser = Parser(
-        prog=prog, description=DESCRIPTIONS[verb], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=name if verb == "run" else f"{name} {verb}",
+        description=DESCRIPTIONS[verb],
+        epilog=epilog(verb),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.verb = verb
+    parser.add_argument("--version", action="version", version=f"embedfill {__version__}")
+    own_actions = parser.own_actions = []  # this verb's own flags, for docs/configuration.md
+
+    def own(container, *names, **options):
+        own_actions.append(container.add_argument(*names, **options))
+
     if verb == "search":
-        parser.add_argument("query", help="the text to look for")
-        parser.add_argument("--top", type=int, default=5, help="how many rows to show [default 5]")
+        own(parser, "query", help="the text to look for")
+        own(parser, "--top", type=int, default=5, help="how many rows to show [default 5]")
+    if verb == "embed":
+        own(parser, "text", help="the text to embed")
+    if verb in ("search", "status", "verify"):
+        own(parser, "--json", action="store_true", help="print one JSON document instead of text")
+    if verb == "db":
+        own(parser, "action", choices=("url", "psql", "stop"), help="url, psql or stop")
+        own(parser, "--force", action="store_true", help="with stop: end the open connections")
     if verb == "init":
-        parser.add_argument("--type", choices=("vector", "halfvec"), default="vector", help="type of a new column")
-        parser.add_argument(
-            "--restore-index", action="store_true", help="rebuild the vector indexes that --defer-index dropped"
+        own(parser, "--type", choices=("vector", "halfvec"), default="vector", help="type of a new column")
+        own(
+            parser, "--restore-index", action="store_true", help="rebuild the vector indexes that --defer-index dropped"
         )
-        parser.add_argument(
+        own(
+            parser,
             "--reset-column",
             action="store_true",
             help="set the embedding column to NULL in every row and forget what it held (needs --yes)",
         )
-        parser.add_argument("--yes", action="store_true", help="confirm --reset-column")
+        own(parser, "--yes", action="store_true", help="confirm --reset-column")
     if verb == "verify":
         which = parser.add_mutually_exclusive_group()
-        which.add_argument("--sample", type=_positive, default=100, help="random rows to check [default 100]")
-        which.add_argument("--all", action="store_true", help="check every row that holds a vector")
-        parser.add_argument("--fix", action="store_true", help="set the mismatched rows' embedding to NULL")
+        own(which, "--sample", type=_positive, default=100, help="random rows to check [default 100]")
+        own(which, "--all", action="store_true", help="check every row that holds a vector")
+        own(parser, "--fix", action="store_true", help="set the mismatched rows' embedding to NULL")
     if verb == "batches":
-        parser.add_argument("action", choices=["cancel"], help="cancel: cancel the pending batches")
+        own(parser, "action", choices=["cancel"], help="cancel: cancel the pending batches")
     if verb == "run":
-        parser.add_argument(
+        own(
+            parser,
             "--batch-api",
             action="store_true",
             default=None,
             help="embed through OpenAI's Batch API at half the price, within 24 h [env ETL_BATCH_API]",
         )
-        parser.add_argument("--no-wait", action="store_true", help="with --batch-api: submit, then exit 0 (for cron)")
+        own(parser, "--no-wait", action="store_true", help="with --batch-api: submit, then exit 0 (for cron)")
     if verb == "demo":
-        parser.add_argument("--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
+        own(parser, "--rows", type=_positive, default=10_000, help="rows to generate [default 10000]")
     if verb == "init":
         track = parser.add_mutually_exclusive_group()
-        track.add_argument(
+        own(
+            track,
             "--track-changes",
             action="store_true",
             help="install a trigger that sets the vector to NULL when a text column changes, and notifies --follow",
         )
-        track.add_argument("--untrack", action="store_true", help="remove that trigger (and only that)")
+        own(track, "--untrack", action="store_true", help="remove that trigger (and only that)")
     if verb in ("run", "demo"):
-        parser.add_argument("--limit", type=_positive, help="stop after N rows [default: all rows]")
-        parser.add_argument("--retry-failed", action="store_true", help="take the rows in etl_failures again")
-        parser.add_argument(
-            "--no-truncate", action="store_true", help="record over-long inputs as failed instead of truncating them"
+        own(parser, "--limit", type=_positive, help="stop after N rows [default: all rows]")
+        own(parser, "--retry-failed", action="store_true", help="take the rows in etl_failures again")
+        own(
+            parser,
+            "--no-truncate",
+            action="store_true",
+            help="record over-long inputs as failed instead of truncating them",
         )
     if verb in ("run", "demo", "verify"):
-        parser.add_argument("--dry-run", action="store_true", help="plan only: rows, tokens, cost, time; no API calls")
-        parser.add_argument(
+        own(parser, "--dry-run", action="store_true", help="plan only: rows, tokens, cost, time; no API calls")
+        own(
+            parser,
             "--progress-interval",
             type=float,
             default=10.0,
@@ -144,13 +224,17 @@ def build_parser(verb):
             help="seconds between progress lines when stderr is not a terminal [default 10]",
         )
     parser.add_argument("--config", metavar="PATH", help="settings file [default: ./config.env when present]")
-    group = parser.add_argument_group("settings (a flag wins over the environment, which wins over config.env)")
+    group = parser.add_argument_group(
+        f"settings {verb} reads (a flag wins over the environment, which wins over config.env)"
+    )
     for option in OPTIONS:
-        if option.parse is config.boolean and option.flag:
+        if verb not in option.verbs or not option.flag:
+            continue
+        if option.parse is config.boolean:
             group.add_argument(
                 option.flag, dest=option.dest, action="store_const", const=True, help=_option_help(option)
             )
-        elif option.flag:
+        else:
             group.add_argument(
                 option.flag,
                 dest=option.dest,
@@ -186,14 +270,21 @@ def split_verb(argv):
 def main(argv=None):
     """Run the command line; returns the exit code."""
     verb, rest = split_verb(list(sys.argv[1:] if argv is None else argv))
+    passed = []  # `db psql -- ARGS`: ARGS go to psql as they are
+    if verb == "db" and "--" in rest:
+        rest, passed = rest[: rest.index("--")], rest[rest.index("--") + 1 :]
     args = build_parser(verb).parse_args(rest)
+    args.passed = passed
     level = "INFO"
     try:
         flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
         flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run", "no_wait")})
         flags["batch_api"] = getattr(args, "batch_api", None)
         flags["truncate"] = False if getattr(args, "no_truncate", False) else None
-        file_values = config.read_config_file(args.config or "config.env", explicit=args.config is not None)
+        path = args.config or "config.env"
+        file_values = config.read_config_file(path, explicit=args.config is not None)
+        for warning in config.unknown_settings(file_values, os.environ, path):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         preliminary = resolve(flags, os.environ, file_values)
         logs.add_secrets(preliminary.api_key, preliminary.azure_api_key, db.password(preliminary.database_url or ""))
         level = preliminary.log_level
@@ -223,17 +314,20 @@ def _report(error, level, original=None):
 
 
 def dispatch(verb, args, flags, file_values, preliminary):
-    from . import admin, demo, driver, verify
-    from .pgserver import embedded_database_url
+    from . import admin, demo, driver, pgserver, verify
 
+    if verb == "db":
+        return pgserver.db_command(
+            args.action, preliminary.pgdata, preliminary.database_url, sys.stdout, args.force, args.passed
+        )
     embedded = preliminary.database_url is None
     if embedded:
-        flags = {**flags, "database_url": embedded_database_url(preliminary.pgdata)}
+        flags = {**flags, "database_url": pgserver.embedded_database_url(preliminary.pgdata)}
     extras = {"progress_interval": getattr(args, "progress_interval", 10.0)}
 
     if verb == "demo":
-        return run_demo(args, flags, file_values, extras, driver, demo)
-    if verb in ("status", "search", "verify") and embedded and not preliminary.table:
+        return run_demo(args, flags, file_values, extras, driver, demo, preliminary.pgdata if embedded else None)
+    if verb in ("status", "search", "embed", "verify") and embedded and not preliminary.table:
         # Without configuration these look at the demo's table, with the demo's provider.
         flags = _demo_flags(flags, preliminary)
     settings = _resolve(flags, file_values, ("table",) if verb == "init" else ("table", "text_columns"), extras)
@@ -247,11 +341,13 @@ def dispatch(verb, args, flags, file_values, preliminary):
         code = admin.init_schema(settings, sys.stdout, args.type, args.restore_index, tracking)
         return admin.reset_column(settings, sys.stdout) if args.reset_column else code
     if verb == "status":
-        return admin.show_status(settings, sys.stdout)
+        return admin.show_status(settings, sys.stdout, as_json=args.json)
     if verb == "search":
-        return admin.search(settings, args.query, args.top, sys.stdout)
+        return admin.search(settings, args.query, args.top, sys.stdout, as_json=args.json)
+    if verb == "embed":
+        return admin.embed(settings, args.text, sys.stdout)
     if verb == "verify":
-        return verify.verify(settings, None if args.all else args.sample, args.fix, sys.stdout)
+        return verify.verify(settings, None if args.all else args.sample, args.fix, sys.stdout, as_json=args.json)
     if settings.follow and settings.limit is not None:
         raise UsageError("--limit and --follow do not go together: a follower has no end (drop one of them)")
     if settings.no_wait and not settings.batch_api:
@@ -283,7 +379,9 @@ def _demo_flags(flags, preliminary):
     return flags
 
 
-def run_demo(args, flags, file_values, extras, driver, demo):
+def run_demo(args, flags, file_values, extras, driver, demo, pgdata):
+    """The demo: its table (resumed when an earlier demo was interrupted), the backfill, what to do next.
+    `pgdata`: the embedded server's data folder, None with DATABASE_URL."""
     flags = _demo_flags(flags, resolve(flags, os.environ, file_values))
     flags["id_column"], flags["embedding_column"] = "id", "embedding"
     settings = _resolve(flags, file_values, (), extras)
@@ -293,8 +391,27 @@ def run_demo(args, flags, file_values, extras, driver, demo):
     else:
         info = model_info(settings.model) or model_info(DEFAULT_MODEL)
         dimensions = settings.dimensions or info.dimensions
-    demo.create_demo_table(settings.database_url, args.rows, dimensions, sys.stdout)
+    demo.prepare_table(settings, args.rows, dimensions, sys.stdout)
     code = driver.run_backfill(settings)
     if code == 0 and not settings.dry_run:
-        print('next: python etl.py search "김치찌개"', file=sys.stdout)
+        for line in next_steps(pgdata, settings.database_url):
+            print(line, file=sys.stdout)
     return code
+
+
+def next_steps(pgdata, url):
+    """What the demo prints at its end: the database to use, the commands to try next."""
+    from . import pgserver
+
+    cmd = command_name()
+    lines = []
+    if pgdata is not None:  # the embedded server: its URL holds no password
+        lines.append(f"DATABASE_URL={pgserver.shareable_url(url)}")
+    lines.append(f'next: {cmd} search "김치찌개"')
+    if pgdata is not None:
+        if pgserver.kept(pgserver.data_folder(pgdata)):
+            lines.append(f"next: {cmd} db psql    # psql on it; it stays up until `{cmd} db stop`")
+        else:
+            lines.append(f"next: {cmd} db url     # keep this server up for psql, Django or psycopg2 and print its URL")
+            lines.append(f"next: {cmd} db psql    # psql on it; `{cmd} db stop` stops it")
+    return lines

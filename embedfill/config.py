@@ -4,6 +4,7 @@ Every configurable name lives in OPTIONS below; the argument parser, the help te
 config.env.example and the resolution all read that one table.
 """
 
+import difflib
 import os
 from dataclasses import dataclass, field, make_dataclass
 
@@ -49,9 +50,19 @@ _log_level = _checked(
 )
 
 
+# The verbs, and which of them read each setting (Option.verbs): a verb's --help shows and
+# its parser accepts only the flags of its own settings.
+VERBS = ("run", "init", "status", "demo", "search", "embed", "verify", "batches", "db")
+_ALL = VERBS
+_DATABASE = tuple(verb for verb in VERBS if verb != "db")
+_TABLE = ("run", "init", "status", "search", "embed", "verify", "batches")
+_EMBEDS = ("run", "demo", "search", "embed", "verify", "batches")  # they call the provider
+_RUNS = ("run", "demo", "verify")  # worker pools: workers, batches, budgets, retries
+
+
 @dataclass(frozen=True)
 class Option:
-    """One setting: where it can come from, its default, how to parse it, what it means."""
+    """One setting: where it can come from, its default, how to parse it, what it means, who reads it."""
 
     dest: str
     env: str | None
@@ -60,74 +71,85 @@ class Option:
     parse: object
     help: str
     metavar: str | None = None
+    verbs: tuple = _ALL
 
 
 # fmt: off
 OPTIONS = [
     Option("database_url", "DATABASE_URL", "--database-url", None, str,
-           "PostgreSQL connection URL; when unset, an embedded PostgreSQL in ETL_PGDATA is used", "URL"),
+           "PostgreSQL connection URL; when unset, an embedded PostgreSQL in ETL_PGDATA is used", "URL",
+           verbs=_DATABASE),
     Option("pgdata", "ETL_PGDATA", "--pgdata", ".pgdata", str,
            "data folder of the embedded PostgreSQL (used only without DATABASE_URL)", "DIR"),
-    Option("api_key", "OPENAI_API_KEY", None, None, str, "API key of the embeddings provider"),
+    Option("api_key", "OPENAI_API_KEY", None, None, str, "API key of the embeddings provider", verbs=_EMBEDS),
     Option("base_url", "OPENAI_BASE_URL", "--base-url", None, str,
-           "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL"),
+           "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL", verbs=_EMBEDS),
     Option("provider", "ETL_PROVIDER", "--provider", "openai", _provider,
            "openai (any OpenAI-compatible API), azure (Azure OpenAI) or local (offline lexical hashing, no key)",
-           "NAME"),
+           "NAME", verbs=_EMBEDS),
     Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str,
-           "embedding model name (with Azure: the model the deployment serves, for tokens and price)", "NAME"),
+           "embedding model name (with Azure: the model the deployment serves, for tokens and price)", "NAME",
+           verbs=_EMBEDS),
     Option("azure_endpoint", "AZURE_OPENAI_ENDPOINT", "--azure-endpoint", None, str,
-           "Azure OpenAI resource endpoint, https://NAME.openai.azure.com", "URL"),
-    Option("azure_api_key", "AZURE_OPENAI_API_KEY", None, None, str, "Azure OpenAI key of the resource"),
+           "Azure OpenAI resource endpoint, https://NAME.openai.azure.com", "URL", verbs=_EMBEDS),
+    Option("azure_api_key", "AZURE_OPENAI_API_KEY", None, None, str, "Azure OpenAI key of the resource", verbs=_EMBEDS),
     Option("api_version", "OPENAI_API_VERSION", "--api-version", None, str,
-           "Azure OpenAI API version, e.g. 2024-10-21", "VERSION"),
+           "Azure OpenAI API version, e.g. 2024-10-21", "VERSION", verbs=_EMBEDS),
     Option("deployment", "AZURE_OPENAI_DEPLOYMENT", "--deployment", None, str,
-           "Azure OpenAI deployment to call (default: EMBEDDING_MODEL)", "NAME"),
+           "Azure OpenAI deployment to call (default: EMBEDDING_MODEL)", "NAME", verbs=_EMBEDS),
     Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, _positive_int,
-           "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N"),
-    Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME"),
+           "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N",
+           verbs=(*_EMBEDS, "init")),
+    Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME", verbs=_TABLE),
     Option("id_column", "ETL_ID_COLUMN", "--id-column", "id", str,
-           "unique, btree-orderable id column (integer, bigint, uuid, text)", "NAME"),
+           "unique, btree-orderable id column (integer, bigint, uuid, text)", "NAME", verbs=_TABLE),
     Option("text_columns", "ETL_TEXT_COLUMNS", "--text-columns", None, _columns,
-           "comma-separated columns whose non-blank values, joined by newlines, are embedded", "A,B"),
+           "comma-separated columns whose non-blank values, joined by newlines, are embedded", "A,B", verbs=_TABLE),
     Option("embedding_column", "ETL_EMBEDDING_COLUMN", "--embedding-column", "embedding", str,
-           "pgvector column to fill", "NAME"),
-    Option("workers", "ETL_WORKERS", "--workers", 4, _positive_int, "worker processes", "N"),
+           "pgvector column to fill", "NAME", verbs=_TABLE),
+    Option("workers", "ETL_WORKERS", "--workers", 4, _positive_int, "worker processes", "N", verbs=_RUNS),
     Option("batch_size", "ETL_BATCH_SIZE", "--batch-size", 20, _batch_size,
-           "rows per API request and per commit (at most 2048)", "N"),
+           "rows per API request and per commit (at most 2048)", "N", verbs=_RUNS),
     Option("rpm", "ETL_RPM", "--max-requests-per-minute", None, _positive_float,
-           "request budget of all workers, split between the runs using the same API key (unset: no limit)", "N"),
+           "request budget of all workers, split between the runs using the same API key (unset: no limit)", "N",
+           verbs=_RUNS),
     Option("tpm", "ETL_TPM", "--max-tokens-per-minute", None, _positive_float,
-           "token budget of all workers, split between the runs using the same API key (unset: no limit)", "N"),
+           "token budget of all workers, split between the runs using the same API key (unset: no limit)", "N",
+           verbs=_RUNS),
     Option("max_attempts", "ETL_MAX_ATTEMPTS", "--max-attempts", 6, _positive_int,
-           "attempts per batch on transient errors other than 429 before its rows are recorded as failed", "N"),
+           "attempts per batch on transient errors other than 429 before its rows are recorded as failed", "N",
+           verbs=_RUNS),
     Option("stall_seconds", "ETL_STALL_SECONDS", "--stall-seconds", 600.0, _positive_float,
-           "stop when 429s have let no request succeed for this long (a 429 never fails a row)", "S"),
+           "stop when 429s have let no request succeed for this long (a 429 never fails a row)", "S", verbs=_RUNS),
     Option("request_timeout", "ETL_REQUEST_TIMEOUT", "--request-timeout", 60.0, _positive_float,
-           "seconds before one API request is abandoned and retried", "S"),
+           "seconds before one API request is abandoned and retried", "S", verbs=_EMBEDS),
     Option("reconnect_seconds", "ETL_RECONNECT_SECONDS", "--reconnect-seconds", 30.0, _positive_float,
-           "how long a worker tries to reopen a lost database connection before the run stops", "S"),
+           "how long a worker tries to reopen a lost database connection before the run stops", "S",
+           verbs=("run", "demo")),
     Option("max_input_tokens", "ETL_MAX_INPUT_TOKENS", "--max-input-tokens", None, _positive_int,
-           "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N"),
+           "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N", verbs=_RUNS),
     Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
-           "USD per million tokens for the cost estimate (default: known OpenAI prices)", "USD"),
+           "USD per million tokens for the cost estimate (default: known OpenAI prices)", "USD", verbs=_RUNS),
     Option("defer_index", "ETL_DEFER_INDEX", "--defer-index", False, boolean,
-           "drop the column's HNSW/IVFFlat indexes for the run (recorded first) and rebuild them at its end"),
+           "drop the column's HNSW/IVFFlat indexes for the run (recorded first) and rebuild them at its end",
+           verbs=("run",)),
     Option("maintenance_work_mem", "ETL_INDEX_MEMORY", "--index-memory", None, str,
-           "maintenance_work_mem for rebuilding a deferred index, e.g. 4GB (default: the server's)", "SIZE"),
+           "maintenance_work_mem for rebuilding a deferred index, e.g. 4GB (default: the server's)", "SIZE",
+           verbs=("run", "init")),
     Option("max_parallel_maintenance_workers", "ETL_INDEX_WORKERS", "--index-workers", None, _non_negative_int,
-           "parallel workers for rebuilding a deferred index (default: the server's)", "N"),
+           "parallel workers for rebuilding a deferred index (default: the server's)", "N", verbs=("run", "init")),
     Option("follow", "ETL_FOLLOW", "--follow", False, boolean,
-           "after the backlog, stay up and embed new and edited rows as they come (LISTEN and polling)"),
+           "after the backlog, stay up and embed new and edited rows as they come (LISTEN and polling)",
+           verbs=("run",)),
     Option("poll_seconds", "ETL_POLL_SECONDS", "--poll-seconds", 30.0, _positive_float,
            "with --follow: look for NULL rows at least this often, notified or not; "
-           "with --batch-api: seconds between two looks at the pending batches", "S"),
+           "with --batch-api: seconds between two looks at the pending batches", "S", verbs=("run",)),
     Option("updated_column", "ETL_UPDATED_COLUMN", "--updated-column", None, str,
-           "a timestamp column of the table: `status` shows how old the oldest NULL row is", "NAME"),
+           "a timestamp column of the table: `status` shows how old the oldest NULL row is", "NAME", verbs=("status",)),
     Option("batch_api", "ETL_BATCH_API", None, False, boolean,
-           "embed through OpenAI's Batch API: half the price, results within 24 h (flag: --batch-api)"),
+           "embed through OpenAI's Batch API: half the price, results within 24 h (flag: --batch-api)", verbs=("run",)),
     Option("batch_rows", "ETL_BATCH_ROWS", "--batch-rows", 50_000, _batch_rows,
-           "rows per submitted batch (--batch-api; at most 50000)", "N"),
+           "rows per submitted batch (--batch-api; at most 50000)", "N", verbs=("run",)),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
@@ -177,6 +199,41 @@ def read_config_file(path, explicit):
     if os.path.isdir(path):
         raise UsageError(f"config file {path} is a directory")
     return {key: value for key, value in dotenv_values(path).items() if value is not None}
+
+
+# Names the openai SDK itself reads from the environment (never from config.env), that users set.
+SDK_ENVIRONMENT = ("OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_LOG", "AZURE_OPENAI_AD_TOKEN")
+CHECKED_PREFIXES = ("ETL_", "EMBEDDING_", "OPENAI_", "AZURE_")
+
+
+def unknown_settings(file_values, environ, path="config.env"):
+    """One warning per name that looks like a setting and is not one: a key of the config file with
+    an ETL_/EMBEDDING_/OPENAI_/AZURE_ prefix or close to a setting's name (EMBEDING_MODEL), an ETL_
+    variable of the environment; each with the closest setting."""
+    known = [option.env for option in OPTIONS if option.env]
+    flag_only = {f"ETL_{key.upper()}": f"--{key.replace('_', '-')}" for key in RUN_ONLY}
+    flag_only["ETL_TRUNCATE"] = "--no-truncate"
+    found = [
+        (key, path)
+        for key in file_values
+        if key.startswith(CHECKED_PREFIXES) or difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    ]
+    found += [(key, "the environment") for key in environ if key.startswith("ETL_")]
+    warnings = []
+    for key, where in found:
+        if key in known:
+            continue
+        if key in SDK_ENVIRONMENT:
+            if where == path:
+                warnings.append(f"{key} in {where} is read by the openai SDK from the environment only: export it")
+            continue
+        if key in flag_only:
+            warnings.append(f"{key} in {where} is not a setting ({flag_only[key]} is a command-line flag only)")
+            continue
+        guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean {guess[0]}?" if guess else "docs/configuration.md lists the settings"
+        warnings.append(f"{key} in {where} is not a setting ({hint})")
+    return warnings
 
 
 def resolve(flags, environ, file_values, required=()):

@@ -19,7 +19,10 @@ from .errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# sql/ at the top of a checkout; inside the package (embedfill/sql) when installed from a build,
+# which ships the same files there (pyproject.toml).
+_PACKAGE = Path(__file__).resolve().parent
+SQL_DIR = next((d for d in (_PACKAGE / "sql", _PACKAGE.parent / "sql") if d.is_dir()), _PACKAGE.parent / "sql")
 APPLICATION_PREFIX = "embedfill"
 COPY_CHUNK_BYTES = 1 << 20  # the COPY is sent in pieces of about this size, never built whole
 # Serialization failure, deadlock, lock timeout, statement timeout: roll back and try again.

@@ -7,7 +7,7 @@ import random
 import psycopg2
 from psycopg2 import sql
 
-from . import db, schema
+from . import catalog, db, schema
 from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -70,45 +70,78 @@ def line_reader(lines):
     return db.ChunkReader(iter(lambda: "".join(itertools.islice(lines, 5000)).encode("utf-8"), b""))
 
 
-def create_demo_table(url, rows, dimensions, out):
-    """Recreate the demo's table with `rows` generated rows, NULL embeddings and the partial index.
+def marker(rows, dimensions):
+    """The demo table's comment: says it is the demo's, and with which --rows and dimensions it was made."""
+    return f"{DEMO_MARKER} (rows={rows}, vector({dimensions}))"
 
-    Only a table that carries the demo's comment is ever replaced: a user's table of the same
-    name is left alone and the demo stops."""
-    conn = db.connect(url)
+
+def prepare_table(settings, rows, dimensions, out):
+    """Resume an interrupted demo, or (re)create the demo's table; True when resumed.
+
+    A table made by the demo with the same --rows and dimensions that still has rows without a
+    vector, and whose column holds vectors of this run's provider and model (or none yet), is
+    resumed: its rows are kept and the backfill takes the rest. Otherwise the table is recreated,
+    but only a table that carries the demo's comment: a user's table of that name is left alone."""
+    conn = db.connect(settings.database_url)
     where = f"database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
-    names = {"table": sql.Identifier(DEMO_TABLE), "name": sql.Literal(DEMO_TABLE)}
     try:
-        with conn.cursor() as cur:
-            cur.execute(db.load_sql("extension"))
-        schema.ensure(conn)
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), 'pg_class')",
                 (DEMO_TABLE, DEMO_TABLE),
             )
             exists, comment = cur.fetchone()
-            if exists and comment != DEMO_MARKER:
-                raise DatabaseError(
-                    f"table {DEMO_TABLE} in {where} was not made by `etl.py demo`; "
-                    "the demo does not replace it: rename or drop it yourself, or use another database"
-                )
-            cur.execute(
-                sql.SQL(db.load_sql("demo_table")).format(
-                    dimensions=sql.Literal(dimensions), marker=sql.Literal(DEMO_MARKER), **names
-                )
+        conn.rollback()
+        if exists and not (comment or "").startswith(DEMO_MARKER):
+            raise DatabaseError(
+                f"table {DEMO_TABLE} in {where} was not made by `etl.py demo`; "
+                "the demo does not replace it: rename or drop it yourself, or use another database"
             )
-            cur.copy_expert(
-                sql.SQL("COPY {table} (name, category, description) FROM STDIN").format(**names),
-                line_reader(generate_rows(rows)),
+        left = _rows_left(conn, settings) if exists and comment == marker(rows, dimensions) else 0
+        if left:
+            print(
+                f"demo table {DEMO_TABLE} in {where}: resuming, {left} of {rows} rows still without a vector "
+                f"(another --rows starts a new table)",
+                file=out,
+                flush=True,
             )
-        conn.commit()
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE INDEX ON {table} (id) WHERE embedding IS NULL").format(**names))
-            cur.execute(sql.SQL("ANALYZE {table}").format(**names))
+            return True
+        _create(conn, rows, dimensions)
     except psycopg2.Error as error:
         raise DatabaseError(f"could not create the demo table: {db.first_line(error)}") from error
     finally:
         conn.close()
     print(f"demo table {DEMO_TABLE} in {where}: {rows} rows, embedding vector({dimensions})", file=out, flush=True)
+    return False
+
+
+def _rows_left(conn, settings):
+    """Rows of the demo's table still to embed by this run, or 0 when it cannot resume the table:
+    a column that holds another provider's or model's vectors is started over."""
+    target = catalog.inspect_target(conn, settings)
+    held, wanted = catalog.column_record(conn, target), catalog.column_identity(settings, target)
+    if held is not None and any(held[key] != wanted[key] for key in wanted):
+        return 0
+    return catalog.count_null(conn, target)
+
+
+def _create(conn, rows, dimensions):
+    names = {"table": sql.Identifier(DEMO_TABLE), "name": sql.Literal(DEMO_TABLE)}
+    with conn.cursor() as cur:
+        cur.execute(db.load_sql("extension"))
+    schema.ensure(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(db.load_sql("demo_table")).format(
+                dimensions=sql.Literal(dimensions), marker=sql.Literal(marker(rows, dimensions)), **names
+            )
+        )
+        cur.copy_expert(
+            sql.SQL("COPY {table} (name, category, description) FROM STDIN").format(**names),
+            line_reader(generate_rows(rows)),
+        )
+    conn.commit()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE INDEX ON {table} (id) WHERE embedding IS NULL").format(**names))
+        cur.execute(sql.SQL("ANALYZE {table}").format(**names))

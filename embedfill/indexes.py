@@ -66,7 +66,7 @@ def prepare(conn, target, settings):
         why = "" if not settings.defer_index else " (not now: --dry-run)" if settings.dry_run else " (not with --limit)"
         log.warning(
             "%s has a vector index on %s (%s): every row written is inserted into it, several times slower than "
-            "the write itself (README: Vector indexes). Keep it (search stays fast during the run) or run with "
+            "the write itself (docs/columns-and-indexes.md). Keep it (search stays fast during the run) or run with "
             "--defer-index to drop it for the run and rebuild it at the end, with --index-memory large enough "
             "for the whole index (else the rebuild can take longer than the inserts)%s",
             target.display,

@@ -32,9 +32,10 @@ def version(conn):
         return cur.fetchone()[0]
 
 
-def ensure(conn):
-    """Bring the etl_* tables to this tool's version and commit (the caller's open work too); when
-    they are there already, only read (nothing committed). Returns the migrations applied (names)."""
+def ensure(conn, commit=True):
+    """Bring the etl_* tables to this tool's version and commit (the caller's open work too), or,
+    with commit=False, leave that to the caller's transaction (`init`: one transaction for all it
+    creates); when they are there already, only read. Returns the migrations applied (names)."""
     found = version(conn)
     if found == VERSION:
         return []
@@ -53,5 +54,6 @@ def ensure(conn):
                 applied.append(name)
         if found < VERSION:
             cur.execute("INSERT INTO etl_schema (version) VALUES (%s)", (VERSION,))
-    conn.commit()
+    if commit:
+        conn.commit()
     return applied

