@@ -1,5 +1,6 @@
 """The driver: checks the table, plans the ranges, runs the worker pool, reports, picks the exit code."""
 
+import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -206,9 +207,11 @@ class Run:
         self.processes = processes
         self.context = context
         self.limiter = limiter
+        self.limiter.start()
         self.requests = self.context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
         self.lease = lease
         self.identity = identity
+        self.passes = 0
         # One client for every pass's processes, built before any fork and never used here:
         # no connection of it exists to cross the fork, and its pages are shared, not copied.
         self.embedder = make_embedder(settings, target.dimensions)
@@ -231,6 +234,9 @@ class Run:
         """One pass of a fresh pool over `ranges`; True when it walked them all (no stop, no error).
         A fresh pool and shared state each pass: nothing grows with the passes."""
         settings, processes = self.settings, self.processes
+        if self.passes:  # --retry-failed takes the ledger's rows once: a later pass would pay for this run's again
+            settings = dataclasses.replace(settings, retry_failed=False)
+        self.passes += 1
         shared = self.shared = SharedState(self.context, processes, settings.limit)
         if self.received:
             shared.request_stop()
@@ -328,7 +334,7 @@ class Run:
         try:
             conn = db.connect(self.settings.database_url)
             try:
-                return catalog.count_left(conn, self.target, self.lease.run_id, self.settings.retry_failed)
+                return catalog.count_left(conn, self.target, self.lease.run_id, retry_failed=False)
             finally:
                 conn.close()
         except (psycopg2.Error, EtlError) as error:
@@ -339,7 +345,7 @@ class Run:
         """Ranges over the rows to embed that no run is on, or [] when there are none."""
         conn = db.connect(self.settings.database_url)
         try:
-            if not catalog.has_rows_to_embed(conn, self.target, self.settings.retry_failed, self.lease.run_id):
+            if not catalog.has_rows_to_embed(conn, self.target, False, self.lease.run_id):
                 return []
             return planner.plan_ranges(conn, self.target, self.processes, self.settings.batch_size)
         finally:
@@ -362,9 +368,7 @@ class Run:
                 listener = listener or self._listen()
                 if listener is None:
                     break
-                if look and catalog.has_rows_to_embed(
-                    listener, self.target, self.settings.retry_failed, self.lease.run_id
-                ):
+                if look and catalog.has_rows_to_embed(listener, self.target, False, self.lease.run_id):
                     ranges = planner.plan_ranges(listener, self.target, self.processes, self.settings.batch_size)
                     log.debug("rows to embed: a pass over %d ranges", len(ranges))
                     listener.close()  # no socket crosses the fork

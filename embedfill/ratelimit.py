@@ -36,11 +36,15 @@ class RateLimiter:
         self.workers = workers
         self._lock = context.Lock()
         self._state = context.RawArray("d", len(_FIELDS))
+        self["share"] = self["factor"] = 1.0
+        self.start()
+
+    def start(self):
+        """The run's clock starts now (when its workers start): buckets start empty, so that the run
+        ramps up at its rate instead of bursting, and no request has been waited for yet."""
         now = time.monotonic()
-        # Buckets start empty: the run ramps up at its rate instead of bursting.
         for name in ("stamp", "recent_at", "last_success", "started"):
             self[name] = now
-        self["share"] = self["factor"] = 1.0
 
     def __getitem__(self, name):
         return self._state[_FIELDS.index(name)]

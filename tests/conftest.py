@@ -199,3 +199,62 @@ def env_for_table(table="foods", columns="name,category,description", **extra):
     values = {"ETL_TABLE": table, "ETL_TEXT_COLUMNS": columns}
     values.update(extra)
     return values
+
+
+class BlackHoleProxy:
+    """A TCP port in front of a PostgreSQL Unix socket that can turn into a black hole, like a
+    database cut off by the network: open connections are cut, and new ones are accepted but
+    never answered (a connect then waits for its timeout)."""
+
+    def __init__(self, socket_path):
+        import socket
+        import threading
+
+        self.socket_path = str(socket_path)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.black = False
+        self.open = []  # every socket of the proxy, to cut or close them all
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.open.append(client)
+            if self.black:
+                continue  # accepted, never answered
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.socket_path)
+            self.open.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def blackhole(self):
+        import socket
+
+        self.black = True
+        for sock in list(self.open):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.blackhole()
+        self.listener.close()
+        for sock in self.open:
+            sock.close()

@@ -153,8 +153,8 @@ def test_schema_qualified_table_and_custom_columns(etl, db):
     assert result.returncode == 0, result.stderr
     assert "no partial index on catalog.Items WHERE vec IS NULL" in result.stderr
     assert (
-        'CREATE INDEX CONCURRENTLY IF NOT EXISTS Items_vec_null_idx ON catalog."Items" (item_no) WHERE vec IS NULL;'
-        in result.stderr
+        'CREATE INDEX CONCURRENTLY IF NOT EXISTS "Items_vec_null_idx" ON "catalog"."Items" ("item_no") '
+        'WHERE "vec" IS NULL;' in result.stderr
     )
     with db.cursor() as cur:
         cur.execute('SELECT count(*) FROM catalog."Items" WHERE vec IS NULL')

