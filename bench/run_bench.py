@@ -74,7 +74,13 @@ def create_foods(url, rows, dims=DIMS, column_type="vector", index=None):
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
         cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        cur.execute("DROP TABLE IF EXISTS foods; DROP TABLE IF EXISTS etl_failures; DROP TABLE IF EXISTS etl_columns")
+        cur.execute("DROP TABLE IF EXISTS foods")
+        cur.execute(
+            "SELECT string_agg(quote_ident(relname), ', ') FROM pg_class WHERE relname LIKE 'etl\\_%' AND relkind = 'r'"
+        )
+        tools = cur.fetchone()[0]
+        if tools:  # the tool's own tables (and their schema version) go with the table: each run starts fresh
+            cur.execute(f"DROP TABLE {tools}")
         cur.execute(
             f"CREATE TABLE foods (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text, "
             f"category text, description text, embedding {column_type}({dims}))"
@@ -204,7 +210,7 @@ def _raw_writer(url, settings, target, bounds, batch, out):
             if not rows:
                 break
             ids, hashes = [row[0] for row in rows], [row[1] for row in rows]
-            written += store.write(ids, ids, hashes, pool[np.arange(len(ids)) % len(pool)])[0]
+            written += store.write(ids, hashes, pool[np.arange(len(ids)) % len(pool)])[0]
             after = ids[-1]
     out.put(written)
 

@@ -144,7 +144,7 @@ class BatchRun:
                             (row_id, f"input is over the model's limit of {limit} tokens (--no-truncate)", 1)
                         )
                     else:
-                        row_ids.append((row_id, bytes(digest)))
+                        row_ids.append((row_id, digest))
             self.store.record_failures(failures)
             self.totals["failed"] += len(failures)
             left = None if left is None else left - len(row_ids) - len(failures)
@@ -337,7 +337,7 @@ class BatchRun:
                     f"{self.settings.model} returned {matrix.shape[1]}; check EMBEDDING_DIMENSIONS"
                 )
         self.release(key, ids + [row_id for row_id, _, _ in failures])
-        written, failed, _ = self.store.write([], ids, hashes, matrix, failures)
+        written, failed, _ = self.store.write(ids, hashes, matrix, failures)
         self.totals["embedded"] += written
         self.totals["failed"] += len(failed)
         for row_id, reason, _ in failed:
@@ -348,7 +348,7 @@ class BatchRun:
         request path (its retries, its split to isolate the rows refused)."""
         rows = self.execute("batch_rows_text", key=key, row_ids=row_ids).fetchall()
         self.conn.rollback()
-        texts = [(row_id, bytes(digest) if digest else None, row_text(values)) for row_id, digest, *values in rows]
+        texts = [(row_id, digest, row_text(values)) for row_id, digest, *values in rows]
         hashes = {row_id: digest for row_id, digest, _ in texts}
         fitted = [Row(row_id, *fit(text, self.settings.input_token_limit)[:2]) for row_id, _, text in texts if text]
         worker = self.worker()

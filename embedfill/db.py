@@ -93,6 +93,8 @@ def connect(url, application_name=APPLICATION_PREFIX, timeout=10, **options):
         ) from error
 
 
+CLAIM_KEY = 0x656D6263  # "embc", with the table and column: one claim at a time (sql/claim_lock.sql)
+
 # What to do about the errors a user can act on, by SQLSTATE.
 ADVICE = {
     "25006": "the database is read-only (a standby, or default_transaction_read_only is on): "
@@ -134,7 +136,7 @@ class ChunkReader:
 
 
 def copy_chunks(row_ids, hashes, vectors, half=False):
-    """The binary COPY of (row_id text, text_hash bytea, embedding vector or halfvec) rows, about
+    """The binary COPY of (row_id text, text_hash bigint, embedding vector or halfvec) rows, about
     COPY_CHUNK_BYTES at a time, so that a batch's vectors exist once in memory (the matrix), not two
     or three times. Both vector types are sent as (int16 dimensions, int16 unused, values): float32
     or float16, big-endian. A hash of None is sent as NULL."""
@@ -149,7 +151,7 @@ def copy_chunks(row_ids, hashes, vectors, half=False):
         rows = zip(row_ids[start:end], hashes[start:end], vectors[start:end].astype(dtype))
         for row_id, digest, vector in rows:
             encoded = row_id.encode("utf-8")
-            hashed = null if digest is None else struct.pack(">i", len(digest)) + digest
+            hashed = null if digest is None else struct.pack(">iq", 8, digest)
             parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, field, vector.tobytes())
         yield b"".join(parts)
     yield _COPY_TRAILER
@@ -169,8 +171,10 @@ class WorkerStore:
         if skip_batched is None:  # rows of pending --batch-api batches: checked once per connection
             skip_batched = self._has_pending_batches()
         batched = target.query("skip_batched") if skip_batched else sql.SQL("")
-        self._claim = target.query("claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
-        self._write = target.query("write_batch").as_string(conn)
+        claim = target.query("claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
+        self._claim = load_sql("claim_lock") + claim  # one round trip: the lock, then the claim's own snapshot
+        self.lows = []  # where the claims of the batch at hand start (released by its write)
+        self._writes = [target.query(name).as_string(conn) for name in ("write_batch", "write_batch_skip_locked")]
         self.confirmed = False  # the column's record in etl_columns, once this connection has confirmed it
         with conn.cursor() as cur:
             cur.execute(target.query("create_stage"))
@@ -185,17 +189,31 @@ class WorkerStore:
 
     def claim(self, after, upto, limit):
         """Claim up to `limit` rows after `after`, up to `upto`: [(row_id, text hash, *texts)], in id
-        order. The caller commits before any request."""
+        order. The claims of a table are made one at a time (a transaction-level advisory lock on the
+        table and column, held until the caller commits, before any request)."""
         with self.conn.cursor() as cur:
-            cur.execute(self._claim, {"after": after, "upto": upto, "limit": limit, **self.keys})
-            return [(row_id, bytes(digest), *texts) for row_id, digest, *texts in cur.fetchall()]
+            cur.execute(
+                self._claim, {"after": after, "upto": upto, "limit": limit, "claim_key": CLAIM_KEY, **self.keys}
+            )
+            rows = cur.fetchall()
+        if rows:
+            self.lows.append(rows[0][0])  # the claim's range starts at its first row
+        return rows
 
-    def write(self, batch_ids, row_ids, hashes, vectors, failures=(), identity=None):
+    def write(self, row_ids, hashes, vectors, failures=(), identity=None):
         """One short transaction: the vectors of `row_ids` where each row is still NULL with the text
-        that was sent, the `failures` recorded, the claims of `batch_ids` released, then commit.
+        that was sent, the `failures` recorded, the batch's claims released, then commit. A row
+        another transaction holds is never waited for: the batch is written again without it.
 
         Returns (rows written, [(row_id, reason, attempts)] recorded as failed, {state: rows} of rows
         left out for a reason that is not theirs: "deleted", "filled", "changed", "busy")."""
+        try:
+            return self._write(self._writes[0], row_ids, hashes, vectors, failures, identity)
+        except psycopg2.errors.LockNotAvailable:
+            self.conn.rollback()
+            return self._write(self._writes[1], row_ids, hashes, vectors, failures, identity)
+
+    def _write(self, statement, row_ids, hashes, vectors, failures, identity):
         written, failed, left = 0, list(failures), collections.Counter()
         with self.conn.cursor() as cur:
             if row_ids:
@@ -204,7 +222,7 @@ class WorkerStore:
                     ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.vector_type == "halfvec")),
                     size=COPY_CHUNK_BYTES,
                 )
-                cur.execute(self._write)
+                cur.execute(statement)
                 kept = dict(cur.fetchall())
                 written = sum(kept.values())
                 failed += [(row_id, NULLED, 1) for row_id, stored in kept.items() if not stored]
@@ -217,9 +235,9 @@ class WorkerStore:
             if identity is not None and written and not self.confirmed:
                 self._confirm(cur, identity)
             self.record_failures(failed)
-            if batch_ids:
-                cur.execute(load_sql("release_claims"), {**self.keys, "row_ids": list(batch_ids)})
+            cur.execute(load_sql("release_claims"), {**self.keys, "lows": self.lows})
         self.conn.commit()
+        self.lows = []
         self.confirmed = self.confirmed or (identity is not None and written > 0)
         return written, failed, left
 

@@ -283,18 +283,17 @@ class Worker:
                 failures.extend((row_id, why, 1) for row_id, ok in zip(ids, finite) if not ok)
                 ids = [row_id for row_id, ok in zip(ids, finite) if ok]
                 matrix = matrix[finite]
-        batch_ids = [row[0] for row in claimed]
-        written, failed, left = self.write(batch_ids, ids, [hashes[row_id] for row_id in ids], matrix, failures)
+        written, failed, left = self.write(ids, [hashes[row_id] for row_id in ids], matrix, failures)
         for row_id, reason, _ in failed:
             log.warning("row %s failed: %s", row_id, reason)
         return {"embedded": written, "failed": len(failed), "truncated": truncated, "left": sum(left.values())}
 
-    def write(self, batch_ids, ids, hashes, matrix, failures):
+    def write(self, ids, hashes, matrix, failures):
         """store.write, again after a lost connection or a transient error: the vectors are kept, not
         paid for again (the claims are still this run's, and the write checks every row anew)."""
         while True:
             try:
-                result = self.store.write(batch_ids, ids, hashes, matrix, failures, self.identity)
+                result = self.store.write(ids, hashes, matrix, failures, self.identity)
                 self.db_retries, self.lost_since = 0, None
                 return result
             except psycopg2.Error as error:

@@ -401,8 +401,8 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
 
     make_foods(db, 500)
     monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks
-    chunks = list(store.copy_chunks(["1"] * 25, [b"h" * 32] * 25, np.zeros((25, 8), np.float32)))
-    row = 2 + (4 + 1) + (4 + 32) + (4 + 4 + 8 * 4)  # fields; id; text hash; vector (dims, unused, values)
+    chunks = list(store.copy_chunks(["1"] * 25, [-7] * 25, np.zeros((25, 8), np.float32)))
+    row = 2 + (4 + 1) + (4 + 8) + (4 + 4 + 8 * 4)  # fields; id; text hash (bigint); vector (dims, unused, values)
     assert len(chunks) == 6 and len(b"".join(chunks)) == 19 + 25 * row + 2  # header, 7+7+7+4, end
     settings = resolve({"database_url": database_url, "table": "foods", "text_columns": ("name",)}, {}, {})
     conn = store.connect(database_url)
@@ -413,7 +413,7 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
     writer.commit()
     ids, hashes = [row[0] for row in claimed], [row[1] for row in claimed]
     vectors = np.random.default_rng(7).standard_normal((len(ids), 8)).astype(np.float32)
-    assert writer.write(ids, ids, hashes, vectors) == (500, [], {})
+    assert writer.write(ids, hashes, vectors) == (500, [], {})
     conn.close()
     with db.cursor() as cur:
         cur.execute("SELECT id::text, embedding::text FROM foods")

@@ -1,0 +1,18 @@
+-- sql/write_batch.sql again, after it met a row held by another transaction: the rows held are
+-- left out (FOR NO KEY UPDATE ... SKIP LOCKED) rather than waited for; db.py looks at them one by
+-- one (sql/unwritten_rows.sql) and leaves them for the next pass. Slower than the plain UPDATE
+-- (each row is locked, then updated), so only on that path.
+SET LOCAL enable_hashjoin = off;
+SET LOCAL enable_mergejoin = off;
+WITH locked AS (
+    SELECT s.row_id, s.embedding
+    FROM etl_stage s
+    JOIN {table} t ON t.{id} = s.row_id::{id_type}
+    WHERE t.{embedding} IS NULL AND (s.text_hash IS NULL OR {row_hash} = s.text_hash)
+    FOR NO KEY UPDATE OF t SKIP LOCKED
+)
+UPDATE {table} t
+SET {embedding} = l.embedding
+FROM locked l
+WHERE t.{id} = l.row_id::{id_type}
+RETURNING l.row_id, t.{embedding} IS NOT NULL;
