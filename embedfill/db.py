@@ -189,13 +189,17 @@ class WorkerStore:
 
     def claim(self, after, upto, limit):
         """Claim up to `limit` rows after `after`, up to `upto`: [(row_id, text hash, *texts)], in id
-        order. The claims of a table are made one at a time (a transaction-level advisory lock on the
-        table and column, held until the caller commits, before any request)."""
-        with self.conn.cursor() as cur:
-            cur.execute(
-                self._claim, {"after": after, "upto": upto, "limit": limit, "claim_key": CLAIM_KEY, **self.keys}
-            )
-            rows = cur.fetchall()
+        order, claimed and committed. The claims of a table are made one at a time (a
+        transaction-level advisory lock on the table and column, held until the claim commits)."""
+        self.conn.autocommit = True  # the lock and the claim: one statement string, one transaction, committed
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    self._claim, {"after": after, "upto": upto, "limit": limit, "claim_key": CLAIM_KEY, **self.keys}
+                )
+                rows = cur.fetchall()
+        finally:
+            self.conn.autocommit = False
         if rows:
             self.lows.append(rows[0][0])  # the claim's range starts at its first row
         return rows
@@ -222,20 +226,20 @@ class WorkerStore:
                     ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.vector_type == "halfvec")),
                     size=COPY_CHUNK_BYTES,
                 )
-                cur.execute(statement)
-                kept = dict(cur.fetchall())
-                written = sum(kept.values())
-                failed += [(row_id, NULLED, 1) for row_id, stored in kept.items() if not stored]
-                missing = [row_id for row_id in row_ids if row_id not in kept]
-                if missing:
-                    more, refused = self._unwritten(cur, missing, left)
+                cur.execute(statement, {**self.keys, "lows": self.lows})  # the claims go in the same statement
+                updated, nulled = cur.fetchone()  # what follows may wait 100 ms at most too: then the slow path
+                written = updated - len(nulled)
+                failed += [(row_id, NULLED, 1) for row_id in nulled]
+                if updated < len(row_ids):
+                    more, refused = self._unwritten(cur, nulled, left)
                     written, failed = written + more, failed + refused
                 if self.retry_failed:
                     cur.execute(load_sql("clear_failures"), {"table_name": self.keys["table_name"], "row_ids": row_ids})
+            else:
+                cur.execute(load_sql("release_claims"), {**self.keys, "lows": self.lows})
             if identity is not None and written and not self.confirmed:
                 self._confirm(cur, identity)
             self.record_failures(failed)
-            cur.execute(load_sql("release_claims"), {**self.keys, "lows": self.lows})
         self.conn.commit()
         self.lows = []
         self.confirmed = self.confirmed or (identity is not None and written > 0)
@@ -248,9 +252,9 @@ class WorkerStore:
             with self.conn.cursor() as cur:
                 psycopg2.extras.execute_values(cur, load_sql("record_failures"), rows)
 
-    def _unwritten(self, cur, missing, left):
+    def _unwritten(self, cur, nulled, left):
         """The rows the write left out, one by one: (rows written after all, rows refused by the table)."""
-        cur.execute(self.target.query("unwritten_rows"), {"row_ids": missing})
+        cur.execute(self.target.query("unwritten_rows"), {"nulled": list(nulled)})
         written, refused = 0, []
         for row_id, state in cur.fetchall():
             if state == "unmatched":

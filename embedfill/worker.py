@@ -181,7 +181,6 @@ class Worker:
                 reserved -= granted - len(rows)
                 batch.extend(rows)
                 cursor.advance(rows[-1][0] if rows else None, len(rows) == granted)
-            self.store.commit()
         except psycopg2.Error:
             self.shared.release_rows(reserved)
             raise

@@ -1,4 +1,5 @@
--- After a write that left staged rows out: why each was not written. 'deleted' (no such row
+-- After a write that left staged rows out (those that do not hold the staged vector now, but for
+-- the ones a trigger set back to NULL): why each was not written. 'deleted' (no such row
 -- now), 'filled' (it holds another vector) and 'changed' (its text was edited while the request
 -- was out) are fine: nothing to write. 'null' (still NULL, same text) means the row was held by
 -- another transaction, or the table refuses this role's update (row-level security, a rule, a
@@ -13,4 +14,4 @@ SELECT s.row_id,
             ELSE 'null' END
 FROM etl_stage s
 LEFT JOIN {table} t ON t.{id} = s.row_id::{id_type}
-WHERE s.row_id = ANY(%(row_ids)s);
+WHERE (t.{id} IS NULL OR t.{embedding} IS DISTINCT FROM s.embedding) AND NOT s.row_id = ANY(%(nulled)s);

@@ -4,15 +4,21 @@
 -- (each row is locked, then updated), so only on that path.
 SET LOCAL enable_hashjoin = off;
 SET LOCAL enable_mergejoin = off;
-WITH locked AS (
+WITH released AS (
+    DELETE FROM etl_claims
+    WHERE table_name = %(table_name)s AND column_name = %(column_name)s AND run_id = %(run_id)s
+      AND low = ANY(%(lows)s)
+), locked AS (
     SELECT s.row_id, s.embedding
     FROM etl_stage s
     JOIN {table} t ON t.{id} = s.row_id::{id_type}
     WHERE t.{embedding} IS NULL AND (s.text_hash IS NULL OR {row_hash} = s.text_hash)
     FOR NO KEY UPDATE OF t SKIP LOCKED
+), written AS (
+    UPDATE {table} t
+    SET {embedding} = l.embedding
+    FROM locked l
+    WHERE t.{id} = l.row_id::{id_type}
+    RETURNING l.row_id, t.{embedding} IS NOT NULL AS kept
 )
-UPDATE {table} t
-SET {embedding} = l.embedding
-FROM locked l
-WHERE t.{id} = l.row_id::{id_type}
-RETURNING l.row_id, t.{embedding} IS NOT NULL;
+SELECT count(*), coalesce(array_agg(row_id) FILTER (WHERE NOT kept), '{{}}') FROM written;
