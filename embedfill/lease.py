@@ -85,7 +85,8 @@ class Lease:
         }
         self.runs = 1
         self.renewed_at = -RENEW_SECONDS
-        self.conn = self.cursor = None  # the asynchronous renewal under way
+        self.conn = self.cursor = None  # the asynchronous connection, and the renewal sent on it
+        self.pending = False  # a renewal is under way
         self.began = 0.0
 
     def renew(self):
@@ -107,21 +108,22 @@ class Lease:
         runs out."""
         now = time.monotonic()
         try:
-            if self.conn is None:
+            if not self.pending:
                 if now - self.renewed_at < RENEW_SECONDS:
                     return
-                self.renewed_at = self.began = now
-                self.conn = db.connect(self.settings.database_url, async_=True)
+                self.pending, self.renewed_at, self.began = True, now, now
+                if self.conn is None:
+                    self.conn = db.connect(self.settings.database_url, async_=True)
             if now - self.began > STEP_SECONDS:
                 raise TimeoutError(f"no answer within {STEP_SECONDS:g} s")
             if self.conn.poll() != psycopg2.extensions.POLL_OK:
                 return
-            if self.cursor is None:
+            if self.cursor is None:  # connected (or idle since the last renewal): send it
                 self.cursor = self.conn.cursor()
                 self.cursor.execute(db.load_sql("renew_lease"), self.params)
                 return
             runs = self.cursor.fetchone()[0]
-            self.cursor = None
+            self.cursor, self.pending = None, False
             self._share(runs)
         except (psycopg2.Error, EtlError, TimeoutError) as error:
             log.debug("could not renew this run's lease: %s", db.first_line(error))
@@ -158,3 +160,4 @@ class Lease:
         if self.conn is not None:
             self.conn.close()
         self.conn = self.cursor = None
+        self.pending = False

@@ -125,3 +125,37 @@ def test_two_runs_at_once_pay_for_each_row_once(etl, db):
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM etl_claims")
         assert cur.fetchone()[0] == 0  # both released what they claimed
+
+
+def test_the_lease_is_renewed_every_two_seconds_without_waiting(database_url, db):
+    """The parent's loop drives the renewal a step at a time: no step waits on the database, and the
+    lease is written once per RENEW_SECONDS, not at every tick."""
+    import multiprocessing
+
+    from embedfill import schema
+    from embedfill import db as store
+    from embedfill.config import resolve
+    from embedfill.lease import RENEW_SECONDS, Lease
+    from embedfill.ratelimit import RateLimiter
+
+    conn = store.connect(database_url)
+    schema.ensure(conn)
+    conn.close()
+
+    class Table:
+        qualified_name = "public.foods"
+
+    lease = Lease(resolve({"database_url": database_url}, {}, {}), Table, RateLimiter(multiprocessing.get_context()))
+    lease.renew()
+    seen, slowest, started = set(), 0.0, time.monotonic()
+    while time.monotonic() - started < 2.5 * RENEW_SECONDS:
+        tick = time.monotonic()
+        lease.tick()
+        slowest = max(slowest, time.monotonic() - tick)
+        with db.cursor() as cur:
+            cur.execute("SELECT lease_until FROM etl_runs WHERE run_id = %s", (lease.run_id,))
+            seen.add(cur.fetchone()[0])
+        time.sleep(0.02)
+    lease.release()
+    assert 2 <= len(seen) <= 3  # the first renewal, then one every RENEW_SECONDS
+    assert slowest < 0.1
