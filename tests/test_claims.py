@@ -132,8 +132,8 @@ def test_the_lease_is_renewed_every_two_seconds_without_waiting(database_url, db
     lease is written once per RENEW_SECONDS, not at every tick."""
     import multiprocessing
 
-    from embedfill import schema
     from embedfill import db as store
+    from embedfill import schema
     from embedfill.config import resolve
     from embedfill.lease import RENEW_SECONDS, Lease
     from embedfill.ratelimit import RateLimiter
