@@ -211,7 +211,7 @@ def show_status(settings, out, top=5, as_json=False):
                 tracking += f" oldest_null_age={(oldest or 'none').replace(' ', '_')}"
         conn.rollback()
         holds, record = catalog.describe_column(conn, target), catalog.column_record(conn, target)
-        from .batchapi import status_lines  # imported here: batchapi pulls in the driver, which status needs not
+        from .batches import status_lines  # imported here: batches pulls in the driver, which status needs not
 
         batches = status_lines(conn, target)
     finally:
@@ -279,11 +279,9 @@ def query_vector(conn, settings, target, text, verb="search"):
         vector = embedder.embed([text]).vectors[0]
     finally:
         embedder.close()
-    if target.dimensions and vector.shape[0] != target.dimensions:
-        raise DatabaseError(
-            f"{target.display}.{target.embedding_column} is {target.column_type} but the query "
-            f"embedding has {vector.shape[0]} dimensions; use the provider and model the table was filled with"
-        )
+    error = target.width_error(settings, vector.shape[0])
+    if error:
+        raise ConfigError(f"{error} (the query cannot be compared with the column's vectors)")
     return vector, wanted["model"]
 
 

@@ -11,6 +11,7 @@ from psycopg2 import sql
 from psycopg2.extras import RealDictCursor
 
 from . import schema
+from .columns import TYPES, width_error
 from .db import load_sql
 from .errors import ConfigError, DatabaseError, UsageError
 from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
@@ -18,7 +19,7 @@ from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
 log = logging.getLogger(__name__)
 
 
-VECTOR_TYPES = ("vector", "halfvec")
+VECTOR_TYPES = tuple(TYPES)
 
 
 def split_table_name(name):
@@ -48,9 +49,20 @@ class Target:
         return ".".join(self.name_parts)
 
     @property
+    def kind(self):
+        """The column's type (columns/): its binary format, the values it holds."""
+        return TYPES[self.vector_type]
+
+    @property
     def column_type(self):
         """The embedding column's type as SQL shows it: vector(1536), halfvec(3072), halfvec."""
-        return f"{self.vector_type}({self.dimensions})" if self.dimensions else self.vector_type
+        return self.kind.sql(self.dimensions)
+
+    def width_error(self, settings, width):
+        """The one-line message when `width`-dimensional embeddings do not fit this column (or
+        EMBEDDING_DIMENSIONS), else None: the one dimension check, for every path that writes."""
+        shown = f"{self.display}.{self.embedding_column}"
+        return width_error(shown, self.column_type, self.dimensions, settings.dimensions, settings.model_name, width)
 
     def identifiers(self):
         texts = [sql.Identifier(column) for column in self.text_columns]

@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,7 +14,7 @@ import psycopg2
 
 from . import __version__, config, db, logs
 from .config import OPTIONS, resolve
-from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, DatabaseError, EtlError, Terminated, UsageError
+from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_USAGE, DatabaseError, EtlError, Stop, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
@@ -296,9 +297,10 @@ def main(argv=None):
     except psycopg2.Error as error:  # one the code did not expect where it happened: say it, with advice
         _report(DatabaseError(f"database error: {db.explain(error)}"), level, error)
         return EXIT_FATAL
-    except KeyboardInterrupt as stop:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_SIGINT
+    except (Stop, KeyboardInterrupt) as stop:
+        by = f" by {signal.Signals(stop.signum).name}" if getattr(stop, "signum", None) else ""
+        print(f"error: interrupted{by}", file=sys.stderr)
+        return stop.exit_code if isinstance(stop, Stop) else EXIT_SIGINT
     except Exception as error:  # a bug: one line unless DEBUG
         message = f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"
         _report(EtlError(message), level, error)
@@ -355,11 +357,11 @@ def dispatch(verb, args, flags, file_values, preliminary):
     if settings.batch_api and (settings.follow or settings.defer_index):
         raise UsageError("--batch-api does not go with --follow or --defer-index (drop one of them)")
     if verb == "batches" or (settings.batch_api and not settings.dry_run):
-        from . import batchapi
+        from . import batches
 
         if verb == "batches":
-            return batchapi.cancel_batches(settings, sys.stdout)
-        return batchapi.run_batches(settings)
+            return batches.cancel_batches(settings, sys.stdout)
+        return batches.run_batches(settings)
     return driver.run_backfill(settings)
 
 

@@ -2,20 +2,16 @@
 
 Catalog inspection, counts and advice live in catalog.py."""
 
-import collections
-import contextlib
 import functools
 import logging
-import struct
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg2
 import psycopg2.extras
-from psycopg2 import sql
 
 from . import logs
-from .errors import ConfigError, DatabaseError
+from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +24,6 @@ COPY_CHUNK_BYTES = 1 << 20  # the COPY is sent in pieces of about this size, nev
 # Serialization failure, deadlock, lock timeout, statement timeout: roll back and try again.
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
-# Why a row the write could not fill is recorded (it would be paid for again on every rerun).
-NULLED = "the write was undone: a trigger on the table set the vector back to NULL"
-SKIPPED = "the write skipped the row: a rule or a trigger on the table (one that returns NULL)"
-HIDDEN = "row-level security does not let this role update the row"
 # A dead connection is noticed in about half a minute, not after TCP's two hours: keepalive probes
 # after 10 s of silence, and a send that is not acknowledged within 30 s aborts (libpq parameters;
 # the ones DATABASE_URL sets itself win).
@@ -42,8 +34,6 @@ TCP_SETTINGS = {
     "keepalives_count": "3",
     "tcp_user_timeout": "30000",
 }
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-_COPY_TRAILER = struct.pack(">h", -1)
 
 
 @functools.cache
@@ -93,8 +83,6 @@ def connect(url, application_name=APPLICATION_PREFIX, timeout=10, **options):
         ) from error
 
 
-CLAIM_KEY = 0x656D6263  # "embc", with the table and column: one claim at a time (sql/claim_lock.sql)
-
 # What to do about the errors a user can act on, by SQLSTATE.
 ADVICE = {
     "25006": "the database is read-only (a standby, or default_transaction_read_only is on): "
@@ -133,196 +121,3 @@ class ChunkReader:
 
     def read(self, size=-1):
         return next(self.chunks, b"")
-
-
-def copy_chunks(row_ids, hashes, vectors, half=False):
-    """The binary COPY of (row_id text, text_hash bigint, embedding vector or halfvec) rows, about
-    COPY_CHUNK_BYTES at a time, so that a batch's vectors exist once in memory (the matrix), not two
-    or three times. Both vector types are sent as (int16 dimensions, int16 unused, values): float32
-    or float16, big-endian. A hash of None is sent as NULL."""
-    yield _COPY_HEADER
-    dims = vectors.shape[1]
-    dtype, size = (">f2", 2) if half else (">f4", 4)
-    field = struct.pack(">ihh", 4 + size * dims, dims, 0)
-    per_chunk = max(1, COPY_CHUNK_BYTES // (size * dims + 96))
-    null = struct.pack(">i", -1)
-    for start in range(0, len(row_ids), per_chunk):
-        parts, end = [], start + per_chunk
-        rows = zip(row_ids[start:end], hashes[start:end], vectors[start:end].astype(dtype))
-        for row_id, digest, vector in rows:
-            encoded = row_id.encode("utf-8")
-            hashed = null if digest is None else struct.pack(">iq", 8, digest)
-            parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, field, vector.tobytes())
-        yield b"".join(parts)
-    yield _COPY_TRAILER
-
-
-class WorkerStore:
-    """One worker's connection and the statements of the hot path: claim (a short committed
-    transaction before any request) and write (another, after the answer). No transaction is
-    open in between, so no row of the user's table is locked while the API works."""
-
-    def __init__(self, conn, target, run_id, retry_failed, skip_batched=None):
-        self.conn = conn
-        self.target = target
-        self.retry_failed = retry_failed
-        self.keys = {"table_name": target.qualified_name, "column_name": target.embedding_column, "run_id": run_id}
-        skip = sql.SQL("") if retry_failed else target.query("skip_failures")
-        if skip_batched is None:  # rows of pending --batch-api batches: checked once per connection
-            skip_batched = self._has_pending_batches()
-        batched = target.query("skip_batched") if skip_batched else sql.SQL("")
-        claim = target.query("claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
-        self._claim = load_sql("claim_lock") + claim  # one round trip: the lock, then the claim's own snapshot
-        self.lows = []  # where the claims of the batch at hand start (released by its write)
-        self._writes = [target.query(name).as_string(conn) for name in ("write_batch", "write_batch_skip_locked")]
-        self.confirmed = False  # the column's record in etl_columns, once this connection has confirmed it
-        with conn.cursor() as cur:
-            cur.execute(target.query("create_stage"))
-        conn.commit()
-
-    def _has_pending_batches(self):
-        with self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT EXISTS (SELECT 1 FROM etl_batch_rows WHERE table_name = %s)", (self.keys["table_name"],)
-            )
-            return cur.fetchone()[0]
-
-    def claim(self, after, upto, limit):
-        """Claim up to `limit` rows after `after`, up to `upto`: [(row_id, text hash, *texts)], in id
-        order, claimed and committed. The claims of a table are made one at a time (a
-        transaction-level advisory lock on the table and column, held until the claim commits)."""
-        self.conn.autocommit = True  # the lock and the claim: one statement string, one transaction, committed
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(
-                    self._claim, {"after": after, "upto": upto, "limit": limit, "claim_key": CLAIM_KEY, **self.keys}
-                )
-                rows = cur.fetchall()
-        finally:
-            self.conn.autocommit = False
-        if rows:
-            self.lows.append(rows[0][0])  # the claim's range starts at its first row
-        return rows
-
-    def write(self, row_ids, hashes, vectors, failures=(), identity=None):
-        """One short transaction: the vectors of `row_ids` where each row is still NULL with the text
-        that was sent, the `failures` recorded, the batch's claims released, then commit. A row
-        another transaction holds is never waited for: the batch is written again without it.
-
-        Returns (rows written, [(row_id, reason, attempts)] recorded as failed, {state: rows} of rows
-        left out for a reason that is not theirs: "deleted", "filled", "changed", "busy")."""
-        try:
-            return self._write(self._writes[0], row_ids, hashes, vectors, failures, identity)
-        except psycopg2.errors.LockNotAvailable:
-            self.conn.rollback()
-            return self._write(self._writes[1], row_ids, hashes, vectors, failures, identity)
-
-    def _write(self, statement, row_ids, hashes, vectors, failures, identity):
-        written, failed, left = 0, list(failures), collections.Counter()
-        with self.conn.cursor() as cur:
-            if row_ids:
-                cur.copy_expert(
-                    "COPY etl_stage (row_id, text_hash, embedding) FROM STDIN WITH (FORMAT binary)",
-                    ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.vector_type == "halfvec")),
-                    size=COPY_CHUNK_BYTES,
-                )
-                cur.execute(statement, {**self.keys, "lows": self.lows})  # the claims go in the same statement
-                updated, nulled = cur.fetchone()  # what follows may wait 100 ms at most too: then the slow path
-                written = updated - len(nulled)
-                failed += [(row_id, NULLED, 1) for row_id in nulled]
-                if updated < len(row_ids):
-                    more, refused = self._unwritten(cur, nulled, left)
-                    written, failed = written + more, failed + refused
-                if self.retry_failed:
-                    cur.execute(load_sql("clear_failures"), {"table_name": self.keys["table_name"], "row_ids": row_ids})
-            else:
-                cur.execute(load_sql("release_claims"), {**self.keys, "lows": self.lows})
-            if identity is not None and written and not self.confirmed:
-                self._confirm(cur, identity)
-            self.record_failures(failed)
-        self.conn.commit()
-        self.lows = []
-        self.confirmed = self.confirmed or (identity is not None and written > 0)
-        return written, failed, left
-
-    def record_failures(self, failures):
-        """Add (row_id, reason, attempts) tuples to the ledger (in the open transaction)."""
-        if failures:
-            rows = [(self.keys["table_name"], row_id, why[:2000], n) for row_id, why, n in failures]
-            with self.conn.cursor() as cur:
-                psycopg2.extras.execute_values(cur, load_sql("record_failures"), rows)
-
-    def _unwritten(self, cur, nulled, left):
-        """The rows the write left out, one by one: (rows written after all, rows refused by the table)."""
-        cur.execute(self.target.query("unwritten_rows"), {"nulled": list(nulled)})
-        written, refused = 0, []
-        for row_id, state in cur.fetchall():
-            if state == "unmatched":
-                raise DatabaseError(
-                    f"{self.target.display}.{self.target.id_column} value {row_id!r} does not come back from its text "
-                    f"form, so its vector cannot be written; use an id column of integer, bigint, uuid or text"
-                )
-            if state == "null":
-                state = self._write_one(cur, row_id)
-            if state in (NULLED, SKIPPED, HIDDEN):
-                refused.append((row_id, state, 1))
-            elif state == "written":
-                written += 1
-            else:
-                left[state] += 1
-                log.debug("row %s was %s while it was being embedded; its vector was not written", row_id, state)
-        return written, refused
-
-    def _write_one(self, cur, row_id):
-        """A row still NULL with the same text that the write left out: held by another transaction
-        ("busy": left for later, never waited for), or refused by the table (HIDDEN, SKIPPED, NULLED)."""
-        cur.execute("SAVEPOINT etl_row")
-        try:
-            cur.execute(self.target.query("lock_row"), {"row_id": row_id})
-            found = cur.fetchone()
-        except psycopg2.errors.LockNotAvailable:
-            cur.execute("ROLLBACK TO SAVEPOINT etl_row")
-            return "busy"
-        cur.execute("RELEASE SAVEPOINT etl_row")
-        if found is None:
-            return HIDDEN
-        if not found[0]:
-            return "changed"
-        cur.execute(self.target.query("write_row"), {"row_id": row_id})
-        stored = cur.fetchone()
-        return SKIPPED if stored is None else "written" if stored[0] else NULLED
-
-    def _confirm(self, cur, identity):
-        """The first vectors of this connection: the column's record must say what they are (it is made
-        at the start of the run, and confirmed here, in the same transaction as the vectors)."""
-        cur.execute(load_sql("confirm_column"), {**self.keys, **identity})
-        if cur.fetchone() is None:
-            raise ConfigError(
-                f"etl_columns no longer says that {self.target.display}.{self.target.embedding_column} holds "
-                f"{identity['model']} vectors (an init --reset-column, or a run of another model?): stopping; "
-                "`python etl.py status` shows what it holds"
-            )
-
-    def commit(self):
-        self.conn.commit()
-
-    def alive(self):
-        """Roll back after an error; False when the connection itself is gone."""
-        if self.conn.closed:
-            return False
-        try:
-            self.conn.rollback()
-            with self.conn.cursor() as cur:
-                cur.execute("SELECT 1")
-            self.conn.rollback()
-            return True
-        except psycopg2.Error:
-            return False
-
-    def rollback(self):
-        with contextlib.suppress(psycopg2.Error):
-            self.conn.rollback()
-
-    def close(self):
-        with contextlib.suppress(psycopg2.Error):
-            self.conn.close()

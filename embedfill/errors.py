@@ -1,5 +1,7 @@
 """The project's exception types and the exit codes they map to (documented in README.md)."""
 
+import signal
+
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
@@ -58,8 +60,24 @@ class FatalProviderError(ProviderError):
     """Bad key, no access, unknown model, a dimension mismatch: stop every worker."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM where the tool stops like at Ctrl-C (exit 143, not 130)."""
+class Stop(BaseException):
+    """The one way to say "stop now": SIGINT or SIGTERM (`signum`; exit 130 or 143), or a stop of
+    the run that reached a process while it waited (`signum` None). A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` (ours, the SDK's, the HTTP library's) turns
+    it into an error to retry."""
+
+    def __init__(self, signum=None):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self):
+        return EXIT_SIGTERM if self.signum == signal.SIGTERM else EXIT_SIGINT
+
+    @classmethod
+    def on_signal(cls, signum, frame):
+        """A signal handler that raises Stop(signum)."""
+        raise cls(signum)
 
 
 class WorkerDied(EtlError):

@@ -19,7 +19,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db
-from .errors import DatabaseError, EtlError, FatalProviderError, Terminated
+from .errors import DatabaseError, EtlError, FatalProviderError, Stop
 from .lease import RENEW_SECONDS
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,9 @@ def _probe(settings, target):
         raise EtlError(f"{error} (the vector index was not dropped)") from error
     finally:
         embedder.close()  # no socket crosses the fork
-    expected = target.dimensions or settings.dimensions
-    if expected and width != expected:
-        raise FatalProviderError(
-            f"{target.display}.{target.embedding_column} is {target.column_type} but {settings.model_name} returned "
-            f"{width} dimensions; set EMBEDDING_DIMENSIONS={expected} or change the column (the index was not dropped)"
-        )
+    error = target.width_error(settings, width)
+    if error:
+        raise FatalProviderError(f"{error} (the index was not dropped)")
 
 
 def say_waiting(settings, target):
@@ -208,16 +205,13 @@ def _interruptible(cur, statement, name):
         except psycopg2.Error as error:
             failure.append(error)
 
-    def on_term(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, Stop.on_signal)
     thread = threading.Thread(target=execute, daemon=True)
     thread.start()
     try:
         while thread.is_alive():
             thread.join(0.2)
-    except KeyboardInterrupt:
+    except (Stop, KeyboardInterrupt):
         cur.connection.cancel()
         thread.join()
         log.warning("rebuild of index %s interrupted; it stays recorded: `python etl.py init --restore-index`", name)

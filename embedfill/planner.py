@@ -6,7 +6,7 @@ index when the NULL rows are few. Range sizes follow guided scheduling: each ran
 about 1/(2·workers) of what is left, down to one batch, so the pool's queue hands out big
 ranges first and small ones last, and no worker is left alone with a long range at the end.
 The ranges always cover the whole id space (the first and last are open-ended), so a poor
-sample costs balance, never rows.
+sample costs balance, never rows. A worker process walks them with a RangeCursor.
 """
 
 import logging
@@ -86,3 +86,37 @@ def _query(conn, target, name, **params):
         *counts, values = cur.fetchone()
     conn.rollback()
     return (*counts, values or [])
+
+
+class RangeCursor:
+    """Where one process stands in the ranges: the segment (after, upto) to claim from next,
+    and the segments the open batch claimed from, walked again when the batch rolls back."""
+
+    def __init__(self, take_range):
+        self.take_range = take_range  # () -> (after, upto), or None when no range is left
+        self.current = None
+        self.again = []
+        self.claimed = []  # where each segment the open batch claimed from stood when it started
+        self.noted = False  # the current segment is in `claimed`
+
+    def segment(self):
+        """The (after, upto) to claim from next, or None when every range has been walked."""
+        if self.current is None:
+            self.current = self.again.pop(0) if self.again else self.take_range()
+            self.noted = False
+        if self.current is not None and not self.noted:
+            self.claimed.append(self.current)
+            self.noted = True
+        return self.current
+
+    def advance(self, last_id, full):
+        """After a claim from `segment()`: past its last row if it was full, else the segment is done."""
+        self.current = (last_id, self.current[1]) if full else None
+
+    def commit(self):
+        self.claimed, self.noted = [], False
+
+    def rollback(self):
+        """The open batch rolled back: walk its segments again, from where it started."""
+        self.again = self.claimed + self.again
+        self.claimed, self.current = [], None

@@ -10,6 +10,8 @@ import time
 
 from tqdm import tqdm
 
+from .models import estimate_cost
+
 log = logging.getLogger(__name__)
 
 
@@ -84,3 +86,17 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def summary_line(settings, totals, elapsed, skipped, still_null=None):
+    """The parseable summary: what the database holds now, counted from RETURNING, not from what was sent."""
+    rate = (totals["embedded"] + totals["failed"]) / elapsed if elapsed > 0 else 0.0
+    cost = estimate_cost(settings.model_name, totals["tokens"], settings.price, batch=settings.batch_api)
+    return (
+        f"summary embedded={totals['embedded']} failed={totals['failed']} skipped_known_failures={skipped} "
+        f"elapsed_s={elapsed:.1f} rows_per_s={rate:.1f} tokens={totals['tokens']} "
+        f"cost_usd={'unknown' if cost is None else f'{cost:.4f}'} requests={totals['requests']} "
+        f"retries={totals['retries']} rate_limited={totals['rate_limited']} truncated={totals['truncated']}"
+        + ("" if still_null is None else f" still_null={still_null}")
+        + (" batch_api=yes" if settings.batch_api else "")
+    )

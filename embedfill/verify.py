@@ -13,6 +13,7 @@ import collections
 import json
 import multiprocessing
 import multiprocessing.util
+import os
 import signal
 import sys
 import time
@@ -24,13 +25,14 @@ from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, logs, schema
 from .embedders import make_embedder
-from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGTERM, EtlError
+from .errors import EXIT_OK, EXIT_PARTIAL, EtlError, Stop
 from .models import estimate_cost
 from .progress import Progress
 from .ratelimit import RateLimiter
+from .requester import Requester, Row
 from .shared import SharedState
 from .texts import fit, mean_tokens, row_text
-from .worker import Row, Worker, pack_requests
+from .worker import watch_parent
 
 SIMILAR = 0.99  # cosine at or above which a stored vector is its text's
 NEIGHBOURS = 3  # stored neighbours whose texts are embedded to explain one mismatch
@@ -83,11 +85,11 @@ def verify(settings, sample, fix, out, as_json=False):
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
     requests = context.BoundedSemaphore(settings.workers)
     embedder = make_embedder(settings, target.dimensions)  # built before the fork: see worker.py
-    pool = context.Pool(settings.workers, _init_pool, (settings, target, shared, limiter, requests, embedder))
+    pool = context.Pool(settings.workers, _init_pool, (settings, shared, limiter, requests, embedder))
     progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
     progress.set_total(total)
     check, finished = Check(), False
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID`: end the pool like Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, Stop.on_signal)  # `kill PID`: end the pool like Ctrl-C does
     pending = collections.deque()  # (page, its result): 2 × --workers pages in the pool, read ahead
 
     def settle():
@@ -286,41 +288,33 @@ def dry_run(conn, settings, target, sample, out, as_json=False):
     return EXIT_OK
 
 
-class Terminated(EtlError):
-    exit_code = EXIT_SIGTERM
+_requester = None
 
 
-def _interrupt(signum, frame):
-    raise Terminated("interrupted by SIGTERM")
-
-
-_worker = None
-
-
-def _init_pool(settings, target, shared, limiter, requests, embedder):
-    """Pool initializer: a Worker without a database connection, with its copy of the API client."""
-    global _worker
+def _init_pool(settings, shared, limiter, slots, embedder):
+    """Pool initializer: the run's request path without a database, with this process's copy of
+    the API client. The parent reads every page's result, its error included, in order: a fatal
+    answer does not stop the other processes by itself."""
+    global _requester
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent alone decides how to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    number = shared.register_worker()
-    logs.set_process_name(f"w{number}")
-    _worker = Worker(settings, target, [], shared, limiter, requests, number, embedder)
-    _worker.stops_others = False  # the parent reads every page's result, its error included, in order
-    multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
+    watch_parent(os.getppid())
+    logs.set_process_name(f"w{shared.register_worker()}")
+    _requester = Requester(settings, embedder, shared, limiter, slots, stops_others=False)
+    multiprocessing.util.Finalize(_requester, embedder.close, exitpriority=10)
 
 
 def embed_texts(items):
     """Pool task: [(row_id, text)] -> ({row_id: fresh vector}, {row_id: why it was not embedded}),
     each text cut to the model's limit as the run cuts it."""
-    settings = _worker.settings
+    settings = _requester.settings
     rows = [Row(row_id, *fit(text, settings.input_token_limit, settings.tpm is not None)[:2]) for row_id, text in items]
     vectors, failed = {}, {}
     try:
-        for chunk in pack_requests(rows):
-            embedded, failures = _worker.embed_rows(chunk)
-            for chunk_rows, matrix in embedded:
-                vectors.update(zip((row.row_id for row in chunk_rows), matrix))
-            failed.update((row_id, reason) for row_id, reason, _ in failures)
+        embedded, failures = _requester.embed(rows)
     except EtlError as error:
         raise EtlError(str(error)) from None  # one line, picklable, to the parent
+    for chunk_rows, matrix in embedded:
+        vectors.update(zip((row.row_id for row in chunk_rows), matrix))
+    failed.update((row_id, reason) for row_id, reason, _ in failures)
     return vectors, failed

@@ -397,18 +397,21 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
 def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(database_url, db, monkeypatch):
     from embedfill import catalog, schema
     from embedfill import db as store
+    from embedfill import store as copying
+    from embedfill.columns import VECTOR
     from embedfill.config import resolve
+    from embedfill.store import WorkerStore, copy_chunks
 
     make_foods(db, 500)
-    monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks
-    chunks = list(store.copy_chunks(["1"] * 25, [-7] * 25, np.zeros((25, 8), np.float32)))
+    monkeypatch.setattr(copying, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks
+    chunks = list(copy_chunks(["1"] * 25, [-7] * 25, np.zeros((25, 8), np.float32), VECTOR))
     row = 2 + (4 + 1) + (4 + 8) + (4 + 4 + 8 * 4)  # fields; id; text hash (bigint); vector (dims, unused, values)
     assert len(chunks) == 6 and len(b"".join(chunks)) == 19 + 25 * row + 2  # header, 7+7+7+4, end
     settings = resolve({"database_url": database_url, "table": "foods", "text_columns": ("name",)}, {}, {})
     conn = store.connect(database_url)
     target = catalog.inspect_target(conn, settings)
     schema.ensure(conn)
-    writer = store.WorkerStore(conn, target, "a-run", retry_failed=False)
+    writer = WorkerStore(conn, target, "a-run", retry_failed=False)
     claimed = writer.claim(None, None, 500)
     writer.commit()
     ids, hashes = [row[0] for row in claimed], [row[1] for row in claimed]

@@ -191,3 +191,30 @@ def test_defer_index_leaves_the_index_alone_for_a_trial_or_a_run_that_cannot_wor
         assert cur.fetchone()[0] == oid  # the same index, never dropped
         cur.execute("SELECT count(*) FROM etl_deferred_indexes")
         assert cur.fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("name", ["vector", "halfvec"])
+def test_the_binary_format_is_pgvector_pythons_own(name):
+    """Each column type packs a vector as pgvector-python's to_binary does (what pgvector's recv reads),
+    and the COPY carries exactly those bytes, for random vectors of several sizes."""
+    import struct
+
+    from pgvector import HalfVector, Vector
+
+    from embedfill.columns import TYPES
+    from embedfill.store import copy_chunks
+
+    kind, reference = TYPES[name], {"vector": Vector, "halfvec": HalfVector}[name]
+    rng = np.random.default_rng(21)
+    for dims in (1, 3, 384, 1536, 3072):
+        vectors = (rng.standard_normal((5, dims)) * 3).astype(np.float32)
+        assert kind.binary(vectors) == [reference(row).to_binary() for row in vectors]
+        copied = b"".join(copy_chunks([str(i) for i in range(5)], [None] * 5, vectors, kind))
+        offset = 19  # the COPY header
+        for i, row in enumerate(vectors):
+            fields, size = struct.unpack_from(">hi", copied, offset)
+            offset += 6 + size + 4  # the id, then the NULL text hash (length -1)
+            (length,) = struct.unpack_from(">i", copied, offset)
+            assert copied[offset + 4 : offset + 4 + length] == reference(row).to_binary(), (name, dims, i)
+            offset += 4 + length
+        assert copied[offset:] == struct.pack(">h", -1)

@@ -183,7 +183,7 @@ def test_one_worker_is_several_processes_with_one_request_in_flight(etl, db):
 
 
 def test_the_range_cursor_walks_every_id_once_and_again_after_a_rollback():
-    from embedfill.worker import RangeCursor
+    from embedfill.planner import RangeCursor
 
     ids = list(range(1, 51))
     ranges = iter([(None, 10), (10, 30), (30, None)])
@@ -224,7 +224,7 @@ def test_the_range_cursor_walks_every_id_once_and_again_after_a_rollback():
 def test_a_segment_claimed_from_twice_in_one_batch_is_walked_again_once():
     """Under --limit a claim can be full but smaller than the batch: the same segment is claimed
     from again in the same batch, and a rollback must walk it again from its start, once."""
-    from embedfill.worker import RangeCursor
+    from embedfill.planner import RangeCursor
 
     ranges = iter([(None, 10)])
     cursor = RangeCursor(lambda: next(ranges, None))

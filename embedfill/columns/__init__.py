@@ -1,0 +1,60 @@
+"""The column types a vector can be stored in: one module each (vector.py, halfvec.py), as
+pgvector-python has, behind one small interface. A new type (sparsevec, bit) is a module here and
+a line in TYPES; the catalog finds a column's type by its name, the write packs through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    """What the tool needs to know of one pgvector type."""
+
+    name: str  # the SQL type name, as pg_type.typname says it
+    dtype: str  # numpy dtype of one value in the binary COPY format (big-endian)
+    largest: float | None = None  # the largest finite value the type holds (None: float32's)
+    distance: str = "<=>"  # the cosine distance operator, for `search`
+
+    def binary(self, vectors: np.ndarray) -> list[bytes]:
+        """Each row of a float32 matrix in the type's binary format (what COPY ... FORMAT binary and
+        pgvector's send/recv functions read): int16 dimensions, int16 unused, the values."""
+        head = np.array([vectors.shape[1], 0], dtype=">u2").tobytes()
+        return [head + row.tobytes() for row in vectors.astype(self.dtype)]
+
+    def holds(self, vectors: np.ndarray) -> np.ndarray:
+        """Which rows the type can store: finite values within its range."""
+        ok = np.isfinite(vectors).all(axis=1)
+        if self.largest is not None:
+            ok &= (np.abs(vectors) <= self.largest).all(axis=1)
+        return ok
+
+    def sql(self, dimensions: int | None) -> str:
+        """The column type as SQL writes it: vector(1536), halfvec, ..."""
+        return f"{self.name}({dimensions})" if dimensions else self.name
+
+
+def width_error(shown: str, column_type: str, typed: int | None, configured: int | None, model: str, width: int):
+    """The one-line message when an embedding's width is not the column's (or EMBEDDING_DIMENSIONS'),
+    or None when it fits. `typed` is the column's dimension count, `configured` EMBEDDING_DIMENSIONS."""
+    expected = typed or configured
+    if not expected or width == expected:
+        return None
+    if typed:
+        return (
+            f"{shown} is {column_type} but {model} returned {width} dimensions; "
+            f"set EMBEDDING_DIMENSIONS={expected} or change the column"
+        )
+    return (
+        f"EMBEDDING_DIMENSIONS is {expected} but {model} returned {width} dimensions; "
+        "the model or server ignores `dimensions`"
+    )
+
+
+from .halfvec import HALFVEC  # noqa: E402 - the types need ColumnType above
+from .vector import VECTOR  # noqa: E402
+
+TYPES = {column_type.name: column_type for column_type in (VECTOR, HALFVEC)}

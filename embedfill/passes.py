@@ -1,0 +1,214 @@
+"""The passes of a run: a pool of worker processes over the ranges of the NULL rows, watched
+by the parent (results, progress, its lease, dead workers, the grace period after a stop)."""
+
+import dataclasses
+import gc
+import logging
+import multiprocessing
+import sys
+import time
+
+import psycopg2
+
+from . import catalog, db, planner
+from .embedders import make_embedder
+from .errors import EtlError, WorkerDied
+from .progress import Progress
+from .shared import FIELDS, SharedState
+from .worker import embed_ranges, init_worker
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 7.0  # after SIGINT/SIGTERM, how long in-flight batches may finish
+POLL_SECONDS = 0.2  # the parent looks at its pool this often
+SWEEPS = 2  # passes after the backlog's for rows that became NULL meanwhile, or that a write left out
+CONTINUE, FINISHED, END = "continue", "finished", "end"
+
+
+class PassWatch:
+    """What a pass does next, decided from what the parent sees at each look: the pool's news (None,
+    "done", or a worker's one-line error), the workers' shared state, the signals received so far
+    and the time. No database and no process: a unit test drives it, as RangeCursor's does."""
+
+    def __init__(self, processes, grace=GRACE_SECONDS, clock=time.monotonic):
+        self.processes = processes
+        self.grace = grace
+        self.clock = clock
+        self.stop_seen = None
+        self.fatal = None
+
+    def judge(self, news, shared, signals):
+        """CONTINUE, FINISHED (every range walked) or END (stop the workers now)."""
+        if news == "done":
+            return FINISHED
+        if isinstance(news, EtlError):
+            self.fatal = self.fatal or news
+            shared.request_stop(fatal=True)
+        if not shared.stopping() and shared.workers_started > self.processes:
+            self.fatal = self.fatal or WorkerDied(
+                "a worker process died unexpectedly (killed by the OOM killer or a signal?); "
+                "its batch was rolled back: rerun to resume"
+            )
+            shared.request_stop(fatal=True)
+        if not shared.stopping():
+            return CONTINUE
+        # In-flight batches may finish; past the grace period (or at a second Ctrl-C) the workers
+        # are terminated (their claims go with the run's lease).
+        self.stop_seen = self.stop_seen or self.clock()
+        waited = self.clock() - self.stop_seen
+        dead = shared.workers_started - self.processes
+        if dead > 0 and shared.busy_workers() <= dead:
+            return END  # the survivors are idle; the dead worker's range never reports back
+        if waited > self.grace or signals > 1:
+            log.warning("stopping workers that did not finish within %.1f s", waited)
+            return END
+        return CONTINUE
+
+
+def _next(results):
+    """The pool's news within POLL_SECONDS: None, "done", or a worker's error."""
+    try:
+        results.next(timeout=POLL_SECONDS)
+    except multiprocessing.TimeoutError:
+        return None
+    except StopIteration:
+        return "done"
+    except EtlError as error:
+        return error
+    return None
+
+
+class Run:
+    """One invocation: its signals, its lease, and its passes of the worker pool over the NULL rows
+    (one for the backlog, the sweeps after it; with --follow, one more each time rows need a vector)."""
+
+    def __init__(self, settings, target, processes, context, limiter, lease, identity):
+        self.settings = settings
+        self.target = target
+        self.processes = processes
+        self.context = context
+        self.limiter = limiter
+        self.limiter.start()
+        self.requests = self.context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
+        self.lease = lease
+        self.identity = identity
+        self.passes = 0
+        # One client for every pass's processes, built before any fork and never used here:
+        # no connection of it exists to cross the fork, and its pages are shared, not copied.
+        self.embedder = make_embedder(settings, target.dimensions)
+        self.received = []
+        self.fatal = None
+        self.shared = None  # the current pass's
+        self.earlier = dict.fromkeys(FIELDS, 0)  # totals of the passes that ended
+        self.progress = None
+
+    def on_signal(self, signum, frame):
+        self.received.append(signum)
+        if self.shared is not None:
+            self.shared.request_stop()
+
+    def totals(self):
+        current = self.shared.totals() if self.shared is not None else {}
+        return {name: value + current.get(name, 0) for name, value in self.earlier.items()}
+
+    def embed(self, ranges, counts=None):
+        """One pass of a fresh pool over `ranges`; True when it walked them all (no stop, no error).
+        A fresh pool and shared state each pass: nothing grows with the passes."""
+        settings, processes = self.settings, self.processes
+        if self.passes:  # --retry-failed takes the ledger's rows once: a later pass would pay for this run's again
+            settings = dataclasses.replace(settings, retry_failed=False)
+        self.passes += 1
+        shared = self.shared = SharedState(self.context, processes, settings.limit)
+        if self.received:
+            shared.request_stop()
+        finished = False
+        gc.collect()  # garbage of earlier passes must not be frozen for good
+        gc.freeze()  # the workers share the parent's objects: keep the collector from writing to (copying) them
+        pool = self.context.Pool(
+            processes,
+            initializer=init_worker,
+            initargs=(
+                settings,
+                self.target,
+                ranges,
+                shared,
+                self.limiter,
+                self.requests,
+                self.embedder,
+                self.lease.run_id,
+                self.identity,
+            ),
+        )
+        # Threads (the count, tqdm) start only after the fork.
+        if self.progress is None:
+            interval = settings.extras.get("progress_interval", 10.0)
+            self.progress = Progress(sys.stderr, interval=interval, follow=settings.follow)
+        watch = PassWatch(processes)
+        try:
+            results = pool.imap_unordered(embed_ranges, range(processes))
+            if counts is not None:
+                counts.start()
+            total_applied = counts is None
+            while True:
+                verdict = watch.judge(_next(results), shared, len(self.received))
+                if verdict == FINISHED:
+                    break
+                if counts is not None and counts.ready.is_set() and not total_applied:
+                    total_applied = True
+                    self.progress.set_total(counts.total())
+                    counts.announce()
+                self.tick()
+                if verdict == END:
+                    break
+            self.fatal = self.fatal or watch.fatal
+            finished = verdict == FINISHED and not shared.stopping()
+        finally:
+            if finished:
+                pool.close()
+            else:  # a stop, or an error in this loop: end the workers now, PostgreSQL rolls back their batches
+                shared.request_stop(fatal=self.fatal is not None)
+                pool.terminate()
+            pool.join()
+            self.earlier = self.totals()
+            self.shared = None
+            self.progress.update(self.totals())
+        return finished
+
+    def sweep(self):
+        """After the backlog: passes over the rows that became NULL meanwhile or that a write left out
+        (edited while their request was out, held by the application at the write), while a pass finds
+        some and at most SWEEPS; then the rows still NULL that no run is on (None after a stop)."""
+        for _ in range(SWEEPS):
+            ranges = self._plan_left()
+            if not ranges:
+                break
+            log.info("rows became NULL while the run went, or a write left them out: one more pass")
+            before = self.totals()
+            if not self.embed(ranges):
+                return None
+            if self.totals()["embedded"] == before["embedded"]:
+                break
+        try:
+            conn = db.connect(self.settings.database_url)
+            try:
+                return catalog.count_left(conn, self.target, self.lease.run_id, retry_failed=False)
+            finally:
+                conn.close()
+        except (psycopg2.Error, EtlError) as error:
+            log.debug("counting the rows left failed: %s", db.first_line(error))
+            return None
+
+    def _plan_left(self):
+        """Ranges over the rows to embed that no run is on, or [] when there are none."""
+        conn = db.connect(self.settings.database_url)
+        try:
+            if not catalog.has_rows_to_embed(conn, self.target, False, self.lease.run_id):
+                return []
+            return planner.plan_ranges(conn, self.target, self.processes, self.settings.batch_size)
+        finally:
+            conn.close()  # no socket crosses the fork
+
+    def tick(self):
+        """What the parent does between two looks at its pool, never waiting on the database."""
+        self.progress.update(self.totals())
+        self.lease.tick()
