@@ -19,7 +19,7 @@ from collections import namedtuple
 import psycopg2.extras
 from psycopg2 import sql
 
-from . import catalog, db
+from . import db, guard
 from .errors import ProviderError
 from .requester import Row, pack_requests
 from .store import WorkerStore
@@ -63,7 +63,7 @@ class BatchRun:
         self.client = make_client(settings)
         self.requester = None  # the normal endpoint, opened for the few rows a batch refused
         self.keys = {"column_name": target.embedding_column, "run_id": ""}
-        self.identity = catalog.column_identity(settings, target)
+        self.identity = guard.column_identity(settings, target)
         self.totals = dict(embedded=0, failed=0, tokens=0, requests=0, retries=0, rate_limited=0, truncated=0)
         self.submitted = 0
 
@@ -142,7 +142,7 @@ class BatchRun:
                     cur.execute(
                         db.load_sql("batch_record"), {"key": key, "table_name": self.table, "row_count": len(row_ids)}
                     )
-                    catalog.record_column(cur, self.target, self.identity)  # with the batch that pays for vectors
+                    guard.record_column(cur, self.target, self.identity)  # with the batch that pays for vectors
             self.conn.commit()
             if row_ids:
                 self.create(key, 1)

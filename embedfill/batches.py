@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from . import catalog, db, schema
+from . import catalog, db, guard, schema
 from .batchapi import ENDED, BatchRun, Record, api
 from .embedders import check_provider
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, Stop
@@ -24,7 +24,7 @@ def _open(settings):
     try:
         target = catalog.inspect_target(conn, settings)
         schema.ensure(conn)
-        catalog.guard_column(conn, settings, target)  # the record is made with the first batch (submit_new)
+        guard.guard_column(conn, settings, target)  # the record is made with the first batch (submit_new)
         return BatchRun(settings, conn, target)
     except BaseException:
         conn.close()

@@ -4,17 +4,12 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-import psycopg2
 from psycopg2 import sql
-from psycopg2.extras import RealDictCursor
 
-from . import schema
 from .columns import TYPES, width_error
 from .db import load_sql
 from .errors import ConfigError, DatabaseError, UsageError
-from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +193,6 @@ def has_partial_index(conn, target):
     return scalar(conn, load_sql("find_partial_index"), params) is not None
 
 
-RESET_LOCK_KEY = 0x656D6272  # "embr", with the table's hash: held by init --reset-column while it clears
-
-
 def scalar(conn, query, params=None):
     """The first column of the first row of a read-only query (None without a row)."""
     with conn.cursor() as cur:
@@ -227,134 +219,6 @@ def count_known_failures(conn, target):
     if not scalar(conn, "SELECT to_regclass('etl_failures') IS NOT NULL"):
         return 0
     return scalar(conn, target.query("count_known_failures"), {"table_name": target.qualified_name})
-
-
-# --- what the column holds: the model guard ----------------------------------------------------
-
-
-def column_identity(settings, target):
-    """What this run writes into the column: model, dimensions, provider (the base URL's host,
-    never the key) and recipe (the text columns, in order)."""
-    if settings.provider == "local":
-        provider, default = "local", LOCAL_DEFAULT_DIMENSIONS
-    else:
-        if settings.provider == "azure":
-            provider = urlsplit(settings.azure_endpoint).hostname
-        else:
-            provider = urlsplit(settings.base_url or "").hostname or "api.openai.com"
-        default = getattr(model_info(settings.model), "dimensions", None)
-    return {
-        "model": settings.model_name,
-        "dimensions": settings.dimensions or target.dimensions or default,
-        "provider": provider,
-        "recipe": list(target.text_columns),
-    }
-
-
-def column_record(conn, target):
-    """What etl_columns says the column holds (column_identity's keys, origin_unknown, recorded,
-    claimed_by), or None. A record not yet confirmed by a write counts while the run that made
-    it is alive (its lease): a run that died before writing a vector left no record."""
-    if schema.version(conn) < schema.VERSION:  # a read-only verb on tables no run has migrated yet
-        conn.rollback()
-        return None
-    with conn.cursor(cursor_factory=RealDictCursor) as cur:
-        cur.execute(load_sql("column_record"), _column_key(target))
-        row = cur.fetchone()
-    conn.rollback()
-    return dict(row) if row and row["live"] else None
-
-
-def record_column(cur, target, identity, origin_unknown=False, claimed_by=None):
-    """Make the column's record (held by run `claimed_by` until its first write confirms it, or
-    confirmed at once); True if this one is the record now, False if another was there first."""
-    params = {**_column_key(target), **identity, "origin_unknown": origin_unknown, "claimed_by": claimed_by}
-    cur.execute(load_sql("record_column"), params)
-    return cur.fetchone() is not None
-
-
-def _has_vectors(conn, target):
-    """Whether the column already holds vectors: statistics that saw one say yes at once; else a
-    search of at most 5 s (a big table still all NULL is not read to its end: then, no)."""
-    params = {"relation": relation_literal(conn, target.name_parts), "column": target.embedding_column}
-    if scalar(conn, load_sql("stats_say_vectors"), params):
-        return True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET LOCAL statement_timeout = '5s'")
-            cur.execute(target.query("has_vectors"))
-            return cur.fetchone()[0]
-    except psycopg2.errors.QueryCanceled:
-        log.info("%s.%s: no vector found within 5 s; taken as empty", target.display, target.embedding_column)
-        return False
-    finally:
-        conn.rollback()
-
-
-def guard_column(conn, settings, target, run_id=None):
-    """Refuse, before any request, a run that would add vectors of another model, dimension
-    count, provider or recipe to the column. A run that writes (`run_id`, whose lease is live)
-    and finds no record makes one, held for it until its first vectors confirm it (db.WorkerStore):
-    a run that writes nothing leaves no record.
-
-    Vectors of two models in one column are not comparable: search would be quietly wrong."""
-    wanted = column_identity(settings, target)
-    reset = "SELECT pg_try_advisory_xact_lock_shared(%s, hashtext(%s))"
-    if run_id is not None and not scalar(conn, reset, (RESET_LOCK_KEY, target.qualified_name)):
-        raise ConfigError(
-            f"init --reset-column is clearing {target.display}.{target.embedding_column} now: run again once it ends"
-        )
-    held = column_record(conn, target)
-    if held is None and run_id is not None:
-        adopted = _has_vectors(conn, target)
-        with conn.cursor() as cur:
-            won = record_column(cur, target, wanted, adopted, claimed_by=run_id)
-        conn.commit()
-        if won and adopted:
-            log.warning(
-                "%s.%s already held vectors when this tool first saw it: recorded as %s, but their origin is "
-                "unknown (`python etl.py verify` checks them)",
-                target.display,
-                target.embedding_column,
-                describe_identity(wanted),
-            )
-        held = column_record(conn, target)  # two runs starting together: the first row in is the record
-    differing = [key for key in wanted if held is not None and held[key] != wanted[key]]
-    if differing:
-        raise ConfigError(
-            f"{target.display}.{target.embedding_column} holds {describe_identity(held, differing)}; this run would "
-            f"add {describe_identity(wanted, differing, 'ones')}. Fill a new column (--embedding-column embedding_v2, "
-            "created by init --dimensions N) or clear this one first (init --reset-column --yes)"
-        )
-    return wanted
-
-
-def describe_identity(identity, keys=("dimensions", "provider", "recipe"), noun="vectors"):
-    """'text-embedding-3-small vectors of 1536 dimensions from api.openai.com (text: name,category)'."""
-    parts = [identity["model"], noun]
-    if "dimensions" in keys:
-        parts.append(f"of {identity['dimensions'] or 'the default number of'} dimensions")
-    if "provider" in keys:
-        parts.append(f"from {identity['provider']}")
-    if "recipe" in keys:
-        parts.append(f"(text: {','.join(identity['recipe'])})")
-    return " ".join(parts)
-
-
-def describe_column(conn, target):
-    """One line for `status`: what the column holds, by the record of its first write."""
-    held = column_record(conn, target)
-    name = f"{target.display}.{target.embedding_column}"
-    if held is None:
-        return f"column {name}: no record yet (the next run records its model, provider and text columns)"
-    if held["claimed_by"]:
-        return f"column {name}: run {held['claimed_by']} is filling it with {describe_identity(held)} (not yet written)"
-    unknown = "; vectors already there then: origin unknown" if held["origin_unknown"] else ""
-    return f"column {name} holds {describe_identity(held)} (recorded {held['recorded']}{unknown})"
-
-
-def _column_key(target):
-    return {"table_name": target.qualified_name, "column_name": target.embedding_column}
 
 
 def _left_query(name, target, retry_failed, run_id):

@@ -316,7 +316,7 @@ def _report(error, level, original=None):
 
 
 def dispatch(verb, args, flags, file_values, preliminary):
-    from . import admin, demo, driver, pgserver, verify
+    from . import demo, driver, init, pgserver, search, status, verify
 
     if verb == "db":
         return pgserver.db_command(
@@ -340,14 +340,14 @@ def dispatch(verb, args, flags, file_values, preliminary):
                 "forgets what it held and the table's failed rows: add --yes to do it"
             )
         tracking = "untrack" if args.untrack else "track" if args.track_changes else None
-        code = admin.init_schema(settings, sys.stdout, args.type, args.restore_index, tracking)
-        return admin.reset_column(settings, sys.stdout) if args.reset_column else code
+        code = init.init_schema(settings, sys.stdout, args.type, args.restore_index, tracking)
+        return init.reset_column(settings, sys.stdout) if args.reset_column else code
     if verb == "status":
-        return admin.show_status(settings, sys.stdout, as_json=args.json)
+        return status.show_status(settings, sys.stdout, as_json=args.json)
     if verb == "search":
-        return admin.search(settings, args.query, args.top, sys.stdout, as_json=args.json)
+        return search.search(settings, args.query, args.top, sys.stdout, as_json=args.json)
     if verb == "embed":
-        return admin.embed(settings, args.text, sys.stdout)
+        return search.embed(settings, args.text, sys.stdout)
     if verb == "verify":
         return verify.verify(settings, None if args.all else args.sample, args.fix, sys.stdout, as_json=args.json)
     if settings.follow and settings.limit is not None:

@@ -7,7 +7,7 @@ import random
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, db, schema
+from . import catalog, db, guard, schema
 from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _rows_left(conn, settings):
     """Rows of the demo's table still to embed by this run, or 0 when it cannot resume the table:
     a column that holds another provider's or model's vectors is started over."""
     target = catalog.inspect_target(conn, settings)
-    held, wanted = catalog.column_record(conn, target), catalog.column_identity(settings, target)
+    held, wanted = guard.column_record(conn, target), guard.column_identity(settings, target)
     if held is not None and any(held[key] != wanted[key] for key in wanted):
         return 0
     return catalog.count_null(conn, target)

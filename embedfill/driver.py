@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from . import catalog, db, indexes, planner, schema
+from . import catalog, db, guard, indexes, planner, schema
 from .embedders import check_provider, load_client_library
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError
 from .follow import Follower
@@ -37,7 +37,7 @@ def prepare(settings, processes, limiter):
             end_dead_runs(conn)
             lease = Lease(settings, target, limiter)
             lease.renew()  # live before the guard holds the column's record for it, and before any claim
-        identity = catalog.guard_column(conn, settings, target, run_id=lease and lease.run_id)
+        identity = guard.guard_column(conn, settings, target, run_id=lease and lease.run_id)
         indexes.prepare(conn, target, settings)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)

@@ -54,7 +54,8 @@ class PassWatch:
             return CONTINUE
         # In-flight batches may finish; past the grace period (or at a second Ctrl-C) the workers
         # are terminated (their claims go with the run's lease).
-        self.stop_seen = self.stop_seen or self.clock()
+        if self.stop_seen is None:
+            self.stop_seen = self.clock()
         waited = self.clock() - self.stop_seen
         dead = shared.workers_started - self.processes
         if dead > 0 and shared.busy_workers() <= dead:

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from embedfill.catalog import RESET_LOCK_KEY
+from embedfill.guard import RESET_LOCK_KEY
 from tests.conftest import check_table, env_for_table, expected_vector, make_foods, row_text
 from tests.test_resilience import wait_for
 

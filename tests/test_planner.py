@@ -66,3 +66,57 @@ def test_guided_fractions_shrink_to_one_batch():
     assert all(x >= y - 1e-12 for x, y in zip(chunks, chunks[1:-1]))
     assert min(chunks[:-1]) == pytest.approx(20 / 8000)
     assert guided_fractions(workers=4, batch_size=2048, estimate=100) == []
+
+
+class FakeShared:
+    """The part of SharedState the pass's watch reads: the stop flag, started and busy workers."""
+
+    def __init__(self, started=4, busy=4):
+        self.started, self.busy, self.state = started, busy, None
+
+    def stopping(self):
+        return self.state is not None
+
+    def request_stop(self, fatal=False):
+        self.state = "fatal" if fatal or self.state == "fatal" else "stop"
+
+    @property
+    def workers_started(self):
+        return self.started
+
+    def busy_workers(self):
+        return self.busy
+
+
+def test_the_pass_watch_decides_without_a_database_or_a_process():
+    from embedfill.errors import EtlError, WorkerDied
+    from embedfill.passes import CONTINUE, END, FINISHED, PassWatch
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+
+    watch, shared = PassWatch(4, grace=7.0, clock=clock), FakeShared()
+    assert watch.judge(None, shared, 0) == CONTINUE
+    assert watch.judge("done", shared, 0) == FINISHED and watch.fatal is None
+
+    # A worker's error stops the others; in-flight batches get the grace period, then the end.
+    watch, shared = PassWatch(4, grace=7.0, clock=clock), FakeShared()
+    error = EtlError("the API refused the key")
+    assert watch.judge(error, shared, 0) == CONTINUE and shared.state == "fatal" and watch.fatal is error
+    now[0] += 6.9
+    assert watch.judge(None, shared, 0) == CONTINUE
+    now[0] += 0.2
+    assert watch.judge(None, shared, 0) == END
+
+    # A signal: the grace period; a second signal: the end at once.
+    watch, shared = PassWatch(4, grace=7.0, clock=clock), FakeShared()
+    shared.request_stop()
+    assert watch.judge(None, shared, 1) == CONTINUE
+    assert watch.judge(None, shared, 2) == END and watch.fatal is None
+
+    # A worker that died (a fifth process started in its place): fatal, and once the survivors are
+    # idle, the end (the dead worker's range never reports back).
+    watch, shared = PassWatch(4, grace=7.0, clock=clock), FakeShared(started=5, busy=2)
+    assert watch.judge(None, shared, 0) == CONTINUE and isinstance(watch.fatal, WorkerDied)
+    shared.busy = 1
+    assert watch.judge(None, shared, 0) == END

@@ -1,17 +1,14 @@
-"""The verbs around the backfill: `init` (schema), `status` (where a run stands), `search`, `embed`."""
+"""`etl.py init`: what the tool creates in the user's database, checked first and said: the vector
+extension, the tool's etl_* tables, the embedding column, the partial index, the change-tracking
+trigger; and `init --reset-column`, which clears a column for another model."""
 
-import json
 import logging
 
-import numpy as np
 import psycopg2
-from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
-from . import catalog, db, indexes, schema
-from .embedders import make_embedder
+from . import catalog, db, guard, indexes, schema
 from .errors import EXIT_OK, ConfigError, DatabaseError
-from .texts import row_text
 
 log = logging.getLogger(__name__)
 
@@ -167,172 +164,6 @@ def _tracking_query(name, target):
     )
 
 
-def show_status(settings, out, top=5, as_json=False):
-    """Rows total (estimate), rows still NULL, failures and their reasons, active runs; as text or JSON."""
-    conn = db.connect(settings.database_url)
-    try:
-        target = catalog.inspect_target(conn, settings)
-        estimate = catalog.estimate_rows(conn, target)
-        null_rows = catalog.count_null(conn, target)
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT to_regclass('etl_failures') IS NOT NULL, to_regclass('etl_runs') IS NOT NULL, "
-                "to_regclass('etl_deferred_indexes') IS NOT NULL"
-            )
-            has_ledger, has_runs, has_deferred = cur.fetchone()
-            reasons, failed, leases = [], 0, []
-            if has_ledger:
-                cur.execute(db.load_sql("ledger_count"), {"table_name": target.qualified_name})
-                failed = cur.fetchone()[0]
-                cur.execute(db.load_sql("status_failures"), {"table_name": target.qualified_name, "top": top})
-                reasons = cur.fetchall()
-            if has_runs:
-                cur.execute(db.load_sql("status_runs"), {"table_name": target.qualified_name})
-                leases = cur.fetchall()
-            waiting = indexes.deferred(conn, target) if has_deferred else []
-            pattern = f"{db.APPLICATION_PREFIX}:{target.qualified_name}:%"
-            cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
-            runs, processes = cur.fetchone()
-            relation = catalog.relation_literal(conn, target.name_parts)
-            cur.execute(
-                db.load_sql("tracking_status"), {"relation": relation, "trigger": catalog.tracking_name(target)[1]}
-            )
-            tracking = "on" if cur.fetchone()[0] else "off"
-            oldest = None
-            if settings.updated_column:
-                try:
-                    cur.execute(target.query("oldest_null", updated=sql.Identifier(settings.updated_column)))
-                except psycopg2.Error as error:
-                    raise DatabaseError(
-                        f"cannot read {target.display}.{settings.updated_column}: {db.first_line(error)} "
-                        "(check ETL_UPDATED_COLUMN)"
-                    ) from error
-                oldest = cur.fetchone()[0]
-                tracking += f" oldest_null_age={(oldest or 'none').replace(' ', '_')}"
-        conn.rollback()
-        holds, record = catalog.describe_column(conn, target), catalog.column_record(conn, target)
-        from .batches import status_lines  # imported here: batches pulls in the driver, which status needs not
-
-        batches = status_lines(conn, target)
-    finally:
-        conn.close()
-    if as_json:
-        document = {
-            "table": target.display,
-            "column": target.embedding_column,
-            "rows_total_estimate": estimate if estimate >= 0 else None,
-            "rows_null": null_rows,
-            "rows_failed": failed,
-            "active_runs": runs,
-            "active_processes": processes,
-            "run_active": bool(runs),
-            "tracking": tracking.startswith("on"),
-            "oldest_null_age": oldest,
-            "holds": record,
-            "runs": [
-                {"run": run_id, "share": f"1/{count}", "tpm": tpm, "rpm": rpm, "running_for": age}
-                for run_id, tpm, rpm, count, age in leases
-            ],
-            "deferred_indexes": [{"index": name, "dropped_ago": age} for _, name, _, age in waiting],
-            "failures": [{"reason": reason, "rows": count} for reason, count in reasons],
-            "batches": batches,
-        }
-        print(json.dumps(document, ensure_ascii=False, default=str), file=out)
-        return EXIT_OK
-    total = f"~{estimate}" if estimate >= 0 else "unknown"
-    print(
-        f"status table={target.display} rows_total_estimate={total} rows_null={null_rows} "
-        f"rows_failed={failed} active_runs={runs} active_processes={processes} run_active={'yes' if runs else 'no'} "
-        f"tracking={tracking}",
-        file=out,
-    )
-    print(holds, file=out)
-    for run_id, tpm, rpm, runs, age in leases:
-        budgets = " ".join(f"{name}={value / runs:.0f}" for name, value in (("tpm", tpm), ("rpm", rpm)) if value)
-        print(f"run {run_id} share=1/{runs} {budgets or 'no configured budget'} running_for={age}".rstrip(), file=out)
-    for _, name, _, age in waiting:
-        print(
-            f"index {name} dropped by --defer-index {age} ago, waiting to be rebuilt at the end of a run "
-            "(or now: python etl.py init --restore-index)",
-            file=out,
-        )
-    for reason, count in reasons:
-        print(f"failed {count:>8}  {reason}", file=out)
-    for line in batches:
-        print(line, file=out)
-    return EXIT_OK
-
-
-def query_vector(conn, settings, target, text, verb="search"):
-    """The vector of `text` by the configured provider, and the model that made it; refused when
-    the column holds vectors of another model or dimension count (they would not compare)."""
-    held, wanted = catalog.column_record(conn, target), catalog.column_identity(settings, target)
-    differing = [key for key in ("model", "dimensions") if held is not None and held[key] != wanted[key]]
-    if differing:  # vectors of two models are not comparable: the nearest rows would be noise
-        raise ConfigError(
-            f"{target.display}.{target.embedding_column} holds {catalog.describe_identity(held, differing)}; "
-            f"a {catalog.describe_identity(wanted, differing, 'query')} cannot be compared with them: "
-            f"{verb} with the model and dimensions that filled the column"
-        )
-    embedder = make_embedder(settings, target.dimensions)
-    try:
-        vector = embedder.embed([text]).vectors[0]
-    finally:
-        embedder.close()
-    error = target.width_error(settings, vector.shape[0])
-    if error:
-        raise ConfigError(f"{error} (the query cannot be compared with the column's vectors)")
-    return vector, wanted["model"]
-
-
-def search(settings, query, top, out, as_json=False):
-    """Embed `query` with the configured provider and print the nearest rows (as text, or one JSON document)."""
-    conn = db.connect(settings.database_url)
-    try:
-        target = catalog.inspect_target(conn, settings)
-        vector, model = query_vector(conn, settings, target, query)
-        register_vector(conn)
-        with conn.cursor() as cur:
-            cur.execute(target.query("nearest"), {"query": vector, "top": top})
-            rows = cur.fetchall()
-        conn.rollback()
-    finally:
-        conn.close()
-    if as_json:
-        document = {
-            "table": target.display,
-            "column": target.embedding_column,
-            "model": model,
-            "dimensions": int(vector.shape[0]),
-            "query": query,
-            "rows": [
-                {"id": row_id, "distance": distance, "text": row_text(values)} for row_id, *values, distance in rows
-            ],
-        }
-        print(json.dumps(document, ensure_ascii=False), file=out)
-        return EXIT_OK
-    if not rows:
-        print(f"no embedded rows in {target.display} yet: run `python etl.py` first", file=out)
-    for row_id, *values, distance in rows:
-        text = row_text(values).replace("\n", " | ")
-        print(f"{distance:.4f}  {row_id}  {text[:120]}", file=out)
-    return EXIT_OK
-
-
-def embed(settings, text, out):
-    """`embed TEXT`: {"model", "dimensions", "embedding"} of the vector the column's model makes for it."""
-    conn = db.connect(settings.database_url)
-    try:
-        target = catalog.inspect_target(conn, settings)
-        vector, model = query_vector(conn, settings, target, text, verb="embed")
-    finally:
-        conn.close()
-    # Each float32 by its shortest repr: it reads back as the same float32.
-    values = ",".join(str(value) for value in vector.astype(np.float32))
-    print(f'{{"model": {json.dumps(model)}, "dimensions": {vector.shape[0]}, "embedding": [{values}]}}', file=out)
-    return EXIT_OK
-
-
 RESET_CHUNK_ROWS = 10_000
 
 
@@ -359,9 +190,9 @@ def reset_column(settings, out):
     try:
         target = catalog.inspect_target(conn, settings)
         schema.ensure(conn)
-        # Held until the connection closes: a run that starts meanwhile refuses (catalog.guard_column).
+        # Held until the connection closes: a run that starts meanwhile refuses (guard.guard_column).
         if not catalog.scalar(
-            conn, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (catalog.RESET_LOCK_KEY, target.qualified_name)
+            conn, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (guard.RESET_LOCK_KEY, target.qualified_name)
         ):
             raise DatabaseError(f"another init --reset-column is clearing {target.display} now: wait for it to end")
         _refuse_if_busy(conn, target, "nothing was cleared")
