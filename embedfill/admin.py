@@ -9,8 +9,8 @@ from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 
 from . import catalog, db, indexes, schema
-from .embedders import make_embedder
 from .errors import EXIT_OK, ConfigError, DatabaseError
+from .providers import make_embedder
 from .texts import row_text
 
 log = logging.getLogger(__name__)

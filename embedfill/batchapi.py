@@ -26,8 +26,9 @@ from psycopg2 import sql
 
 from . import catalog, db, schema
 from .driver import summary_line
-from .embedders import OpenAIEmbedder, check_provider, decode_vector
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, FatalProviderError, ProviderError
+from .providers import make_embedder, make_provider
+from .providers.openai import decode_vector
 from .ratelimit import RateLimiter
 from .shared import SharedState
 from .texts import fit, row_text
@@ -78,6 +79,7 @@ class BatchRun:
         self._worker = None  # the normal endpoint, opened for the few rows a batch refused
         self.keys = {"column_name": target.embedding_column, "run_id": ""}
         self.identity = catalog.column_identity(settings, target)
+        self.provider = make_provider(settings, target.dimensions)  # what a request line says
         self.totals = dict(embedded=0, failed=0, tokens=0, requests=0, retries=0, rate_limited=0, truncated=0)
         self.submitted = self.landed = 0
         self.counts = {}  # key -> (completed, total) at the last poll
@@ -190,10 +192,7 @@ class BatchRun:
             for rows in pack_requests(chunk):
                 number = next(numbers)
                 places.extend((self.table, row.row_id, number, position) for position, row in enumerate(rows))
-                body = {"model": self.settings.model, "input": [row.text for row in rows], "encoding_format": "base64"}
-                if self.settings.dimensions:
-                    body["dimensions"] = self.settings.dimensions
-                line = {"custom_id": f"{key}:{number}", "method": "POST", "url": "/v1/embeddings", "body": body}
+                line = self.provider.batch_line(f"{key}:{number}", [row.text for row in rows])
                 file.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
             chunk.clear()
 
@@ -367,15 +366,16 @@ class BatchRun:
             shared = SharedState(context, 1)
             shared.register_worker()
             limiter = RateLimiter(context, self.settings.rpm, self.settings.tpm, 1)
-            embedder = OpenAIEmbedder(self.settings)
+            embedder = make_embedder(self.settings, self.target.dimensions)
             self._worker = Worker(self.settings, self.target, [], shared, limiter, context.Semaphore(1), 0, embedder)
         return self._worker
 
 
 def _open(settings):
-    if settings.provider != "openai":
+    provider = make_provider(settings)
+    if provider.batch_endpoint is None:
         raise ConfigError("--batch-api needs the OpenAI API: set ETL_PROVIDER=openai")
-    check_provider(settings)
+    provider.check()
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)

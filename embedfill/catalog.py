@@ -4,7 +4,6 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import psycopg2
 from psycopg2 import sql
@@ -13,7 +12,7 @@ from psycopg2.extras import RealDictCursor
 from . import schema
 from .db import load_sql
 from .errors import ConfigError, DatabaseError, UsageError
-from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
+from .providers import make_provider
 
 log = logging.getLogger(__name__)
 
@@ -221,20 +220,13 @@ def count_known_failures(conn, target):
 
 
 def column_identity(settings, target):
-    """What this run writes into the column: model, dimensions, provider (the base URL's host,
+    """What this run writes into the column: model, dimensions, provider (the provider's host,
     never the key) and recipe (the text columns, in order)."""
-    if settings.provider == "local":
-        provider, default = "local", LOCAL_DEFAULT_DIMENSIONS
-    else:
-        if settings.provider == "azure":
-            provider = urlsplit(settings.azure_endpoint).hostname
-        else:
-            provider = urlsplit(settings.base_url or "").hostname or "api.openai.com"
-        default = getattr(model_info(settings.model), "dimensions", None)
+    provider = make_provider(settings, target.dimensions)
     return {
-        "model": settings.model_name,
-        "dimensions": settings.dimensions or target.dimensions or default,
-        "provider": provider,
+        "model": provider.model_name,
+        "dimensions": settings.dimensions or target.dimensions or provider.output_dimensions,
+        "provider": provider.host,
         "recipe": list(target.text_columns),
     }
 

@@ -15,11 +15,11 @@ import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db, indexes, planner, schema
-from .embedders import check_provider, load_client_library, make_embedder
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, DatabaseError, EtlError, WorkerDied
 from .lease import Lease, end_dead_runs
 from .models import estimate_cost
 from .progress import Progress, format_eta
+from .providers import check_provider, load_client_library, make_embedder
 from .ratelimit import RateLimiter
 from .shared import FIELDS, SharedState
 from .texts import load_encoding, mean_tokens, row_text

@@ -23,10 +23,10 @@ import psycopg2.extras
 from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, logs, schema
-from .embedders import make_embedder
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGTERM, EtlError
 from .models import estimate_cost
 from .progress import Progress
+from .providers import make_embedder
 from .ratelimit import RateLimiter
 from .shared import SharedState
 from .texts import fit, mean_tokens, row_text

@@ -374,7 +374,7 @@ class Worker:
                 raise
         result = self.embedder.decode(answer)
         self.limiter.succeeded()
-        self.limiter.observe(result.headers, result.tokens, tokens)
+        self.limiter.observe(self.embedder.quota(result.headers), result.tokens, tokens)
         return result
 
     def _server_answers(self):
