@@ -9,12 +9,14 @@ from typing import Any
 from .azure import AzureProvider
 from .base import Answer, Embedding, Limits, ModelInfo, Provider, Quota, QuotaLeft
 from .local import LocalProvider
+from .ollama import OllamaProvider
 from .openai import BATCH_PRICE_FACTOR, OpenAIProvider
 
 PROVIDERS: dict[str, type[Provider]] = {
     "openai": OpenAIProvider,  # any OpenAI-compatible /embeddings endpoint
     "azure": AzureProvider,
     "local": LocalProvider,
+    "ollama": OllamaProvider,
 }
 
 __all__ = [
