@@ -21,6 +21,7 @@ from psycopg2 import sql
 
 from . import db, guard
 from .errors import ProviderError
+from .providers import make_provider
 from .requester import Row, pack_requests
 from .store import WorkerStore
 from .texts import fit, row_text
@@ -61,6 +62,7 @@ class BatchRun:
         self.table = target.qualified_name
         self.store = WorkerStore(conn, target, "", settings.retry_failed, skip_batched=True)
         self.client = make_client(settings)
+        self.provider = make_provider(settings, target.dimensions)  # what a request line says
         self.requester = None  # the normal endpoint, opened for the few rows a batch refused
         self.keys = {"column_name": target.embedding_column, "run_id": ""}
         self.identity = guard.column_identity(settings, target)
@@ -175,10 +177,7 @@ class BatchRun:
             for rows in pack_requests(chunk):
                 number = next(numbers)
                 places.extend((self.table, row.row_id, number, position) for position, row in enumerate(rows))
-                body = {"model": self.settings.model, "input": [row.text for row in rows], "encoding_format": "base64"}
-                if self.settings.dimensions:
-                    body["dimensions"] = self.settings.dimensions
-                line = {"custom_id": f"{key}:{number}", "method": "POST", "url": "/v1/embeddings", "body": body}
+                line = self.provider.batch_line(f"{key}:{number}", [row.text for row in rows])
                 file.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
             chunk.clear()
 

@@ -8,18 +8,19 @@ import time
 
 from . import catalog, db, guard, schema
 from .batchapi import ENDED, BatchRun, Record, api
-from .embedders import check_provider
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, Stop
 from .landing import Landing
 from .progress import summary_line
+from .providers import make_provider
 
 log = logging.getLogger(__name__)
 
 
 def _open(settings):
-    if settings.provider != "openai":
+    provider = make_provider(settings)
+    if provider.batch_endpoint is None:
         raise ConfigError("--batch-api needs the OpenAI API: set ETL_PROVIDER=openai")
-    check_provider(settings)
+    provider.check()
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)

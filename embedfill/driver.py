@@ -9,13 +9,13 @@ import threading
 import time
 
 from . import catalog, db, guard, indexes, planner, schema
-from .embedders import check_provider, load_client_library
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError
 from .follow import Follower
 from .lease import Lease, end_dead_runs
 from .models import estimate_cost
 from .passes import Run
 from .progress import format_eta, summary_line
+from .providers import check_provider, load_client_library
 from .ratelimit import RateLimiter
 from .texts import load_encoding, mean_tokens, row_text
 from .worker import process_count

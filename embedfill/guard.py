@@ -3,7 +3,6 @@ recipe), refused before any request when a run would add vectors of another kind
 by the first write of vectors (a run that writes nothing leaves no record)."""
 
 import logging
-from urllib.parse import urlsplit
 
 import psycopg2
 from psycopg2.extras import RealDictCursor
@@ -12,7 +11,7 @@ from . import schema
 from .catalog import relation_literal, scalar
 from .db import load_sql
 from .errors import ConfigError
-from .models import LOCAL_DEFAULT_DIMENSIONS, model_info
+from .providers import make_provider
 
 log = logging.getLogger(__name__)
 
@@ -20,20 +19,13 @@ RESET_LOCK_KEY = 0x656D6272  # "embr", with the table's hash: held by init --res
 
 
 def column_identity(settings, target):
-    """What this run writes into the column: model, dimensions, provider (the base URL's host,
+    """What this run writes into the column: model, dimensions, provider (the provider's host,
     never the key) and recipe (the text columns, in order)."""
-    if settings.provider == "local":
-        provider, default = "local", LOCAL_DEFAULT_DIMENSIONS
-    else:
-        if settings.provider == "azure":
-            provider = urlsplit(settings.azure_endpoint).hostname
-        else:
-            provider = urlsplit(settings.base_url or "").hostname or "api.openai.com"
-        default = getattr(model_info(settings.model), "dimensions", None)
+    provider = make_provider(settings, target.dimensions)
     return {
-        "model": settings.model_name,
-        "dimensions": settings.dimensions or target.dimensions or default,
-        "provider": provider,
+        "model": provider.model_name,
+        "dimensions": settings.dimensions or target.dimensions or provider.output_dimensions,
+        "provider": provider.host,
         "recipe": list(target.text_columns),
     }
 

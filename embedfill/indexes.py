@@ -100,7 +100,7 @@ def prepare(conn, target, settings):
 def _probe(settings, target):
     """One request before an index is dropped: a wrong key, model, deployment or dimension stops
     the run while the index is still there."""
-    from .embedders import make_embedder
+    from .providers import make_embedder
 
     embedder = make_embedder(settings, target.dimensions)
     try:

@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from .batchapi import ENDED, GIVEN_UP, LAND_CHUNK_ROWS, api
-from .embedders import decode_vector
 from .errors import FatalProviderError
+from .providers.openai import decode_vector
 from .ratelimit import RateLimiter
 from .requester import Requester, Row
 from .shared import SharedState
@@ -151,7 +151,7 @@ class Landing:
         """The request path of a backfill, in this process (no pool): for the few rows a batch refused."""
         run = self.run
         if run.requester is None:
-            from .embedders import make_embedder
+            from .providers import make_embedder
 
             context = multiprocessing.get_context("fork")
             shared = SharedState(context, 1)

@@ -9,7 +9,6 @@ The renewal never makes the parent wait: it goes through an asynchronous connect
 parent's loop drives a step at a time (`tick`), so that a database that hangs stops neither the
 progress lines nor the answer to a signal."""
 
-import hashlib
 import logging
 import os
 import secrets
@@ -21,6 +20,7 @@ import psycopg2.extensions
 
 from . import db
 from .errors import EtlError
+from .providers import make_provider
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,8 @@ STEP_SECONDS = 10.0  # a renewal that has not completed by then is abandoned and
 
 
 def key_hash(settings):
-    """A hash of the provider's URL and the API key: runs compare it; nobody can read the key back."""
-    if settings.provider == "azure":
-        secret = f"{settings.azure_endpoint}\n{settings.azure_api_key}"
-    else:
-        secret = f"{settings.base_url or 'https://api.openai.com/v1'}\n{settings.api_key or settings.provider}"
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:32]
+    """The provider's quota identity, a hash of its URL and key: runs compare it; nobody can read the key back."""
+    return make_provider(settings).quota_key
 
 
 def end_dead_runs(conn):

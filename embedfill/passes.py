@@ -11,9 +11,9 @@ import time
 import psycopg2
 
 from . import catalog, db, planner
-from .embedders import make_embedder
 from .errors import EtlError, WorkerDied
 from .progress import Progress
+from .providers import make_embedder
 from .shared import FIELDS, SharedState
 from .worker import embed_ranges, init_worker
 

@@ -1,9 +1,10 @@
 """The rate limits of a run, shared by all its worker processes in shared memory.
 
 Token buckets: a worker reserves what it needs (the balance may go negative), then sleeps
-until it is paid for. The rate is the least of the configured budget and the server's
-x-ratelimit-limit-*, divided between the runs sharing the key (lease.py), times an AIMD
-factor: a burst of 429s cuts it by DECREASE, each second of success gives back INCREASE.
+until it is paid for. The rate is the least of the configured budget and the limit the server's
+answers state (their provider reads them: Provider.quota), divided between the runs sharing
+the key (lease.py), times an AIMD factor: a burst of 429s cuts it by DECREASE, each second of
+success gives back INCREASE.
 With no limit known at all, the first 429 takes the request rate measured until then.
 A 429, or headers saying the quota is nearly gone, set a cool-down that pauses every worker.
 Token estimates are scaled by the ratio of the answers' `usage` to them.
@@ -11,8 +12,6 @@ Token estimates are scaled by the ratio of the answers' `usage` to them.
 
 import math
 import time
-
-from .embedders import parse_reset
 
 BURST_SECONDS = 1.0  # how many seconds of budget may be spent at once
 DECREASE = 0.7  # a burst of 429s multiplies the rate by this
@@ -134,10 +133,11 @@ class RateLimiter:
         """Seconds since a request last succeeded (or since the run started)."""
         return time.monotonic() - self["last_success"]
 
-    def observe(self, headers, usage, counted):
+    def observe(self, quota, usage, counted):
         """Learn from an answer: the ratio of its `usage` to the tokens the worker counted, the
-        key's limits, and whether the quota left can cover one more request from every worker
-        of every run sharing it (if not, pause until the server has refilled enough)."""
+        key's limits (`quota`: what the answer says of them, providers.QuotaLeft by kind), and whether
+        the quota left can cover one more request from every worker of every run sharing it (if
+        not, pause until the server has refilled enough)."""
         with self._lock:
             if usage > 0 and counted > 0:
                 ratio = usage / counted
@@ -145,17 +145,16 @@ class RateLimiter:
             senders = self.workers * self["share"]
             pause = 0.0
             for kind, need in (("tokens", (usage or counted) * senders), ("requests", senders)):
-                try:
-                    limit = float(headers.get(f"x-ratelimit-limit-{kind}") or 0)
-                    remaining = float(headers.get(f"x-ratelimit-remaining-{kind}"))
-                except (TypeError, ValueError, AttributeError):
+                said = quota.get(kind)
+                if said is None or said.remaining is None:
                     continue
+                limit, remaining = said.limit or 0.0, said.remaining
                 self[f"server_{kind[0]}pm"] = limit
                 if remaining >= need:
                     continue
                 # What is missing comes back at limit/60 per second, and all of it by the reset;
                 # Azure may send neither: then wait BLIND_PAUSE and look at the next answer.
-                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+                reset = said.reset
                 waits = ([reset] if reset is not None else []) + ([(need - remaining) * 60.0 / limit] if limit else [])
                 pause = max(pause, min(waits or [BLIND_PAUSE]))
             if pause > 0:

@@ -156,7 +156,7 @@ class Requester:
                 raise
         result = self.embedder.decode(answer)
         self.limiter.succeeded()
-        self.limiter.observe(result.headers, result.tokens, tokens)
+        self.limiter.observe(self.embedder.quota(result.headers), result.tokens, tokens)
         return result
 
     def _server_answers(self) -> bool:

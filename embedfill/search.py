@@ -8,8 +8,8 @@ import numpy as np
 from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, guard
-from .embedders import make_embedder
 from .errors import EXIT_OK, ConfigError
+from .providers import make_embedder
 from .texts import row_text
 
 log = logging.getLogger(__name__)

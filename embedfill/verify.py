@@ -22,10 +22,10 @@ from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, guard, logs, schema
 from .check import MAX_MISMATCHES, Check
-from .embedders import make_embedder
 from .errors import EXIT_OK, EXIT_PARTIAL, EtlError, Stop
 from .models import estimate_cost
 from .progress import Progress
+from .providers import make_embedder
 from .ratelimit import RateLimiter
 from .requester import Requester, Row
 from .shared import SharedState

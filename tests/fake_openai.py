@@ -9,6 +9,8 @@
   over the token limit refused like the real API, an optional tokens/requests-per-minute
   limit that answers 429 past it, a fixed response time (--latency: each answer leaves that
   long after its request came in, however long computing it took).
+* Ollama's native POST /api/embed (`handle_ollama`): no key, floats in input order, errors as
+  {"error": "..."}; the same vectors, faults and counters (`ollama_requests` counts its requests).
 * Counters: requests, inputs, statuses, and how many times each text was embedded.
 * The Files and Batches endpoints (`files.create/content`, `batches.create/retrieve/list/
   cancel`) as the real API speaks them: a batch's request lines are embedded like requests
@@ -170,6 +172,8 @@ class FakeOpenAI:
             self.first_request_at = None
             self.auth_failures = 0
             self.azure_requests = 0
+            self.ollama_requests = 0
+            self.ollama_truncate = collections.Counter()  # the `truncate` values /api/embed was sent
             self.batch_sizes = []
             self.arrivals = []
             self.in_flight = 0
@@ -269,7 +273,7 @@ class FakeOpenAI:
             headers[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, capacity - level) / (limit / 60.0):.3f}s"
         return ok, wait, headers
 
-    def handle(self, headers, body, azure=None, via_batch=False):
+    def handle(self, headers, body, azure=None, via_batch=False, keyless=False):
         """(status, response headers, payload dict or None for a dropped connection, hang seconds).
 
         `azure` is (deployment, api-version) for a request on Azure OpenAI's path: its own key
@@ -305,7 +309,7 @@ class FakeOpenAI:
                 self._count_status(404)
                 return 404, {}, {"error": {"code": "DeploymentNotFound", "message": AZURE_NO_DEPLOYMENT}}, hang
             model = self.azure_deployments[deployment]
-        elif not via_batch and headers.get("Authorization") != f"Bearer {self.api_key}":
+        elif not via_batch and not keyless and headers.get("Authorization") != f"Bearer {self.api_key}":
             with self.lock:
                 self.auth_failures += 1
             self._count_status(401)
@@ -391,6 +395,37 @@ class FakeOpenAI:
         )
         payload = RawJson(b"".join(parts))
         return 200, limit_headers, payload, hang + (0 if via_batch else self.seconds_per_input * len(inputs))
+
+    def handle_ollama(self, headers, body):
+        """Ollama's /api/embed: {"model", "input", "truncate", "dimensions"} answered with
+        {"model", "embeddings" in input order, "total_duration", "load_duration", "prompt_eval_count"},
+        errors as {"error": "..."} (Ollama's words for an unknown model and an over-long input, which
+        it refuses as Ollama does with truncate false)."""
+        with self.lock:
+            self.ollama_requests += 1
+            self.ollama_truncate[body.get("truncate")] += 1
+        model = body.get("model")
+        request = {"model": model, "input": body.get("input"), "encoding_format": "float"}
+        if body.get("dimensions"):
+            request["dimensions"] = body["dimensions"]
+        status, answer_headers, payload, hang = self.handle(headers, request, keyless=True)
+        if status is None:  # a dropped connection
+            return status, answer_headers, payload, hang
+        if status != 200:
+            message = payload["error"]["message"]
+            if status == 404:
+                message = f'model "{model}" not found, try pulling it first'
+            elif "maximum context length" in message:
+                message = "the input length exceeds the context length"
+            retry = {key: value for key, value in answer_headers.items() if key.startswith("retry-after")}
+            return status, retry, {"error": message}, hang
+        answer = json.loads(payload)
+        embeddings = [None] * len(answer["data"])
+        for item in answer["data"]:
+            embeddings[item["index"]] = item["embedding"]
+        tokens = answer["usage"]["prompt_tokens"]
+        return 200, {}, {"model": model, "embeddings": embeddings, "total_duration": 1000 * tokens,
+                         "load_duration": 0, "prompt_eval_count": tokens}, hang  # fmt: skip
 
     def _count_status(self, status):
         with self.lock:
@@ -578,7 +613,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path.startswith("/openai/deployments/") and url.path.endswith("/embeddings"):
             deployment = urllib.parse.unquote(url.path[len("/openai/deployments/") : -len("/embeddings")])
             azure = (deployment, urllib.parse.parse_qs(url.query).get("api-version", [None])[0])
-        elif not url.path.rstrip("/").endswith("/embeddings"):
+        elif url.path != "/api/embed" and not url.path.rstrip("/").endswith("/embeddings"):
             return self._send(404, {}, _error("unknown path"))
         try:
             body = json.loads(raw)
@@ -598,7 +633,10 @@ class _Handler(BaseHTTPRequestHandler):
                 owner.idle_seconds += arrived - answered
                 owner.idle_gaps += 1
         try:
-            status, headers, payload, hang = owner.handle(self.headers, body, azure)
+            if url.path == "/api/embed":
+                status, headers, payload, hang = owner.handle_ollama(self.headers, body)
+            else:
+                status, headers, payload, hang = owner.handle(self.headers, body, azure)
             if hang:
                 time.sleep(hang)
             if status is not None and owner.latency:  # the answer leaves `latency` after the request came

@@ -4,6 +4,7 @@ import multiprocessing
 
 import pytest
 
+from embedfill.providers.openai import read_quota
 from embedfill.ratelimit import BLIND_PAUSE, RateLimiter
 from tests.conftest import check_table, env_for_table, make_foods
 from tests.test_errors import null_count, one_line_error
@@ -95,9 +96,8 @@ def test_remaining_quota_without_reset_pauses_the_workers():
     """Azure sends x-ratelimit-remaining-* without a limit or reset: a short remaining quota
     still pauses every worker, for BLIND_PAUSE."""
     limiter = RateLimiter(multiprocessing.get_context("fork"), workers=4)
-    assert (
-        limiter.observe({"x-ratelimit-remaining-requests": "10", "x-ratelimit-remaining-tokens": "9000"}, 100, 100) == 0
-    )
-    assert limiter.observe({"x-ratelimit-remaining-requests": "3"}, 100, 100) == BLIND_PAUSE
+    headers = {"x-ratelimit-remaining-requests": "10", "x-ratelimit-remaining-tokens": "9000"}
+    assert limiter.observe(read_quota(headers), 100, 100) == 0
+    assert limiter.observe(read_quota({"x-ratelimit-remaining-requests": "3"}), 100, 100) == BLIND_PAUSE
     assert limiter.cooldown_left() > BLIND_PAUSE - 0.1
     assert limiter.rates() == (None, None)  # no limit was learnt from headers that carry none

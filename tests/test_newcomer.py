@@ -100,9 +100,10 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
 def test_local_provider_vectors_are_normalized_and_deterministic():
     import numpy as np
 
-    from embedfill.embedders import LocalEmbedder
+    from embedfill.config import resolve
+    from embedfill.providers import make_embedder
 
-    embedder = LocalEmbedder(64)
+    embedder = make_embedder(resolve({"provider": "local", "dimensions": 64}, {}, {}))
     first = embedder.embed(["김치찌개", "kimchi stew", "김치찌개"]).vectors
     assert first.shape == (3, 64)
     assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
