@@ -1,7 +1,6 @@
 """The command line: parse, resolve the settings once, delegate, map errors to exit codes."""
 
 import argparse
-import dataclasses
 import difflib
 import logging
 import os
@@ -11,14 +10,13 @@ from pathlib import Path
 
 import psycopg2
 
-from . import __version__, config, db, logs
-from .config import OPTIONS, resolve
+from . import __version__, db, logs
 from .errors import EXIT_FATAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, DatabaseError, EtlError, Terminated, UsageError
 from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
+from .options import OPTIONS, VERBS, boolean, positive_int
+from .settings import read_config_file, resolve, unknown_settings
 
 log = logging.getLogger(__name__)
-
-VERBS = config.VERBS
 
 # Each verb's own examples, with {cmd} the way it was started (python etl.py, or embedfill when installed).
 EXAMPLES = {
@@ -230,7 +228,7 @@ def build_parser(verb):
     for option in OPTIONS:
         if verb not in option.verbs or not option.flag:
             continue
-        if option.parse is config.boolean:
+        if option.parse is boolean:
             group.add_argument(
                 option.flag, dest=option.dest, action="store_const", const=True, help=_option_help(option)
             )
@@ -258,7 +256,7 @@ def _flag_type(parse_text, name):
     return parse
 
 
-_positive = _flag_type(config._positive_int, "N")
+_positive = _flag_type(positive_int, "N")
 
 
 def split_verb(argv):
@@ -278,12 +276,13 @@ def main(argv=None):
     level = "INFO"
     try:
         flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
-        flags.update({key: getattr(args, key, None) for key in ("limit", "retry_failed", "dry_run", "no_wait")})
+        command_line = ("limit", "retry_failed", "dry_run", "no_wait", "progress_interval")
+        flags.update({key: getattr(args, key, None) for key in command_line})
         flags["batch_api"] = getattr(args, "batch_api", None)
         flags["truncate"] = False if getattr(args, "no_truncate", False) else None
         path = args.config or "config.env"
-        file_values = config.read_config_file(path, explicit=args.config is not None)
-        for warning in config.unknown_settings(file_values, os.environ, path):
+        file_values = read_config_file(path, explicit=args.config is not None)
+        for warning in unknown_settings(file_values, os.environ, path):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         preliminary = resolve(flags, os.environ, file_values)
         logs.add_secrets(preliminary.api_key, preliminary.azure_api_key, db.password(preliminary.database_url or ""))
@@ -314,7 +313,7 @@ def _report(error, level, original=None):
 
 
 def dispatch(verb, args, flags, file_values, preliminary):
-    from . import admin, demo, driver, pgserver, verify
+    from . import admin, driver, pgserver, verify
 
     if verb == "db":
         return pgserver.db_command(
@@ -323,14 +322,14 @@ def dispatch(verb, args, flags, file_values, preliminary):
     embedded = preliminary.database_url is None
     if embedded:
         flags = {**flags, "database_url": pgserver.embedded_database_url(preliminary.pgdata)}
-    extras = {"progress_interval": getattr(args, "progress_interval", 10.0)}
 
     if verb == "demo":
-        return run_demo(args, flags, file_values, extras, driver, demo, preliminary.pgdata if embedded else None)
+        return run_demo(args, flags, file_values, preliminary.pgdata if embedded else None)
     if verb in ("status", "search", "embed", "verify") and embedded and not preliminary.table:
         # Without configuration these look at the demo's table, with the demo's provider.
         flags = _demo_flags(flags, preliminary)
-    settings = _resolve(flags, file_values, ("table",) if verb == "init" else ("table", "text_columns"), extras)
+    required = ("table",) if verb == "init" else ("table", "text_columns")
+    settings = resolve(flags, os.environ, file_values, required=required)
     if verb == "init":
         if args.reset_column and not args.yes:
             raise UsageError(
@@ -363,13 +362,6 @@ def dispatch(verb, args, flags, file_values, preliminary):
     return driver.run_backfill(settings)
 
 
-def _resolve(flags, file_values, required, extras=None):
-    settings = resolve(flags, os.environ, file_values, required=required)
-    if extras:
-        settings = dataclasses.replace(settings, extras=extras)
-    return settings
-
-
 def _demo_flags(flags, preliminary):
     from .demo import DEMO_TABLE, DEMO_TEXT_COLUMNS
 
@@ -379,12 +371,14 @@ def _demo_flags(flags, preliminary):
     return flags
 
 
-def run_demo(args, flags, file_values, extras, driver, demo, pgdata):
+def run_demo(args, flags, file_values, pgdata):
     """The demo: its table (resumed when an earlier demo was interrupted), the backfill, what to do next.
     `pgdata`: the embedded server's data folder, None with DATABASE_URL."""
+    from . import demo, driver
+
     flags = _demo_flags(flags, resolve(flags, os.environ, file_values))
     flags["id_column"], flags["embedding_column"] = "id", "embedding"
-    settings = _resolve(flags, file_values, (), extras)
+    settings = resolve(flags, os.environ, file_values)
     if settings.provider == "local":
         dimensions = settings.dimensions or LOCAL_DEFAULT_DIMENSIONS
         print("no OPENAI_API_KEY: embedding with the local provider (lexical hashing, not semantic)", file=sys.stderr)

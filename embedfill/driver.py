@@ -260,7 +260,7 @@ class Run:
         )
         # Threads (the count, tqdm) start only after the fork.
         if self.progress is None:
-            interval = settings.extras.get("progress_interval", 10.0)
+            interval = settings.progress_interval
             self.progress = Progress(sys.stderr, interval=interval, follow=settings.follow)
         try:
             results = pool.imap_unordered(embed_ranges, range(processes))

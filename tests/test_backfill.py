@@ -397,7 +397,7 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
 def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(database_url, db, monkeypatch):
     from embedfill import catalog, schema
     from embedfill import db as store
-    from embedfill.config import resolve
+    from embedfill.settings import resolve
 
     make_foods(db, 500)
     monkeypatch.setattr(store, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks
