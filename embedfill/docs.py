@@ -7,9 +7,11 @@ and the verbs' parsers, so that neither can drift from the code.
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from .options import OPTIONS_BY_DEST, VERBS, boolean
+from .options import OPTIONS_BY_DEST, VERBS, Option, boolean
+from .parser import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,7 +126,7 @@ into several requests, written and committed together.
 """
 
 
-def _default(option):
+def _default(option: Option) -> str:
     if option.default in (None, ()):
         return ""
     if option.default is False:
@@ -134,18 +136,16 @@ def _default(option):
     return str(option.default)
 
 
-def _verbs(option):
+def _verbs(option: Option) -> str:
     return "all" if set(option.verbs) == set(VERBS) else ", ".join(option.verbs)
 
 
-def _cell(text):
+def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
-def configuration_md():
+def configuration_md() -> str:
     """docs/configuration.md, from OPTIONS and the verbs' parsers."""
-    from .cli import build_parser
-
     lines = [MD_HEADER]
     for title, _, dests in SECTIONS:
         lines += [f"## {title}", "", "| variable | flag | default | verbs | meaning |", "|---|---|---|---|---|"]
@@ -176,7 +176,7 @@ def configuration_md():
     return "\n".join(lines)
 
 
-def config_env_example():
+def config_env_example() -> str:
     """config.env.example, every value commented out."""
     lines = [ENV_HEADER]
     for _, short, dests in SECTIONS:
@@ -196,8 +196,9 @@ def config_env_example():
 FILES = {"docs/configuration.md": configuration_md, "config.env.example": config_env_example}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m embedfill.docs", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the generated files, or with --check say which are out of date; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m embedfill.docs", description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a generated file is out of date")
     args = parser.parse_args(argv)
     stale = []
