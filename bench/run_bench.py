@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embedfill import catalog, db, planner, schema  # noqa: E402
-from embedfill.config import resolve  # noqa: E402
 from embedfill.demo import generate_rows, line_reader  # noqa: E402
 from embedfill.models import estimate_cost  # noqa: E402
+from embedfill.settings import resolve  # noqa: E402
 
 DIMS = 1536
 MODEL = "text-embedding-3-small"

@@ -142,8 +142,7 @@ class Run:
         )
         # Threads (the count, tqdm) start only after the fork.
         if self.progress is None:
-            interval = settings.extras.get("progress_interval", 10.0)
-            self.progress = Progress(sys.stderr, interval=interval, follow=settings.follow)
+            self.progress = Progress(sys.stderr, interval=settings.progress_interval, follow=settings.follow)
         watch = PassWatch(processes)
         try:
             results = pool.imap_unordered(embed_ranges, range(processes))

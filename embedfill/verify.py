@@ -55,7 +55,7 @@ def verify(settings, sample, fix, out, as_json=False):
     requests = context.BoundedSemaphore(settings.workers)
     embedder = make_embedder(settings, target.dimensions)  # built before the fork: see worker.py
     pool = context.Pool(settings.workers, _init_pool, (settings, shared, limiter, requests, embedder))
-    progress = Progress(sys.stderr, interval=settings.extras.get("progress_interval", 10.0))
+    progress = Progress(sys.stderr, interval=settings.progress_interval)
     progress.set_total(total)
     check, finished = Check(), False
     previous = signal.signal(signal.SIGTERM, Stop.on_signal)  # `kill PID`: end the pool like Ctrl-C does

@@ -399,7 +399,7 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
     from embedfill import db as store
     from embedfill import store as copying
     from embedfill.columns import VECTOR
-    from embedfill.config import resolve
+    from embedfill.settings import resolve
     from embedfill.store import WorkerStore, copy_chunks
 
     make_foods(db, 500)

@@ -134,9 +134,9 @@ def test_the_lease_is_renewed_every_two_seconds_without_waiting(database_url, db
 
     from embedfill import db as store
     from embedfill import schema
-    from embedfill.config import resolve
     from embedfill.lease import RENEW_SECONDS, Lease
     from embedfill.ratelimit import RateLimiter
+    from embedfill.settings import resolve
 
     conn = store.connect(database_url)
     schema.ensure(conn)

@@ -48,7 +48,7 @@ def test_config_file_given_with_config(etl, db, workdir):
 def test_config_env_example_documents_every_setting():
     from pathlib import Path
 
-    from embedfill.config import OPTIONS
+    from embedfill.options import OPTIONS
 
     text = (Path(__file__).resolve().parent.parent / "config.env.example").read_text()
     for option in OPTIONS:
@@ -87,7 +87,7 @@ def test_a_copied_config_env_example_changes_nothing(etl, db, workdir):
     """Every value in config.env.example is commented out: copied unedited it sets nothing."""
     from pathlib import Path
 
-    from embedfill.config import read_config_file
+    from embedfill.settings import read_config_file
 
     example = Path(__file__).resolve().parent.parent / "config.env.example"
     assert read_config_file(str(example), explicit=True) == {}

@@ -18,7 +18,7 @@ def test_generated_files_match_the_options_table(name):
 
 
 def test_every_setting_is_in_one_section_of_configuration_md():
-    from embedfill.config import OPTIONS
+    from embedfill.options import OPTIONS
 
     listed = [dest for _, _, dests in docs.SECTIONS for dest in dests]
     assert sorted(listed) == sorted(option.dest for option in OPTIONS)

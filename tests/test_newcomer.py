@@ -100,8 +100,8 @@ def test_demo_on_the_embedded_database_then_status_and_search(embedded_home):
 def test_local_provider_vectors_are_normalized_and_deterministic():
     import numpy as np
 
-    from embedfill.config import resolve
     from embedfill.providers import make_embedder
+    from embedfill.settings import resolve
 
     embedder = make_embedder(resolve({"provider": "local", "dimensions": 64}, {}, {}))
     first = embedder.embed(["김치찌개", "kimchi stew", "김치찌개"]).vectors

@@ -10,31 +10,14 @@ from tests.conftest import ROOT, check_table, env_for_table, expected_vector, ma
 from tests.test_errors import null_count, one_line_error
 from tests.test_guard import record
 
-# config.py's ETL_PROVIDER still takes openai, azure and local only: the config split reads its
-# choices from providers.PROVIDERS (providers.provider_name). Until then these runs go through
-# this launcher, which does that and nothing else (and nothing at all once config takes "ollama").
-LAUNCHER = """
-import dataclasses, sys
-from embedfill import config, providers
-option = config.OPTIONS_BY_DEST["provider"]
-try:
-    option.parse("ollama")
-except ValueError:
-    option = dataclasses.replace(option, parse=providers.provider_name)
-    config.OPTIONS[[o.dest for o in config.OPTIONS].index("provider")] = option
-    config.OPTIONS_BY_DEST["provider"] = option
-from embedfill.cli import main
-sys.exit(main())
-"""
-
 
 def run(etl, *args, **overrides):
     env = etl.env(**env_for_table(ETL_PROVIDER="ollama", OPENAI_API_KEY=None, EMBEDDING_MODEL="tiny-embed"))
-    env.update(OPENAI_BASE_URL=etl.fake.base_url.removesuffix("/v1"), PYTHONPATH=str(ROOT))  # etl.py's imports
+    env.update(OPENAI_BASE_URL=etl.fake.base_url.removesuffix("/v1"))
     env.update({key: str(value) for key, value in overrides.items() if value is not None})
     for key in (key for key, value in overrides.items() if value is None):
         env.pop(key, None)
-    command = [sys.executable, "-c", LAUNCHER, *args]
+    command = [sys.executable, str(ROOT / "etl.py"), *args]
     return subprocess.run(command, cwd=etl.workdir, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -4,8 +4,8 @@ import pytest
 
 from embedfill import catalog
 from embedfill import db as dbmod
-from embedfill.config import resolve
 from embedfill.planner import guided_fractions, plan_ranges
+from embedfill.settings import resolve
 
 
 def settings_for(url):

@@ -1,23 +1,22 @@
-"""Settings: resolved once from command-line flags > environment > config.env, then frozen.
-
-Every configurable name lives in OPTIONS below; the argument parser, the help text,
-config.env.example and the resolution all read that one table.
+"""The options table: every setting, declared once (its environment name, flag, default, parser,
+help and the verbs that read it). The argument parser, the help texts, config.env.example,
+docs/configuration.md and `settings.resolve` all read this one table.
 """
 
-import difflib
-import os
-from dataclasses import dataclass, field, make_dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from dotenv import dotenv_values
+from .models import DEFAULT_MODEL, MAX_INPUTS_PER_REQUEST
+from .providers import provider_name
 
-from .errors import ConfigError, UsageError
-from .models import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MODEL, LOCAL_MODEL, MAX_INPUTS_PER_REQUEST, model_info
+T = TypeVar("T")
 
 
-def _checked(parse, ok, message):
+def _checked(parse: Callable[[str], T], ok: Callable[[T], bool], message: str) -> Callable[[str], T]:
     """A parser for one setting: `parse` the text, then refuse a value that is not `ok`."""
 
-    def check(text):
+    def check(text: str) -> T:
         value = parse(text)
         if not ok(value):
             raise ValueError(message)
@@ -26,24 +25,36 @@ def _checked(parse, ok, message):
     return check
 
 
-_positive_int = _checked(int, lambda value: value >= 1, "must be 1 or more")
+def _column_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+positive_int = _checked(int, lambda value: value >= 1, "must be 1 or more")
 _non_negative_int = _checked(int, lambda value: value >= 0, "must be 0 or more")
 _positive_float = _checked(float, lambda value: value > 0, "must be more than 0")
 _batch_size = _checked(
-    _positive_int,
+    positive_int,
     lambda value: value <= MAX_INPUTS_PER_REQUEST,
     f"must be at most {MAX_INPUTS_PER_REQUEST} (the API's limit of inputs per request)",
 )
-_columns = _checked(
-    lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), bool, "needs at least one column name"
-)
-_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-boolean = _checked(
-    lambda text: _BOOLEANS.get(text.strip().lower()), lambda value: value is not None, "must be true or false"
-)
-_provider = _checked(str, lambda value: value in ("openai", "azure", "local"), "must be openai, azure or local")
+_columns = _checked(_column_list, bool, "needs at least one column name")
+
+
+def boolean(text: str) -> bool:
+    """A boolean setting: true/false, yes/no, on/off or 1/0 in the environment or config.env (on
+    the command line, a plain flag: the parser tells boolean settings apart by this function)."""
+    value = _BOOLEANS.get(text.strip().lower())
+    if value is None:
+        raise ValueError("must be true or false")
+    return value
+
+
+_provider = provider_name  # the registry's names (providers/__init__.py)
 _batch_rows = _checked(
-    _positive_int, lambda value: value <= 50_000, "must be at most 50000 (the Batch API's limit of inputs per batch)"
+    positive_int, lambda value: value <= 50_000, "must be at most 50000 (the Batch API's limit of inputs per batch)"
 )
 _log_level = _checked(
     str.upper, lambda value: value in ("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR"
@@ -62,16 +73,17 @@ _RUNS = ("run", "demo", "verify")  # worker pools: workers, batches, budgets, re
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: where it can come from, its default, how to parse it, what it means, who reads it."""
+    """One setting: where it can come from, its default, how to parse it, what it means, who reads it.
+    `dest` is also the name of its field in `settings.Settings`."""
 
     dest: str
-    env: str | None
+    env: str  # its name in the environment and config.env
     flag: str | None
     default: object
-    parse: object
+    parse: Callable[[str], Any]
     help: str
     metavar: str | None = None
-    verbs: tuple = _ALL
+    verbs: tuple[str, ...] = _ALL
 
 
 # fmt: off
@@ -85,7 +97,7 @@ OPTIONS = [
     Option("base_url", "OPENAI_BASE_URL", "--base-url", None, str,
            "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL", verbs=_EMBEDS),
     Option("provider", "ETL_PROVIDER", "--provider", "openai", _provider,
-           "openai (any OpenAI-compatible API), azure (Azure OpenAI) or local (offline lexical hashing, no key)",
+           "openai (any OpenAI-compatible API), azure (Azure OpenAI), ollama (Ollama's own /api/embed) or local (offline lexical hashing, no key)",
            "NAME", verbs=_EMBEDS),
     Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str,
            "embedding model name (with Azure: the model the deployment serves, for tokens and price)", "NAME",
@@ -97,7 +109,7 @@ OPTIONS = [
            "Azure OpenAI API version, e.g. 2024-10-21", "VERSION", verbs=_EMBEDS),
     Option("deployment", "AZURE_OPENAI_DEPLOYMENT", "--deployment", None, str,
            "Azure OpenAI deployment to call (default: EMBEDDING_MODEL)", "NAME", verbs=_EMBEDS),
-    Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, _positive_int,
+    Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, positive_int,
            "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N",
            verbs=(*_EMBEDS, "init")),
     Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME", verbs=_TABLE),
@@ -107,7 +119,7 @@ OPTIONS = [
            "comma-separated columns whose non-blank values, joined by newlines, are embedded", "A,B", verbs=_TABLE),
     Option("embedding_column", "ETL_EMBEDDING_COLUMN", "--embedding-column", "embedding", str,
            "pgvector column to fill", "NAME", verbs=_TABLE),
-    Option("workers", "ETL_WORKERS", "--workers", 4, _positive_int, "worker processes", "N", verbs=_RUNS),
+    Option("workers", "ETL_WORKERS", "--workers", 4, positive_int, "worker processes", "N", verbs=_RUNS),
     Option("batch_size", "ETL_BATCH_SIZE", "--batch-size", 20, _batch_size,
            "rows per API request and per commit (at most 2048)", "N", verbs=_RUNS),
     Option("rpm", "ETL_RPM", "--max-requests-per-minute", None, _positive_float,
@@ -116,7 +128,7 @@ OPTIONS = [
     Option("tpm", "ETL_TPM", "--max-tokens-per-minute", None, _positive_float,
            "token budget of all workers, split between the runs using the same API key (unset: no limit)", "N",
            verbs=_RUNS),
-    Option("max_attempts", "ETL_MAX_ATTEMPTS", "--max-attempts", 6, _positive_int,
+    Option("max_attempts", "ETL_MAX_ATTEMPTS", "--max-attempts", 6, positive_int,
            "attempts per batch on transient errors other than 429 before its rows are recorded as failed", "N",
            verbs=_RUNS),
     Option("stall_seconds", "ETL_STALL_SECONDS", "--stall-seconds", 600.0, _positive_float,
@@ -126,7 +138,7 @@ OPTIONS = [
     Option("reconnect_seconds", "ETL_RECONNECT_SECONDS", "--reconnect-seconds", 30.0, _positive_float,
            "how long a worker tries to reopen a lost database connection before the run stops", "S",
            verbs=("run", "demo")),
-    Option("max_input_tokens", "ETL_MAX_INPUT_TOKENS", "--max-input-tokens", None, _positive_int,
+    Option("max_input_tokens", "ETL_MAX_INPUT_TOKENS", "--max-input-tokens", None, positive_int,
            "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N", verbs=_RUNS),
     Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
            "USD per million tokens for the cost estimate (default: known OpenAI prices)", "USD", verbs=_RUNS),
@@ -157,114 +169,3 @@ OPTIONS = [
 # fmt: on
 
 OPTIONS_BY_DEST = {option.dest: option for option in OPTIONS}
-
-
-class _Derived:
-    """What Settings works out from its fields."""
-
-    @property
-    def input_token_limit(self):
-        """The longest input in tokens that is sent unchanged."""
-        if self.max_input_tokens:
-            return self.max_input_tokens
-        info = model_info(self.model)
-        return info.max_input_tokens if info else DEFAULT_MAX_INPUT_TOKENS
-
-    @property
-    def model_name(self):
-        """The model as reported to the user (the local provider has its own name)."""
-        return LOCAL_MODEL if self.provider == "local" else self.model
-
-
-# Everything a run needs, resolved once and passed down: a field per option, then what only
-# the command line sets, and `extras` for what a verb passes along (the progress interval).
-RUN_ONLY = {"limit": None, "truncate": True, "retry_failed": False, "dry_run": False, "no_wait": False}
-Settings = make_dataclass(
-    "Settings",
-    [option.dest for option in OPTIONS]
-    + [(name, object, value) for name, value in RUN_ONLY.items()]
-    + [("extras", dict, field(default_factory=dict))],
-    bases=(_Derived,),
-    frozen=True,
-)
-Settings.__module__ = __name__
-
-
-def read_config_file(path, explicit):
-    """The name=value pairs of a config.env file; {} when the default file is absent."""
-    if not os.path.exists(path):
-        if explicit:
-            raise UsageError(f"config file {path} does not exist (given with --config)")
-        return {}
-    if os.path.isdir(path):
-        raise UsageError(f"config file {path} is a directory")
-    return {key: value for key, value in dotenv_values(path).items() if value is not None}
-
-
-# Names the openai SDK itself reads from the environment (never from config.env), that users set.
-SDK_ENVIRONMENT = ("OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_LOG", "AZURE_OPENAI_AD_TOKEN")
-CHECKED_PREFIXES = ("ETL_", "EMBEDDING_", "OPENAI_", "AZURE_")
-
-
-def unknown_settings(file_values, environ, path="config.env"):
-    """One warning per name that looks like a setting and is not one: a key of the config file with
-    an ETL_/EMBEDDING_/OPENAI_/AZURE_ prefix or close to a setting's name (EMBEDING_MODEL), an ETL_
-    variable of the environment; each with the closest setting."""
-    known = [option.env for option in OPTIONS if option.env]
-    flag_only = {f"ETL_{key.upper()}": f"--{key.replace('_', '-')}" for key in RUN_ONLY}
-    flag_only["ETL_TRUNCATE"] = "--no-truncate"
-    found = [
-        (key, path)
-        for key in file_values
-        if key.startswith(CHECKED_PREFIXES) or difflib.get_close_matches(key, known, n=1, cutoff=0.8)
-    ]
-    found += [(key, "the environment") for key in environ if key.startswith("ETL_")]
-    warnings = []
-    for key, where in found:
-        if key in known:
-            continue
-        if key in SDK_ENVIRONMENT:
-            if where == path:
-                warnings.append(f"{key} in {where} is read by the openai SDK from the environment only: export it")
-            continue
-        if key in flag_only:
-            warnings.append(f"{key} in {where} is not a setting ({flag_only[key]} is a command-line flag only)")
-            continue
-        guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"did you mean {guess[0]}?" if guess else "docs/configuration.md lists the settings"
-        warnings.append(f"{key} in {where} is not a setting ({hint})")
-    return warnings
-
-
-def resolve(flags, environ, file_values, required=()):
-    """Build Settings: a flag wins over the environment, which wins over config.env.
-
-    `flags` maps option dest to an already-parsed value (None when not given); values from
-    the environment and the file are parsed here. `required` names dests that must be set.
-    """
-    values = {}
-    for option in OPTIONS:
-        value = flags.get(option.dest)
-        if value is None and option.env:
-            raw = environ.get(option.env)
-            source = "environment"
-            if raw is None or raw == "":
-                raw = file_values.get(option.env)
-                source = "config.env"
-            if raw is not None and raw != "":
-                try:
-                    value = option.parse(raw)
-                except ValueError as error:
-                    raise ConfigError(f"{option.env}={raw!r} in the {source} is invalid: {error}") from None
-        values[option.dest] = option.default if value is None else value
-    for dest in required:
-        if values.get(dest) in (None, ()):
-            option = OPTIONS_BY_DEST[dest]
-            where = f"{option.env} in config.env or the environment"
-            if option.flag:
-                where += f", or pass {option.flag}"
-            raise ConfigError(f"{option.env} is not set: set {where}")
-    for key in RUN_ONLY:
-        if flags.get(key) is not None:
-            values[key] = flags[key]
-    return Settings(**values)
