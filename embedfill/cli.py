@@ -16,12 +16,14 @@ import psycopg2
 
 from . import db, logs
 from .errors import EXIT_FATAL, EXIT_SIGINT, DatabaseError, EtlError, Stop, UsageError
-from .models import DEFAULT_MODEL, LOCAL_DEFAULT_DIMENSIONS, model_info
 from .options import OPTIONS
 from .parser import build_parser, command_name, split_verb
+from .providers import make_provider
 from .settings import Settings, read_config_file, resolve, unknown_settings
 
 log = logging.getLogger(__name__)
+
+DEFAULT_DIMENSIONS = 1536  # the demo's column for a model the tool knows no size of
 
 # What dispatch passes on: option dest (or command-line-only field) to the flag's value, None when not given.
 Flags = dict[str, Any]
@@ -58,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(DatabaseError(f"database error: {db.explain(error)}"), level, error)
         return EXIT_FATAL
     except (Stop, KeyboardInterrupt) as stop:
-        by = f" by {signal.Signals(stop.signum).name}" if getattr(stop, "signum", None) else ""
-        print(f"error: interrupted{by}", file=sys.stderr)
+        signum = stop.signum if isinstance(stop, Stop) else None
+        print(f"error: interrupted{f' by {signal.Signals(signum).name}' if signum else ''}", file=sys.stderr)
         return stop.exit_code if isinstance(stop, Stop) else EXIT_SIGINT
     except Exception as error:  # a bug: one line unless DEBUG
         message = f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"
@@ -146,11 +148,8 @@ def run_demo(args: argparse.Namespace, flags: Flags, file_values: Mapping[str, s
     flags["id_column"], flags["embedding_column"] = "id", "embedding"
     settings = resolve(flags, os.environ, file_values)
     if settings.provider == "local":
-        dimensions = settings.dimensions or LOCAL_DEFAULT_DIMENSIONS
         print("no OPENAI_API_KEY: embedding with the local provider (lexical hashing, not semantic)", file=sys.stderr)
-    else:
-        info = model_info(settings.model) or model_info(DEFAULT_MODEL)
-        dimensions = settings.dimensions or info.dimensions
+    dimensions = make_provider(settings).output_dimensions or DEFAULT_DIMENSIONS  # a model of unknown size
     demo.prepare_table(settings, args.rows, dimensions, sys.stdout)
     code = driver.run_backfill(settings)
     if code == 0 and not settings.dry_run:

@@ -97,7 +97,8 @@ OPTIONS = [
     Option("base_url", "OPENAI_BASE_URL", "--base-url", None, str,
            "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL", verbs=_EMBEDS),
     Option("provider", "ETL_PROVIDER", "--provider", "openai", _provider,
-           "openai (any OpenAI-compatible API), azure (Azure OpenAI), ollama (Ollama's own /api/embed) or local (offline lexical hashing, no key)",
+           "openai (any OpenAI-compatible API), azure (Azure OpenAI), ollama (Ollama's own /api/embed) "
+           "or local (offline lexical hashing, no key)",
            "NAME", verbs=_EMBEDS),
     Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str,
            "embedding model name (with Azure: the model the deployment serves, for tokens and price)", "NAME",
