@@ -81,9 +81,9 @@ class BatchRun:
     def execute(self, name, **params):
         cur = self.conn.cursor()
         slots = {}
-        if name == "batch_claim":
-            skip = sql.SQL("") if self.settings.retry_failed else self.target.query("skip_failures")
-            slots = {"skip_failures": skip, "skip_claimed": self.target.query("skip_claimed")}
+        if name == "batch/batch_claim":
+            skip = sql.SQL("") if self.settings.retry_failed else self.target.query("claim/skip_failures")
+            slots = {"skip_failures": skip, "skip_claimed": self.target.query("claim/skip_claimed")}
         cur.execute(self.target.query(name, **slots), {"table_name": self.table, **params})
         return cur
 
@@ -92,18 +92,18 @@ class BatchRun:
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in fields
         )
-        query = sql.SQL("UPDATE etl_batches SET {}, updated = now() WHERE key = %(key)s").format(assignments)
+        query = sql.SQL(db.load_sql("batch/update")).format(assignments=assignments)
         with self.conn.cursor() as cur:
             cur.execute(query, {**fields, "key": key})
         self.conn.commit()
 
     def pending(self):
-        records = [Record(*row) for row in self.execute("batch_pending").fetchall()]
+        records = [Record(*row) for row in self.execute("batch/batch_pending").fetchall()]
         self.conn.rollback()
         return records
 
     def release(self, key, row_ids=None, unplaced_only=False):
-        self.execute("batch_release", key=key, row_ids=row_ids, unplaced_only=unplaced_only).close()
+        self.execute("batch/batch_release", key=key, row_ids=row_ids, unplaced_only=unplaced_only).close()
 
     # --- submit ----------------------------------------------------------------------------------
     def submit_new(self):
@@ -115,7 +115,7 @@ class BatchRun:
             row_ids, failures, size = [], [], 0
             while not exhausted and size <= TEXT_BYTES_PER_FILE and len(row_ids) + len(failures) < want:
                 asked = min(CLAIM_PAGE, want - len(row_ids) - len(failures))
-                page = self.execute("batch_claim", after=after, limit=asked, **self.keys).fetchall()
+                page = self.execute("batch/batch_claim", after=after, limit=asked, **self.keys).fetchall()
                 exhausted = len(page) < asked
                 for row_id, digest, *values in page:
                     text = row_text(values)
@@ -139,10 +139,11 @@ class BatchRun:
             if row_ids:  # a row another run put into its batch meanwhile stays out of this one
                 with self.conn.cursor() as cur:
                     rows = [(self.table, row_id, key, digest) for row_id, digest in row_ids]
-                    sql_text = db.load_sql("batch_add_rows")
+                    sql_text = db.load_sql("batch/batch_add_rows")
                     row_ids = psycopg2.extras.execute_values(cur, sql_text, rows, page_size=5000, fetch=True)
                     cur.execute(
-                        db.load_sql("batch_record"), {"key": key, "table_name": self.table, "row_count": len(row_ids)}
+                        db.load_sql("batch/batch_record"),
+                        {"key": key, "table_name": self.table, "row_count": len(row_ids)},
                     )
                     guard.record_column(cur, self.target, self.identity)  # with the batch that pays for vectors
             self.conn.commit()
@@ -183,7 +184,9 @@ class BatchRun:
 
         with self.conn.cursor(name="batch_rows") as cur:
             cur.itersize = 2000
-            cur.execute(self.target.query("batch_rows_text"), {"table_name": self.table, "key": key, "row_ids": None})
+            cur.execute(
+                self.target.query("batch/batch_rows_text"), {"table_name": self.table, "key": key, "row_ids": None}
+            )
             for row_id, _, *values in cur:
                 text = row_text(values)
                 if text:
@@ -193,9 +196,9 @@ class BatchRun:
                 if len(chunk) == size:
                     flush()
         flush()
-        self.execute("batch_unplace", key=key).close()
+        self.execute("batch/batch_unplace", key=key).close()
         with self.conn.cursor() as cur:
-            psycopg2.extras.execute_values(cur, db.load_sql("batch_place"), places, page_size=5000)
+            psycopg2.extras.execute_values(cur, db.load_sql("batch/batch_place"), places, page_size=5000)
         self.release(key, unplaced_only=True)  # filled, deleted or emptied since they were claimed
         self.conn.commit()
         return len(places)

@@ -112,10 +112,10 @@ def cancel_batches(settings, out):
 
 def status_lines(conn, target):
     """One line per pending batch of the table, from PostgreSQL alone (no API call)."""
-    if not catalog.scalar(conn, "SELECT to_regclass('etl_batches') IS NOT NULL"):
+    if not catalog.tool_table_exists(conn, "etl_batches"):
         return []
     with conn.cursor() as cur:
-        cur.execute(db.load_sql("batch_pending"), {"table_name": target.qualified_name})
+        cur.execute(db.load_sql("batch/batch_pending"), {"table_name": target.qualified_name})
         records = [Record(*row) for row in cur.fetchall()]
     conn.rollback()
     return [

@@ -107,7 +107,7 @@ def inspect_target(conn, settings):
     """Check that the table and its columns exist and that the embedding column is a vector."""
     parts = split_table_name(settings.table)
     with conn.cursor() as cur:
-        cur.execute(load_sql("table_columns"), {"relation": relation_literal(conn, parts)})
+        cur.execute(load_sql("table/table_columns"), {"relation": relation_literal(conn, parts)})
         rows = cur.fetchall()
     conn.rollback()
     shown = ".".join(parts)
@@ -123,7 +123,7 @@ def inspect_target(conn, settings):
     embedding = settings.embedding_column
     vectors = [name for name, (_, typname, _) in columns.items() if typname in VECTOR_TYPES]
     if embedding not in columns or columns[embedding][1] not in VECTOR_TYPES:
-        if not scalar(conn, "SELECT to_regtype('vector') IS NOT NULL"):
+        if not scalar(conn, load_sql("table/has_pgvector")):
             raise DatabaseError(
                 f"the pgvector extension is not installed in {conn.info.dbname}, so {shown}.{embedding} cannot hold "
                 "vectors: run `python etl.py init` (CREATE EXTENSION vector), or ask the database's administrator"
@@ -148,7 +148,9 @@ def inspect_target(conn, settings):
             f"{settings.dimensions}; set EMBEDDING_DIMENSIONS={dimensions} or change the column"
         )
     if not scalar(
-        conn, load_sql("id_is_unique"), {"relation": relation_literal(conn, parts), "id_column": settings.id_column}
+        conn,
+        load_sql("table/id_is_unique"),
+        {"relation": relation_literal(conn, parts), "id_column": settings.id_column},
     ):
         raise DatabaseError(
             f"column {shown}.{settings.id_column} is not known to be unique: it needs a primary key or a unique index "
@@ -190,7 +192,12 @@ def has_partial_index(conn, target):
         "id_column": target.id_column,
         "embedding_column": target.embedding_column,
     }
-    return scalar(conn, load_sql("find_partial_index"), params) is not None
+    return scalar(conn, load_sql("table/find_partial_index"), params) is not None
+
+
+def tool_table_exists(conn, name):
+    """Whether one of the tool's tables exists yet (a read-only verb may look at a database no run has used)."""
+    return bool(scalar(conn, load_sql("status/table_exists"), {"name": name}))
 
 
 def scalar(conn, query, params=None):
@@ -203,43 +210,43 @@ def scalar(conn, query, params=None):
 
 
 def estimate_rows(conn, target):
-    estimate = scalar(conn, load_sql("estimate_rows"), {"relation": relation_literal(conn, target.name_parts)})
+    estimate = scalar(conn, load_sql("status/estimate_rows"), {"relation": relation_literal(conn, target.name_parts)})
     return -1 if estimate is None else estimate
 
 
 def table_pages(conn, target):
-    return scalar(conn, load_sql("table_pages"), {"relation": relation_literal(conn, target.name_parts)}) or 0
+    return scalar(conn, load_sql("status/table_pages"), {"relation": relation_literal(conn, target.name_parts)}) or 0
 
 
 def count_null(conn, target):
-    return scalar(conn, target.query("count_null"))
+    return scalar(conn, target.query("status/count_null"))
 
 
 def count_known_failures(conn, target):
-    if not scalar(conn, "SELECT to_regclass('etl_failures') IS NOT NULL"):
+    if not tool_table_exists(conn, "etl_failures"):
         return 0
-    return scalar(conn, target.query("count_known_failures"), {"table_name": target.qualified_name})
+    return scalar(conn, target.query("status/count_known_failures"), {"table_name": target.qualified_name})
 
 
 def _left_query(name, target, retry_failed, run_id):
-    skip = sql.SQL("") if retry_failed else target.query("skip_failures")
+    skip = sql.SQL("") if retry_failed else target.query("claim/skip_failures")
     params = {"table_name": target.qualified_name, "column_name": target.embedding_column, "run_id": run_id or ""}
-    return target.query(name, skip_failures=skip, skip_claimed=target.query("skip_claimed")), params
+    return target.query(name, skip_failures=skip, skip_claimed=target.query("claim/skip_claimed")), params
 
 
 def has_rows_to_embed(conn, target, retry_failed, run_id=None):
     """Is there a row to embed that no other run is on? One row through the partial index, never a count."""
-    return scalar(conn, *_left_query("probe_null", target, retry_failed, run_id)) is not None
+    return scalar(conn, *_left_query("claim/probe_null", target, retry_failed, run_id)) is not None
 
 
 def count_left(conn, target, run_id, retry_failed):
     """Rows still NULL that no run is on: not failed, not claimed by another live run, not batched."""
-    return scalar(conn, *_left_query("count_left", target, retry_failed, run_id))
+    return scalar(conn, *_left_query("claim/count_left", target, retry_failed, run_id))
 
 
 def check_connections(conn, workers, needed):
     """Refuse before anything starts a run that needs more connections than the server has free."""
-    free, most, used, role_free, database_free = _row(conn, load_sql("free_connections"))
+    free, most, used, role_free, database_free = _row(conn, load_sql("status/free_connections"))
     limits = [value for value in (free, role_free, database_free) if value is not None]
     if limits and needed > min(limits):
         which = "the role's connection limit" if role_free == min(limits) and role_free != free else "the server"

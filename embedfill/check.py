@@ -67,7 +67,7 @@ class Check:
         for m in wanted:
             m.searched = True
             with conn.cursor() as cur:
-                cur.execute(target.query("nearest"), {"query": m.stored, "top": NEIGHBOURS + 1})
+                cur.execute(target.query("search/nearest"), {"query": m.stored, "top": NEIGHBOURS + 1})
                 for row_id, *values, distance in cur.fetchall():
                     if row_id not in fresh and distance is not None and distance <= 1 - SIMILAR:
                         candidates[row_id] = row_text(values)
@@ -89,7 +89,7 @@ class Check:
         values = [(m.row_id, m.stored) for m in self.mismatches]
         with conn.cursor() as cur:
             psycopg2.extras.execute_values(
-                cur, target.query("clear_rows").as_string(conn), values, page_size=max(1, len(values))
+                cur, target.query("search/clear_rows").as_string(conn), values, page_size=max(1, len(values))
             )
             fixed = cur.rowcount if values else 0
         conn.commit()

@@ -86,10 +86,7 @@ def prepare_table(settings, rows, dimensions, out):
     where = f"database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), 'pg_class')",
-                (DEMO_TABLE, DEMO_TABLE),
-            )
+            cur.execute(db.load_sql("demo/demo_state"), {"name": DEMO_TABLE})
             exists, comment = cur.fetchone()
         conn.rollback()
         if exists and not (comment or "").startswith(DEMO_MARKER):
@@ -128,20 +125,16 @@ def _rows_left(conn, settings):
 def _create(conn, rows, dimensions):
     names = {"table": sql.Identifier(DEMO_TABLE), "name": sql.Literal(DEMO_TABLE)}
     with conn.cursor() as cur:
-        cur.execute(db.load_sql("extension"))
+        cur.execute(db.load_sql("table/extension"))
     schema.ensure(conn)
     with conn.cursor() as cur:
         cur.execute(
-            sql.SQL(db.load_sql("demo_table")).format(
+            sql.SQL(db.load_sql("demo/demo_table")).format(
                 dimensions=sql.Literal(dimensions), marker=sql.Literal(marker(rows, dimensions)), **names
             )
         )
-        cur.copy_expert(
-            sql.SQL("COPY {table} (name, category, description) FROM STDIN").format(**names),
-            line_reader(generate_rows(rows)),
-        )
+        cur.copy_expert(sql.SQL(db.load_sql("demo/copy_rows")).format(**names), line_reader(generate_rows(rows)))
     conn.commit()
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE INDEX ON {table} (id) WHERE embedding IS NULL").format(**names))
-        cur.execute(sql.SQL("ANALYZE {table}").format(**names))
+        cur.execute(sql.SQL(db.load_sql("demo/demo_index")).format(**names))

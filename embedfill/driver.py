@@ -199,7 +199,7 @@ def dry_run(settings, target, ranges, out):
         null_rows = catalog.count_null(conn, target)
         known = 0 if settings.retry_failed else catalog.count_known_failures(conn, target)
         with conn.cursor() as cur:
-            cur.execute(target.query("sample_texts"), {"limit": 1000})
+            cur.execute(target.query("claim/sample_texts"), {"limit": 1000})
             samples = cur.fetchall()
         conn.rollback()
     finally:

@@ -71,7 +71,7 @@ class Follower:
         database; None after a signal or when the database stayed away (then `fatal` says so)."""
         window = self.settings.reconnect_seconds
         deadline = time.monotonic() + window
-        # w0: `status` counts the follower as an active run while it waits (sql/status_active.sql)
+        # w0: `status` counts the follower as an active run while it waits (sql/status/status_active.sql)
         name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:r{os.getpid()}w0"
         channel = catalog.tracking_name(self.target)[1]
         while True:
@@ -80,7 +80,7 @@ class Follower:
                 conn = db.connect(self.settings.database_url, application_name=name)
                 conn.autocommit = True
                 with conn.cursor() as cur:
-                    cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    cur.execute(sql.SQL(db.load_sql("sync/listen")).format(channel=sql.Identifier(channel)))
                 return conn
             except (psycopg2.Error, DatabaseError) as error:
                 if conn is not None:

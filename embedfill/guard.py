@@ -38,7 +38,7 @@ def column_record(conn, target):
         conn.rollback()
         return None
     with conn.cursor(cursor_factory=RealDictCursor) as cur:
-        cur.execute(load_sql("column_record"), _column_key(target))
+        cur.execute(load_sql("guard/column_record"), _column_key(target))
         row = cur.fetchone()
     conn.rollback()
     return dict(row) if row and row["live"] else None
@@ -48,7 +48,7 @@ def record_column(cur, target, identity, origin_unknown=False, claimed_by=None):
     """Make the column's record (held by run `claimed_by` until its first write confirms it, or
     confirmed at once); True if this one is the record now, False if another was there first."""
     params = {**_column_key(target), **identity, "origin_unknown": origin_unknown, "claimed_by": claimed_by}
-    cur.execute(load_sql("record_column"), params)
+    cur.execute(load_sql("guard/record_column"), params)
     return cur.fetchone() is not None
 
 
@@ -56,12 +56,11 @@ def _has_vectors(conn, target):
     """Whether the column already holds vectors: statistics that saw one say yes at once; else a
     search of at most 5 s (a big table still all NULL is not read to its end: then, no)."""
     params = {"relation": relation_literal(conn, target.name_parts), "column": target.embedding_column}
-    if scalar(conn, load_sql("stats_say_vectors"), params):
+    if scalar(conn, load_sql("guard/stats_say_vectors"), params):
         return True
     try:
         with conn.cursor() as cur:
-            cur.execute("SET LOCAL statement_timeout = '5s'")
-            cur.execute(target.query("has_vectors"))
+            cur.execute(target.query("guard/has_vectors"))
             return cur.fetchone()[0]
     except psycopg2.errors.QueryCanceled:
         log.info("%s.%s: no vector found within 5 s; taken as empty", target.display, target.embedding_column)
@@ -78,8 +77,8 @@ def guard_column(conn, settings, target, run_id=None):
 
     Vectors of two models in one column are not comparable: search would be quietly wrong."""
     wanted = column_identity(settings, target)
-    reset = "SELECT pg_try_advisory_xact_lock_shared(%s, hashtext(%s))"
-    if run_id is not None and not scalar(conn, reset, (RESET_LOCK_KEY, target.qualified_name)):
+    reset = {"lock_key": RESET_LOCK_KEY, "table_name": target.qualified_name}
+    if run_id is not None and not scalar(conn, load_sql("guard/reset_lock_shared"), reset):
         raise ConfigError(
             f"init --reset-column is clearing {target.display}.{target.embedding_column} now: run again once it ends"
         )

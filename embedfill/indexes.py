@@ -33,10 +33,9 @@ def vector_indexes(conn, target):
     each definition schema-qualified throughout (read with an empty search_path, as pg_dump does)."""
     relation = catalog.relation_literal(conn, target.name_parts)
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)::oid", (relation,))  # resolved before the search_path is emptied
+        cur.execute(db.load_sql("index/table_oid"), {"relation": relation})  # before the search_path is emptied
         table = cur.fetchone()[0]
-        cur.execute("SET LOCAL search_path = ''")
-        cur.execute(db.load_sql("vector_indexes"), {"table": table, "embedding_column": target.embedding_column})
+        cur.execute(db.load_sql("index/vector_indexes"), {"table": table, "embedding_column": target.embedding_column})
         rows = cur.fetchall()
     conn.rollback()
     return rows
@@ -45,7 +44,7 @@ def vector_indexes(conn, target):
 def deferred(conn, target):
     """[(schema, name, definition, age)] of the indexes dropped by --defer-index, waiting to be rebuilt."""
     with conn.cursor() as cur:
-        cur.execute(db.load_sql("deferred_indexes"), {"table_name": target.qualified_name})
+        cur.execute(db.load_sql("index/deferred_indexes"), {"table_name": target.qualified_name})
         rows = cur.fetchall()
     conn.rollback()
     return rows
@@ -79,17 +78,15 @@ def prepare(conn, target, settings):
     conn.autocommit = True  # DROP INDEX CONCURRENTLY: app queries on the table are never queued behind it
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_KEY, target.qualified_name))
+            lock = {"lock_key": LOCK_KEY, "table_name": target.qualified_name}
+            cur.execute(db.load_sql("index/lock"), lock)
             try:
                 for schema, name, definition in live:
-                    cur.execute(
-                        "INSERT INTO etl_deferred_indexes (table_name, schema_name, index_name, definition) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        (target.qualified_name, schema, name, definition),
-                    )
-                    cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name)))
+                    place = {"schema_name": schema, "index_name": name, "definition": definition}
+                    cur.execute(db.load_sql("index/record_deferred"), {**lock, **place})
+                    cur.execute(_drop(schema, name))
             finally:
-                cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_KEY, target.qualified_name))
+                cur.execute(db.load_sql("index/unlock"), lock)
     except psycopg2.Error as error:
         raise DatabaseError(f"could not drop {names} for --defer-index: {db.first_line(error)}") from error
     finally:
@@ -144,14 +141,14 @@ def restore(settings, target, own_run=None):
                     "other runs on %s are alive: the last one to finish rebuilds its vector indexes", target.display
                 )
                 return rebuilt
-            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_KEY, target.qualified_name))
+            cur.execute(db.load_sql("index/try_lock"), {"lock_key": LOCK_KEY, "table_name": target.qualified_name})
             if not cur.fetchone()[0]:
                 log.info("another process is dropping or rebuilding the vector indexes of %s", target.display)
                 return rebuilt
             for key in ("maintenance_work_mem", "max_parallel_maintenance_workers"):
                 value = getattr(settings, key)
                 if value is not None:
-                    cur.execute("SELECT set_config(%s, %s, false)", (key, str(value)))
+                    cur.execute(db.load_sql("index/set_config"), {"name": key, "value": str(value)})
             for schema, name, definition, _ in deferred(conn, target):  # again, under the lock
                 _rebuild(cur, target, schema, name, definition)
                 rebuilt.append(name)
@@ -168,13 +165,13 @@ def restore(settings, target, own_run=None):
 def _others_alive(cur, target, own_run):
     """Whether another run on the table renews its lease: a run killed a moment ago still has
     one, so leases are read twice, a renewal apart (waiting only when there are any)."""
-    query = "SELECT run_id, lease_until FROM etl_runs WHERE table_name = %s AND lease_until > now() AND run_id <> %s"
-    cur.execute(query, (target.qualified_name, own_run or ""))
+    query, params = db.load_sql("index/other_runs"), {"table_name": target.qualified_name, "run_id": own_run or ""}
+    cur.execute(query, params)
     before = dict(cur.fetchall())
     if not before:
         return False
     time.sleep(2 * RENEW_SECONDS + 1)
-    cur.execute(query, (target.qualified_name, own_run or ""))
+    cur.execute(query, params)
     return any(run_id not in before or until > before[run_id] for run_id, until in cur.fetchall())
 
 
@@ -182,16 +179,20 @@ def _rebuild(cur, target, schema, name, definition):
     index = sql.Identifier(schema, name)
     if not DEFINITION.match(definition):
         raise DatabaseError(f"etl_deferred_indexes holds {definition[:80]!r} for {name}, not a CREATE INDEX statement")
-    cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (index.as_string(cur),))
+    cur.execute(db.load_sql("index/index_state"), {"index": index.as_string(cur)})
     state = cur.fetchone()
     if state and not state[0]:  # an interrupted CREATE INDEX CONCURRENTLY leaves an invalid index
-        cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
+        cur.execute(_drop(schema, name))
     if not state or not state[0]:
         started = time.monotonic()
         log.info("rebuilding index %s on %s (CREATE INDEX CONCURRENTLY): it can take a while", name, target.display)
         _interruptible(cur, DEFINITION.sub(r"CREATE \1INDEX CONCURRENTLY \2 ON ", definition, count=1), name)
         log.info("index %s rebuilt in %.1f s", name, time.monotonic() - started)
-    cur.execute("DELETE FROM etl_deferred_indexes WHERE schema_name = %s AND index_name = %s", (schema, name))
+    cur.execute(db.load_sql("index/forget_deferred"), {"schema_name": schema, "index_name": name})
+
+
+def _drop(schema, name):
+    return sql.SQL(db.load_sql("index/drop_index")).format(index=sql.Identifier(schema, name))
 
 
 def _interruptible(cur, statement, name):

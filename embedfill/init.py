@@ -24,25 +24,25 @@ def init_schema(settings, out, vector_type="vector", restore_index=False, tracki
     try:
         add_column = _check_init(conn, settings, vector_type, tracking)  # nothing is created before this passes
         with conn.cursor() as cur:  # one transaction: a failure leaves nothing behind
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (schema.LOCK_KEY,))
-            cur.execute(db.load_sql("vector_extension"))
+            cur.execute(db.load_sql("schema/lock"), {"lock_key": schema.LOCK_KEY})
+            cur.execute(db.load_sql("table/vector_extension"))
             installed, _ = cur.fetchone()
-            cur.execute(db.load_sql("tool_tables"))
+            cur.execute(db.load_sql("table/tool_tables"))
             before = [name for (name,) in cur.fetchall()]
-            cur.execute(db.load_sql("extension"))
+            cur.execute(db.load_sql("table/extension"))
             schema.ensure(conn, commit=False)
-            cur.execute(db.load_sql("tool_tables"))
+            cur.execute(db.load_sql("table/tool_tables"))
             created = [name for (name,) in cur.fetchall() if name not in before]
             if add_column:
                 cur.execute(
-                    sql.SQL(db.load_sql("add_embedding_column")).format(
+                    sql.SQL(db.load_sql("table/add_embedding_column")).format(
                         table=sql.Identifier(*catalog.split_table_name(settings.table)),
                         embedding=sql.Identifier(settings.embedding_column),
                         dimensions=sql.Literal(settings.dimensions),
                         vector_type=sql.SQL(vector_type),
                     )
                 )
-            cur.execute(db.load_sql("vector_extension"))
+            cur.execute(db.load_sql("table/vector_extension"))
             version = cur.fetchone()[0]
         conn.commit()
         print(f"extension vector {version}: {'present' if installed else 'created'}", file=out)
@@ -62,11 +62,11 @@ def init_schema(settings, out, vector_type="vector", restore_index=False, tracki
         else:
             with conn.cursor() as cur:
                 how = sql.SQL("" if target.partitioned else "CONCURRENTLY")
-                cur.execute(target.query("partial_index", index=sql.Identifier(index), concurrently=how))
+                cur.execute(target.query("table/partial_index", index=sql.Identifier(index), concurrently=how))
             print(f"partial index {index}: created", file=out)
         if tracking == "track":
             with conn.cursor() as cur:
-                cur.execute(_tracking_query("track_changes", target))
+                cur.execute(_tracking_query("sync/track_changes", target))
             print(
                 f"change tracking: on (trigger {catalog.tracking_name(target)[1]} nulls the vector of a row whose "
                 "text changes and wakes `--follow` runs)",
@@ -90,11 +90,11 @@ def _check_init(conn, settings, vector_type, tracking):
     shown = ".".join(parts)
     relation = catalog.relation_literal(conn, parts)
     with conn.cursor() as cur:
-        cur.execute(db.load_sql("vector_extension"))
+        cur.execute(db.load_sql("table/vector_extension"))
         installed, available = cur.fetchone()
-        cur.execute(db.load_sql("table_columns"), {"relation": relation})
+        cur.execute(db.load_sql("table/table_columns"), {"relation": relation})
         columns = {row[0] for row in cur.fetchall()}
-        cur.execute(db.load_sql("table_owner"), {"relation": relation})
+        cur.execute(db.load_sql("table/table_owner"), {"relation": relation})
         owner = cur.fetchone()
     conn.rollback()
     if not installed and not available:
@@ -119,7 +119,7 @@ def _check_init(conn, settings, vector_type, tracking):
             if column not in columns:
                 raise DatabaseError(f"column {shown}.{column} does not exist (check {where})")
         unique = {"relation": relation, "id_column": settings.id_column}
-        if not catalog.scalar(conn, db.load_sql("id_is_unique"), unique):
+        if not catalog.scalar(conn, db.load_sql("table/id_is_unique"), unique):
             raise DatabaseError(
                 f"column {shown}.{settings.id_column} is not known to be unique: it needs a primary key or a unique "
                 "index on it alone (add one, or set ETL_ID_COLUMN); nothing was created"
@@ -141,7 +141,7 @@ def untrack(settings, out):
     try:
         target = catalog.inspect_target(conn, settings)
         with conn.cursor() as cur:
-            cur.execute(_tracking_query("untrack_changes", target))
+            cur.execute(_tracking_query("sync/untrack_changes", target))
     except psycopg2.Error as error:
         raise DatabaseError(f"init --untrack failed: {db.first_line(error)}") from error
     finally:
@@ -170,7 +170,7 @@ RESET_CHUNK_ROWS = 10_000
 def _refuse_if_busy(conn, target, outcome):
     """A run or a pending batch would write the old model's vectors into the cleared column."""
     with conn.cursor() as cur:
-        cur.execute(db.load_sql("column_busy"), {"table_name": target.qualified_name})
+        cur.execute(db.load_sql("guard/column_busy"), {"table_name": target.qualified_name})
         runs, batches = cur.fetchone()
     conn.rollback()
     if runs or batches:
@@ -192,11 +192,13 @@ def reset_column(settings, out):
         schema.ensure(conn)
         # Held until the connection closes: a run that starts meanwhile refuses (guard.guard_column).
         if not catalog.scalar(
-            conn, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (guard.RESET_LOCK_KEY, target.qualified_name)
+            conn,
+            db.load_sql("guard/reset_lock"),
+            {"lock_key": guard.RESET_LOCK_KEY, "table_name": target.qualified_name},
         ):
             raise DatabaseError(f"another init --reset-column is clearing {target.display} now: wait for it to end")
         _refuse_if_busy(conn, target, "nothing was cleared")
-        query, after, cleared = target.query("clear_chunk"), None, 0
+        query, after, cleared = target.query("table/clear_chunk"), None, 0
         while True:
             with conn.cursor() as cur:
                 cur.execute(query, {"after": after, "limit": RESET_CHUNK_ROWS})
@@ -207,9 +209,12 @@ def reset_column(settings, out):
                 break
         with conn.cursor() as cur:
             cur.execute(
-                db.load_sql("forget_column"),
+                db.load_sql("guard/forget_column"),
                 {"table_name": target.qualified_name, "column_name": target.embedding_column},
             )
+        conn.commit()
+        with conn.cursor() as cur:
+            cur.execute(target.query("table/analyze_column"))
         conn.commit()
         _refuse_if_busy(conn, target, "it may have written vectors meanwhile: run the reset again once it stops")
     except psycopg2.Error as error:

@@ -39,7 +39,7 @@ class Landing:
     def wait(self):
         while True:
             pending = self.poll()
-            rows = self.run.execute("batch_rows_pending").fetchone()[0]
+            rows = self.run.execute("batch/batch_rows_pending").fetchone()[0]
             self.run.conn.rollback()
             completed, total = (sum(counts) for counts in zip((0, 0), *self.counts.values()))
             log.info(
@@ -63,7 +63,7 @@ class Landing:
             if file_id:
                 self.land(record.key, file_id)
         self.counts.pop(record.key, None)
-        left = [row[0] for row in self.run.execute("batch_rows_text", key=record.key, row_ids=None).fetchall()]
+        left = [row[0] for row in self.run.execute("batch/batch_rows_text", key=record.key, row_ids=None).fetchall()]
         if left and batch.status in ("expired", "failed") and record.attempts < 2:
             log.warning("batch %s %s: submitting its %d rows left again", batch.id, batch.status, len(left))
             self.run.update(
@@ -84,7 +84,7 @@ class Landing:
     def land(self, key, file_id):
         """Place every vector of an output (or error) file by custom_id and index, a chunk per commit."""
         places = {(request, position): (row_id, digest) for request, position, row_id, digest in self.run.execute(
-            "batch_places", key=key)}  # fmt: skip
+            "batch/batch_places", key=key)}  # fmt: skip
         self.run.conn.rollback()
         ids, vectors, refused = [], [], {}
         with api(f"reading file {file_id}"), self.run.client.files.with_streaming_response.content(file_id) as response:
@@ -137,7 +137,7 @@ class Landing:
     def resend(self, key, row_ids):
         """Rows of requests the batch refused, through the normal endpoint and the backfill's own
         request path (its retries, its split to isolate the rows refused)."""
-        rows = self.run.execute("batch_rows_text", key=key, row_ids=row_ids).fetchall()
+        rows = self.run.execute("batch/batch_rows_text", key=key, row_ids=row_ids).fetchall()
         self.run.conn.rollback()
         texts = [(row_id, digest, row_text(values)) for row_id, digest, *values in rows]
         hashes = {row_id: digest for row_id, digest, _ in texts}

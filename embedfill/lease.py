@@ -39,11 +39,11 @@ def end_dead_runs(conn):
     claims are free at once, not LEASE_SECONDS later. A run on another host keeps its lease."""
     prefix = f"{socket.gethostname()}:"
     with conn.cursor() as cur:
-        cur.execute("SELECT run_id FROM etl_runs WHERE lease_until > now()")
+        cur.execute(db.load_sql("lease/live_runs"))
         dead = [run_id for (run_id,) in cur.fetchall() if run_id.startswith(prefix) and _gone(run_id[len(prefix) :])]
         for run_id in dead:
             log.info("run %s is gone (its process is no more): its claims are free", run_id)
-            cur.execute(db.load_sql("end_lease"), {"run_id": run_id})
+            cur.execute(db.load_sql("lease/end_lease"), {"run_id": run_id})
     conn.commit()
 
 
@@ -90,7 +90,7 @@ class Lease:
         conn = db.connect(self.settings.database_url)
         try:
             with conn.cursor() as cur:
-                cur.execute(db.load_sql("renew_lease"), self.params)
+                cur.execute(db.load_sql("lease/renew_lease"), self.params)
                 runs = cur.fetchone()[0]
             conn.commit()
         finally:
@@ -116,7 +116,7 @@ class Lease:
                 return
             if self.cursor is None:  # connected (or idle since the last renewal): send it
                 self.cursor = self.conn.cursor()
-                self.cursor.execute(db.load_sql("renew_lease"), self.params)
+                self.cursor.execute(db.load_sql("lease/renew_lease"), self.params)
                 return
             runs = self.cursor.fetchone()[0]
             self.cursor, self.pending = None, False
@@ -144,7 +144,7 @@ class Lease:
             conn = db.connect(self.settings.database_url, timeout=3)
             try:
                 with conn.cursor() as cur:
-                    cur.execute(db.load_sql("end_lease"), self.params)
+                    cur.execute(db.load_sql("lease/end_lease"), self.params)
                 conn.commit()
             finally:
                 conn.close()

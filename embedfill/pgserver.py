@@ -105,7 +105,7 @@ def clients(uri):
     conn = psycopg2.connect(uri, application_name=APPLICATION_PREFIX, connect_timeout=10)
     try:
         with conn.cursor() as cur:
-            cur.execute(load_sql("server_clients"))
+            cur.execute(load_sql("server/server_clients"))
             return dict(cur.fetchall())
     finally:
         conn.close()

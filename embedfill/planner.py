@@ -65,7 +65,9 @@ def _quantile_grid(conn, target):
     if pages > SMALL_TABLE_PAGES:
         percent = min(100.0, 100.0 * SAMPLE_PAGES / pages)
         while True:
-            sampled, null_pages, values = _query(conn, target, "quantiles_sample", fractions=fractions, percent=percent)
+            sampled, null_pages, values = _query(
+                conn, target, "claim/quantiles_sample", fractions=fractions, percent=percent
+            )
             estimate = sampled * 100.0 / percent
             if null_pages >= MIN_NULL_PAGES or percent >= 100.0:
                 log.debug("cut points from a %.3f%% sample (%d NULL rows on %d pages)", percent, sampled, null_pages)
@@ -76,7 +78,7 @@ def _quantile_grid(conn, target):
             percent = min(100.0, percent * min(10.0, 1.25 * MIN_NULL_PAGES / max(null_pages, 1)))
             if pages * percent / 100 > MAX_SAMPLE_PAGES:
                 break
-    count, values = _query(conn, target, "quantiles_scan", fractions=fractions, cap=SCAN_CAP)
+    count, values = _query(conn, target, "claim/quantiles_scan", fractions=fractions, cap=SCAN_CAP)
     return count, values
 
 

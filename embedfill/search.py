@@ -45,7 +45,7 @@ def search(settings, query, top, out, as_json=False):
         vector, model = query_vector(conn, settings, target, query)
         register_vector(conn)
         with conn.cursor() as cur:
-            cur.execute(target.query("nearest"), {"query": vector, "top": top})
+            cur.execute(target.query("search/nearest"), {"query": vector, "top": top})
             rows = cur.fetchall()
         conn.rollback()
     finally:

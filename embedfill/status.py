@@ -21,33 +21,31 @@ def show_status(settings, out, top=5, as_json=False):
         estimate = catalog.estimate_rows(conn, target)
         null_rows = catalog.count_null(conn, target)
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT to_regclass('etl_failures') IS NOT NULL, to_regclass('etl_runs') IS NOT NULL, "
-                "to_regclass('etl_deferred_indexes') IS NOT NULL"
+            has_ledger, has_runs, has_deferred = (
+                catalog.tool_table_exists(conn, name) for name in ("etl_failures", "etl_runs", "etl_deferred_indexes")
             )
-            has_ledger, has_runs, has_deferred = cur.fetchone()
             reasons, failed, leases = [], 0, []
             if has_ledger:
-                cur.execute(db.load_sql("ledger_count"), {"table_name": target.qualified_name})
+                cur.execute(db.load_sql("status/ledger_count"), {"table_name": target.qualified_name})
                 failed = cur.fetchone()[0]
-                cur.execute(db.load_sql("status_failures"), {"table_name": target.qualified_name, "top": top})
+                cur.execute(db.load_sql("status/status_failures"), {"table_name": target.qualified_name, "top": top})
                 reasons = cur.fetchall()
             if has_runs:
-                cur.execute(db.load_sql("status_runs"), {"table_name": target.qualified_name})
+                cur.execute(db.load_sql("status/status_runs"), {"table_name": target.qualified_name})
                 leases = cur.fetchall()
             waiting = indexes.deferred(conn, target) if has_deferred else []
             pattern = f"{db.APPLICATION_PREFIX}:{target.qualified_name}:%"
-            cur.execute(db.load_sql("status_active"), {"pattern": pattern[:63]})
+            cur.execute(db.load_sql("status/status_active"), {"pattern": pattern[:63]})
             runs, processes = cur.fetchone()
             relation = catalog.relation_literal(conn, target.name_parts)
             cur.execute(
-                db.load_sql("tracking_status"), {"relation": relation, "trigger": catalog.tracking_name(target)[1]}
+                db.load_sql("sync/tracking_status"), {"relation": relation, "trigger": catalog.tracking_name(target)[1]}
             )
             tracking = "on" if cur.fetchone()[0] else "off"
             oldest = None
             if settings.updated_column:
                 try:
-                    cur.execute(target.query("oldest_null", updated=sql.Identifier(settings.updated_column)))
+                    cur.execute(target.query("status/oldest_null", updated=sql.Identifier(settings.updated_column)))
                 except psycopg2.Error as error:
                     raise DatabaseError(
                         f"cannot read {target.display}.{settings.updated_column}: {db.first_line(error)} "

@@ -21,7 +21,7 @@ from .errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
 
-CLAIM_KEY = 0x656D6263  # "embc", with the table and column: one claim at a time (sql/claim_lock.sql)
+CLAIM_KEY = 0x656D6263  # "embc", with the table and column: one claim at a time (sql/claim/claim_lock.sql)
 
 # Why a row the write could not fill is recorded (it would be paid for again on every rerun).
 NULLED = "the write was undone: a trigger on the table set the vector back to NULL"
@@ -61,24 +61,24 @@ class WorkerStore:
         self.target = target
         self.retry_failed = retry_failed
         self.keys = {"table_name": target.qualified_name, "column_name": target.embedding_column, "run_id": run_id}
-        skip = sql.SQL("") if retry_failed else target.query("skip_failures")
+        skip = sql.SQL("") if retry_failed else target.query("claim/skip_failures")
         if skip_batched is None:  # rows of pending --batch-api batches: checked once per connection
             skip_batched = self._has_pending_batches()
-        batched = target.query("skip_batched") if skip_batched else sql.SQL("")
-        claim = target.query("claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
-        self._claim = load_sql("claim_lock") + claim  # one round trip: the lock, then the claim's own snapshot
+        batched = target.query("claim/skip_batched") if skip_batched else sql.SQL("")
+        claim = target.query("claim/claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
+        self._claim = load_sql("claim/claim_lock") + claim  # one round trip: the lock, then the claim's own snapshot
         self.lows = []  # where the claims of the batch at hand start (released by its write)
-        self._writes = [target.query(name).as_string(conn) for name in ("write_batch", "write_batch_skip_locked")]
+        self._writes = [
+            target.query(name).as_string(conn) for name in ("write/write_batch", "write/write_batch_skip_locked")
+        ]
         self.confirmed = False  # the column's record in etl_columns, once this connection has confirmed it
         with conn.cursor() as cur:
-            cur.execute(target.query("create_stage"))
+            cur.execute(target.query("write/create_stage"))
         conn.commit()
 
     def _has_pending_batches(self):
         with self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT EXISTS (SELECT 1 FROM etl_batch_rows WHERE table_name = %s)", (self.keys["table_name"],)
-            )
+            cur.execute(load_sql("batch/has_rows"), self.keys)
             return cur.fetchone()[0]
 
     def claim(self, after, upto, limit):
@@ -116,7 +116,7 @@ class WorkerStore:
         with self.conn.cursor() as cur:
             if row_ids:
                 cur.copy_expert(
-                    "COPY etl_stage (row_id, text_hash, embedding) FROM STDIN WITH (FORMAT binary)",
+                    load_sql("write/copy_stage"),
                     ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.kind)),
                     size=COPY_CHUNK_BYTES,
                 )
@@ -128,9 +128,11 @@ class WorkerStore:
                     more, refused = self._unwritten(cur, nulled, left)
                     written, failed = written + more, failed + refused
                 if self.retry_failed:
-                    cur.execute(load_sql("clear_failures"), {"table_name": self.keys["table_name"], "row_ids": row_ids})
+                    cur.execute(
+                        load_sql("write/clear_failures"), {"table_name": self.keys["table_name"], "row_ids": row_ids}
+                    )
             else:
-                cur.execute(load_sql("release_claims"), {**self.keys, "lows": self.lows})
+                cur.execute(load_sql("write/release_claims"), {**self.keys, "lows": self.lows})
             if identity is not None and written and not self.confirmed:
                 self._confirm(cur, identity)
             self.record_failures(failed)
@@ -144,11 +146,11 @@ class WorkerStore:
         if failures:
             rows = [(self.keys["table_name"], row_id, why[:2000], n) for row_id, why, n in failures]
             with self.conn.cursor() as cur:
-                psycopg2.extras.execute_values(cur, load_sql("record_failures"), rows)
+                psycopg2.extras.execute_values(cur, load_sql("write/record_failures"), rows)
 
     def _unwritten(self, cur, nulled, left):
         """The rows the write left out, one by one: (rows written after all, rows refused by the table)."""
-        cur.execute(self.target.query("unwritten_rows"), {"nulled": list(nulled)})
+        cur.execute(self.target.query("write/unwritten_rows"), {"nulled": list(nulled)})
         written, refused = 0, []
         for row_id, state in cur.fetchall():
             if state == "unmatched":
@@ -172,7 +174,7 @@ class WorkerStore:
         ("busy": left for later, never waited for), or refused by the table (HIDDEN, SKIPPED, NULLED)."""
         cur.execute("SAVEPOINT etl_row")
         try:
-            cur.execute(self.target.query("lock_row"), {"row_id": row_id})
+            cur.execute(self.target.query("write/lock_row"), {"row_id": row_id})
             found = cur.fetchone()
         except psycopg2.errors.LockNotAvailable:
             cur.execute("ROLLBACK TO SAVEPOINT etl_row")
@@ -182,14 +184,14 @@ class WorkerStore:
             return HIDDEN
         if not found[0]:
             return "changed"
-        cur.execute(self.target.query("write_row"), {"row_id": row_id})
+        cur.execute(self.target.query("write/write_row"), {"row_id": row_id})
         stored = cur.fetchone()
         return SKIPPED if stored is None else "written" if stored[0] else NULLED
 
     def _confirm(self, cur, identity):
         """The first vectors of this connection: the column's record must say what they are (it is made
         at the start of the run, and confirmed here, in the same transaction as the vectors)."""
-        cur.execute(load_sql("confirm_column"), {**self.keys, **identity})
+        cur.execute(load_sql("guard/confirm_column"), {**self.keys, **identity})
         if cur.fetchone() is None:
             raise ConfigError(
                 f"etl_columns no longer says that {self.target.display}.{self.target.embedding_column} holds "

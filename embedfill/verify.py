@@ -139,7 +139,7 @@ def pages(conn, target, sample, size):
     or every row that holds a vector by keyset pages, each read in a short transaction."""
     if sample:
         with conn.cursor(name="etl_verify_sample") as cur:
-            cur.execute(target.query("verify_sample"), {"limit": sample})
+            cur.execute(target.query("search/verify_sample"), {"limit": sample})
             while rows := cur.fetchmany(size):
                 yield rows
         conn.rollback()
@@ -147,7 +147,7 @@ def pages(conn, target, sample, size):
     after = None
     while True:
         with conn.cursor() as cur:
-            cur.execute(target.query("verify_page"), {"after": after, "limit": size})
+            cur.execute(target.query("search/verify_page"), {"after": after, "limit": size})
             rows = cur.fetchall()
         conn.rollback()
         if not rows:
@@ -158,11 +158,11 @@ def pages(conn, target, sample, size):
 
 def dry_run(conn, settings, target, sample, out, as_json=False):
     """Rows, estimated tokens and cost, without a request."""
-    rows = catalog.scalar(conn, target.query("count_embedded"))
+    rows = catalog.scalar(conn, target.query("status/count_embedded"))
     if sample:
         rows = min(rows, sample)
     with conn.cursor() as cur:
-        cur.execute(target.query("verify_sample"), {"limit": min(max(rows, 1), 1000)})
+        cur.execute(target.query("search/verify_sample"), {"limit": min(max(rows, 1), 1000)})
         texts = [row_text(values) for _, *values, _ in cur.fetchall()]
     conn.rollback()
     mean = mean_tokens(texts, settings.input_token_limit)

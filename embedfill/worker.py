@@ -67,7 +67,7 @@ class Worker:
             self.store = self._connect()
 
     def _connect(self, timeout=10):
-        # r<pid of the run>w<N>: `status` counts runs and their processes (sql/status_active.sql)
+        # r<pid of the run>w<N>: `status` counts runs and their processes (sql/status/status_active.sql)
         name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:r{os.getppid()}w{self.number}"
         conn = db.connect(self.settings.database_url, application_name=name, timeout=timeout)
         try:

@@ -190,7 +190,7 @@ def test_the_range_cursor_walks_every_id_once_and_again_after_a_rollback():
     cursor = RangeCursor(lambda: next(ranges, None))
     written, sizes, claims, batch_number = set(), [], 0, 0
 
-    def claim(after, upto, limit):  # like sql/claim_batch.sql: NULL rows of the segment, in id order
+    def claim(after, upto, limit):  # like sql/claim/claim_batch.sql: NULL rows of the segment, in id order
         return [i for i in ids if (after is None or i > after) and (upto is None or i <= upto) and i not in written][
             :limit
         ]

@@ -2,6 +2,7 @@
 -- an expression of it, such as (embedding::halfvec(3072))), with the statement that recreates each.
 -- Only valid indexes of a plain table: a partitioned table's index ('I') cannot be rebuilt
 -- CONCURRENTLY in one statement, so it is left alone.
+SET LOCAL search_path = '';  -- every name in the definitions schema-qualified, as pg_dump writes them
 SELECT n.nspname, ci.relname, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ci     ON ci.oid = i.indexrelid

@@ -1,4 +1,4 @@
--- One row locked by sql/lock_row.sql: write it. No row back means a rule or a trigger on the
+-- One row locked by sql/write/lock_row.sql: write it. No row back means a rule or a trigger on the
 -- table skipped the update; false means a trigger set the vector back to NULL.
 UPDATE {table} t
 SET {embedding} = s.embedding

@@ -5,7 +5,7 @@
 --
 -- UPDATE OF the text columns: updates of other columns never even call the function. An
 -- update that also changes the vector means its writer set the vector itself: left alone.
--- The tool's own write (sql/write_batch.sql) sets only the vector, so it does not fire this.
+-- The tool's own write (sql/write/write_batch.sql) sets only the vector, so it does not fire this.
 -- Idempotent: the function is replaced and the trigger recreated, one per (table, column).
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $embedfill$
 BEGIN

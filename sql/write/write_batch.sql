@@ -8,7 +8,7 @@
 --
 -- lock_timeout 100ms: if a row of the batch is held by another transaction, this statement waits
 -- for it at most that long, then fails (55P03) and db.py writes the batch again with
--- sql/write_batch_skip_locked.sql, which leaves such rows out; so the application waits on this
+-- sql/write/write_batch_skip_locked.sql, which leaves such rows out; so the application waits on this
 -- write only for the milliseconds it runs, and at worst that long. (Not less: waiting for the
 -- table to grow is a lock too, and several writers meet on it all the time.)
 -- The staging table has no statistics, so this transaction turns off hash and merge joins: the

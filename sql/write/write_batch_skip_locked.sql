@@ -1,6 +1,6 @@
--- sql/write_batch.sql again, after it met a row held by another transaction: the rows held are
+-- sql/write/write_batch.sql again, after it met a row held by another transaction: the rows held are
 -- left out (FOR NO KEY UPDATE ... SKIP LOCKED) rather than waited for; db.py looks at them one by
--- one (sql/unwritten_rows.sql) and leaves them for the next pass. Slower than the plain UPDATE
+-- one (sql/write/unwritten_rows.sql) and leaves them for the next pass. Slower than the plain UPDATE
 -- (each row is locked, then updated), so only on that path.
 SET LOCAL enable_hashjoin = off;
 SET LOCAL enable_mergejoin = off;

@@ -1,7 +1,7 @@
 -- Claim the next batch of a worker's id range: keyset paging (never OFFSET) over the partial
 -- index, in id order, and one row in etl_claims for the id range taken. The caller commits at
 -- once, before any request: nothing of the user's table is locked, and no transaction stays open
--- while the API works, so the application never waits on this tool (sql/write_batch.sql explains
+-- while the API works, so the application never waits on this tool (sql/write/write_batch.sql explains
 -- the write).
 --
 -- Why two runs never pay for one row: a row inside the range of a claim of another run whose
@@ -12,8 +12,8 @@
 -- the request is out waits for the next pass or run.
 --
 -- The skip_failures slot below is either empty (--retry-failed) or the anti-join against the
--- failure ledger (sql/skip_failures.sql). The skip_batched slot is empty unless the table had rows
--- in a pending --batch-api batch when the connection was opened (sql/skip_batched.sql).
+-- failure ledger (sql/claim/skip_failures.sql). The skip_batched slot is empty unless the table had rows
+-- in a pending --batch-api batch when the connection was opened (sql/claim/skip_batched.sql).
 -- text_hash is the hash of the row's text columns now: the write lands only where it is unchanged.
 WITH candidates AS (
     SELECT t.{id} AS etl_id, t.{id}::text AS row_id, {row_hash} AS text_hash, {claim_texts}

@@ -1,5 +1,5 @@
 -- The first run that writes into a column records what it writes, held for it (claimed_by) until
--- its first vectors confirm the record (sql/confirm_column.sql). Two runs starting together both
+-- its first vectors confirm the record (sql/guard/confirm_column.sql). Two runs starting together both
 -- try: the primary key lets exactly one row in, and each then compares itself with that row. A
 -- record held by a run whose lease has run out (it died before writing anything) is replaced.
 -- RETURNING tells the run whether its own row is the one that got in.

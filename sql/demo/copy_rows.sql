@@ -1,0 +1,1 @@
+COPY {table} (name, category, description) FROM STDIN;

@@ -1,0 +1,2 @@
+-- CONCURRENTLY: the application's queries on the table are never queued behind the drop.
+DROP INDEX CONCURRENTLY IF EXISTS {index};

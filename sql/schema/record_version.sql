@@ -1,0 +1,1 @@
+INSERT INTO etl_schema (version) VALUES (%(version)s);

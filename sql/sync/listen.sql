@@ -1,0 +1,2 @@
+-- --follow: wake up when the change-tracking trigger of the table notifies its channel.
+LISTEN {channel};
