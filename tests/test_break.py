@@ -1,0 +1,153 @@
+"""Tried as a hostile DBA and a flaky network would: each test here fails on the code it was written
+against (branch `break`), and says what should happen instead."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from tests.conftest import ETL, check_table, env_for_table, make_foods
+from tests.test_truth import limited_role  # noqa: F401 (a fixture)
+
+DIMS = {"EMBEDDING_DIMENSIONS": 8}
+
+
+def env(**extra):
+    return env_for_table(**DIMS, **extra)
+
+
+def rows(db, query, params=None):
+    with db.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def paid_twice(fake):
+    return sum(n - 1 for n in fake.texts.values() if n > 1)
+
+
+# --- the table refuses one row by raising ---------------------------------------------------------
+
+
+def _raising_trigger(db, role):
+    with db.cursor() as cur:
+        cur.execute(
+            "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN IF NEW.id % 50 = 7 THEN RAISE EXCEPTION 'row % is frozen', NEW.id; END IF; RETURN NEW; END $$"
+        )
+        cur.execute("CREATE TRIGGER frozen BEFORE UPDATE ON foods FOR EACH ROW EXECUTE FUNCTION frozen()")
+
+
+def _row_level_check(db, role):
+    with db.cursor() as cur:
+        cur.execute(sql.SQL("GRANT SELECT, UPDATE ON foods TO {}").format(sql.Identifier(role)))
+        cur.execute("ALTER TABLE foods ENABLE ROW LEVEL SECURITY")
+        cur.execute("CREATE POLICY see_all ON foods FOR SELECT USING (true)")
+        cur.execute("CREATE POLICY update_most ON foods FOR UPDATE USING (true) WITH CHECK (id % 50 <> 7)")
+
+
+@pytest.mark.parametrize("refusal", [_raising_trigger, _row_level_check], ids=["trigger-raises", "rls-with-check"])
+def test_a_row_the_table_refuses_with_an_error_is_recorded_and_the_rest_embedded(etl, db, limited_role, refusal):
+    """A BEFORE UPDATE trigger that RAISEs for some rows, or an UPDATE policy whose WITH CHECK some
+    rows fail: the table refuses those rows' write. Today the error of one row fails its whole batch
+    and stops the run (exit 1, `database error on foods: row 7 is frozen`, or a misleading "lacks a
+    privilege ... grant it"), nothing is recorded, the batch's 19 other rows stay NULL, and every
+    rerun pays for the batch again and stops at the same place: the table can never be finished.
+    The write should isolate the row (a savepoint per row once the batch's UPDATE fails with an
+    error that is not transient), record it with the table's own words, write the others, exit 3."""
+    role, url = limited_role
+    make_foods(db, 200)
+    refusal(db, role)
+    result = etl.run("--workers", "2", "--batch-size", "10", DATABASE_URL=url, **env())
+    assert result.returncode == 3, result.stderr
+    refused = sorted(int(row_id) for (row_id,) in rows(db, "SELECT row_id FROM etl_failures"))
+    assert refused == [7, 57, 107, 157]
+    embedded, null = check_table(db)
+    assert len(embedded) == 196 and sorted(map(int, null)) == refused
+    assert "summary embedded=196 failed=4 " in result.stdout
+    etl.fake.reset_counters()
+    again = etl.run("--workers", "2", "--batch-size", "10", DATABASE_URL=url, **env())
+    assert again.returncode == 0, again.stderr
+    assert etl.fake.inputs == 0  # not paid for again
+
+
+# --- a database whose default isolation is REPEATABLE READ ---------------------------------------
+
+
+def test_two_runs_pay_for_each_row_once_when_the_database_defaults_to_repeatable_read(etl, db):
+    """`ALTER DATABASE ... SET default_transaction_isolation = 'repeatable read'` (some DBAs and ORMs
+    set it). The claim's advisory lock and its query are one implicit transaction: under REPEATABLE
+    READ its snapshot is taken by the first statement, *before* the lock is granted, so a claim that
+    waited for another run's claim does not see it, and claims the same rows. Measured: 3 runs of 3
+    workers over 2,000 rows paid for 2,118 and 2,238 inputs (0 extra under READ COMMITTED).
+    Fix: every tool connection sets default_transaction_isolation to read committed (libpq
+    `options=-c default_transaction_isolation=read\\ committed`, or SET at session start)."""
+    make_foods(db, 2000)
+    with db.cursor() as cur:
+        cur.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'").format(
+                sql.Identifier(db.info.dbname)
+            )
+        )
+    etl.fake.latency = 0.05
+    runs = [etl.start("--workers", "3", "--batch-size", "20", **env()) for _ in range(3)]
+    results = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 2000
+    assert etl.fake.inputs <= 2000 * 1.02, f"{paid_twice(etl.fake)} rows paid for twice"
+
+
+# --- a run on another machine that has the same host name -------------------------------------------
+
+
+def test_a_live_run_with_the_same_host_name_in_another_pid_namespace_keeps_its_claims(etl, db):
+    """Two containers with the host's name (`docker run --network host`, Kubernetes `hostNetwork`):
+    the same hostname, their own process ids. end_dead_runs takes a run_id of this hostname whose pid
+    is not a process *here* for a dead run of this host, and ends its lease: the live run's claims
+    are deleted and its in-flight rows are claimed and paid for again (80 of 600 rows here: every
+    batch in flight). Measured: `run vm:30187:b6cc64 is gone (its process is no more): its claims are
+    free` while it was running. Fix: a host identity that is a machine and a pid namespace (boot_id
+    and /proc/self/ns/pid's inode, say) in the run_id, not the hostname alone."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to make a pid namespace")
+    make_foods(db, 600)
+    etl.fake.latency = 8.0
+    first = etl.start("--workers", "2", "--batch-size", "20", **env())
+    try:
+        assert wait_for(lambda: etl.fake.in_flight >= 2)
+        second = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, ETL, "--workers", "2", "--batch-size", "20"],
+            cwd=etl.workdir,
+            env=etl.env(**env()),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert second.returncode == 0, second.stderr
+    assert first.returncode == 0, err
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 600
+    assert paid_twice(etl.fake) <= 12, f"{paid_twice(etl.fake)} rows paid for twice"
+    assert "is gone (its process is no more)" not in second.stderr
