@@ -14,7 +14,7 @@ import pytest
 from psycopg2 import sql
 
 from tests.conftest import ETL, check_table, env_for_table, make_foods
-from tests.test_truth import limited_role  # noqa: F401 (a fixture)
+from tests.test_truth import limited_role  # noqa: F401 (a fixture, taken by name)
 
 DIMS = {"EMBEDDING_DIMENSIONS": 8}
 
@@ -63,7 +63,7 @@ def _row_level_check(db, role):
 
 
 @pytest.mark.parametrize("refusal", [_raising_trigger, _row_level_check], ids=["trigger-raises", "rls-with-check"])
-def test_a_row_the_table_refuses_with_an_error_is_recorded_and_the_rest_embedded(etl, db, limited_role, refusal):
+def test_a_row_the_table_refuses_with_an_error_is_recorded_and_the_rest_embedded(etl, db, request, refusal):
     """A BEFORE UPDATE trigger that RAISEs for some rows, or an UPDATE policy whose WITH CHECK some
     rows fail: the table refuses those rows' write. Today the error of one row fails its whole batch
     and stops the run (exit 1, `database error on foods: row 7 is frozen`, or a misleading "lacks a
@@ -71,7 +71,7 @@ def test_a_row_the_table_refuses_with_an_error_is_recorded_and_the_rest_embedded
     rerun pays for the batch again and stops at the same place: the table can never be finished.
     The write should isolate the row (a savepoint per row once the batch's UPDATE fails with an
     error that is not transient), record it with the table's own words, write the others, exit 3."""
-    role, url = limited_role
+    role, url = request.getfixturevalue("limited_role")
     make_foods(db, 200)
     refusal(db, role)
     result = etl.run("--workers", "2", "--batch-size", "10", DATABASE_URL=url, **env())
@@ -151,3 +151,112 @@ def test_a_live_run_with_the_same_host_name_in_another_pid_namespace_keeps_its_c
     assert null == [] and len(embedded) == 600
     assert paid_twice(etl.fake) <= 12, f"{paid_twice(etl.fake)} rows paid for twice"
     assert "is gone (its process is no more)" not in second.stderr
+
+
+# --- a partition between the write and its COMMIT --------------------------------------------------
+
+
+class CommitEater:
+    """A TCP port in front of the PostgreSQL socket that cuts the first connection sending a COMMIT
+    after a batch's write, the way a network partition does at that moment: the COMMIT never
+    arrives, the client's side is cut (its keepalives and tcp_user_timeout notice in 30 s; here at
+    once), and the server's side stays open (the server notices a dead client only through its own
+    TCP keepalive: about two hours by default)."""
+
+    def __init__(self, socket_path):
+        self.socket_path = socket_path
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.eaten = threading.Event()
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.socket_path)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._forward, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _forward(self, client, upstream):
+        wrote = False
+        try:
+            while data := client.recv(65536):
+                if wrote and b"COMMIT" in data and not self.eaten.is_set():
+                    self.eaten.set()
+                    client.shutdown(socket.SHUT_RDWR)  # the client's side goes; upstream stays open
+                    return
+                wrote = wrote or b"lock_timeout" in data  # sql/write_batch.sql
+                upstream.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_partition_between_a_write_and_its_commit_neither_hangs_the_run_nor_locks_the_application_out(etl, db):
+    """The write is several round trips (BEGIN, COPY, UPDATE, COMMIT): a partition after its UPDATE
+    leaves the server's backend idle in transaction, holding the batch's row locks and the lock on
+    the column's etl_columns row (every connection's first write UPDATEs it: sql/confirm_column.sql),
+    until the server's own TCP keepalive gives up (about two hours). Today every other worker's first
+    write then waits on that etl_columns row with no timeout (the lock_timeout of
+    sql/write_batch.sql sends it to the SKIP LOCKED path, which has none), holding its own batch's
+    row locks: the run hangs at `progress done=0` (every later run on the column too), and the
+    application's UPDATEs of those rows wait on it. Fix: send the write and its COMMIT in one round
+    trip (as the claim does), or `SET LOCAL idle_in_transaction_session_timeout` (and a lock_timeout
+    on every statement of the write, the SKIP LOCKED path included)."""
+    make_foods(db, 200)
+    host, port = db.info.host, db.info.port
+    if not host.startswith("/"):
+        pytest.skip("needs the server's Unix socket")
+    proxy = CommitEater(f"{host}/.s.PGSQL.{port}")
+    try:
+        url = f"postgresql://{db.info.user}@127.0.0.1:{proxy.port}/{db.info.dbname}"
+        run = etl.start("--workers", "2", "--batch-size", "20", DATABASE_URL=url, **env())
+        try:
+            out, err = run.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            out, err = run.communicate()
+            pytest.fail(f"the run hung after a partition at one write's COMMIT: {err.splitlines()[-1]}")
+        finally:
+            if run.poll() is None:
+                run.kill()
+        assert proxy.eaten.is_set()
+        assert run.returncode == 0, err
+        assert "still_null=0" in out
+        app = psycopg2.connect(etl.database_url)
+        try:
+            with app.cursor() as cur:
+                cur.execute("SET lock_timeout = '200ms'")
+
+                def edit():
+                    try:
+                        cur.execute("UPDATE foods SET name = name || ' (edited)'")
+                        app.commit()
+                        return True
+                    except psycopg2.errors.LockNotAvailable:
+                        app.rollback()
+                        return False
+
+                assert wait_for(edit, timeout=20), "the application waits on rows the tool left locked"
+        finally:
+            app.close()
+    finally:
+        proxy.close()
