@@ -260,3 +260,48 @@ def test_a_partition_between_a_write_and_its_commit_neither_hangs_the_run_nor_lo
             app.close()
     finally:
         proxy.close()
+
+
+# --- rows the application deletes while their request is out ------------------------------------
+
+
+def test_rows_deleted_while_their_request_was_out_do_not_make_the_application_wait(etl, db):
+    """The application deletes 150 rows of a batch of 200 while its request is out. The write then
+    asks sql/unwritten_rows.sql why rows were left out, in its own transaction, holding the row
+    locks of the 50 rows it wrote: its EXISTS (`u.id::text = s.row_id`, for each deleted row) is a
+    sequential scan of the whole table per deleted row (the write's `SET LOCAL enable_hashjoin = off`
+    keeps it from being hashed). Measured: with 1,000,000 rows the application's UPDATE of one of
+    the 50 rows waited 60 s; with 300,000, seconds (a hashed subplan needs the table to fit in work_mem). Fix: tell an id that does not come back
+    from its text form by casting it there and back (`s.row_id::type::text <> s.row_id`), not by a
+    scan, and never look at the table row by row while holding a batch's locks."""
+    make_foods(db, 200)
+    with db.cursor() as cur:
+        cur.execute(
+            "INSERT INTO foods SELECT g, 'food ' || g, 'c', 'd', array_fill(0.5, ARRAY[8])::vector "
+            "FROM generate_series(201, 300000) g"
+        )
+        cur.execute("VACUUM ANALYZE foods")
+    etl.fake.latency = 2.0
+    run = etl.start("--workers", "1", "--batch-size", "200", "--limit", "200", **env())
+    try:
+        assert wait_for(lambda: etl.fake.in_flight > 0)
+        with db.cursor() as cur:
+            cur.execute("DELETE FROM foods WHERE id <= 150")
+        app = psycopg2.connect(etl.database_url)
+        app.autocommit = True
+        worst = 0.0
+        with app.cursor() as cur:
+            while run.poll() is None:
+                started = time.monotonic()
+                cur.execute("UPDATE foods SET category = category WHERE id = 195")
+                worst = max(worst, time.monotonic() - started)
+                time.sleep(0.01)
+        app.close()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err
+    assert "summary embedded=50 " in out
+    assert worst < 0.5, f"the application's UPDATE waited {worst:.1f} s on the tool's write"
