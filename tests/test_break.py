@@ -3,6 +3,7 @@ against (branch `break`), and says what should happen instead."""
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -305,3 +306,50 @@ def test_rows_deleted_while_their_request_was_out_do_not_make_the_application_wa
     assert run.returncode == 0, err
     assert "summary embedded=50 " in out
     assert worst < 0.5, f"the application's UPDATE waited {worst:.1f} s on the tool's write"
+
+
+# --- a database the previous version of the tool used ------------------------------------------
+
+PREVIOUS = "603ab5c"  # the last commit before schema versions and claims
+
+
+def test_a_batch_submitted_by_the_previous_version_never_lands_on_a_row_edited_since(etl, db, tmp_path):
+    """The previous tool (603ab5c) submitted --batch-api batches and was stopped; the row's text is
+    then edited (with `init --track-changes`, which keeps the row in the batch and its vector NULL).
+    The new tool migrates the etl_* tables (the failures, the column record and the pending batches
+    are all taken over: that part holds) and lands the batches, but their rows have no text_hash
+    (sql/migrations/002_claims.sql adds the column, NULL), and a NULL hash "checks only for NULL"
+    (sql/write_batch.sql): the old text's vector lands on the edited row, with or without change
+    tracking. Fix: land such a row only if its text is still the one in the batch's input file
+    (etl_batches.input_file_id: the file can be read back), or send it again."""
+    old = tmp_path / "previous"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ETL.rsplit("/", 1)[0]), "archive", PREVIOUS], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {PREVIOUS} is not in this clone")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    make_foods(db, 200)
+    previous = [sys.executable, str(old / "etl.py")]
+    tracked = subprocess.run([*previous, "init", "--track-changes"], cwd=etl.workdir, env=etl.env(**env()))
+    assert tracked.returncode == 0
+    etl.fake.batch_retrieves = 10**6  # pending while the previous tool runs
+    run = subprocess.Popen(
+        [*previous, "--batch-api", "--poll-seconds", "0.1", "--batch-size", "20", "--batch-rows", "100"],
+        cwd=etl.workdir,
+        env=etl.env(**env()),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert wait_for(lambda: rows(db, "SELECT count(*) FROM etl_batches WHERE batch_id IS NOT NULL")[0][0] == 2)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    with db.cursor() as cur:
+        cur.execute("UPDATE foods SET name = 'edited after its batch was submitted' WHERE id = 42")
+    etl.fake.batch_retrieves = 1
+    result = etl.run("--batch-api", "--poll-seconds", "0.1", "--batch-size", "20", **env())
+    assert result.returncode == 0, result.stderr
+    embedded, null = check_table(db)  # row 42 holds the vector of its new text, or none
+    assert len(embedded) + len(null) == 200
