@@ -353,3 +353,25 @@ def test_a_batch_submitted_by_the_previous_version_never_lands_on_a_row_edited_s
     assert result.returncode == 0, result.stderr
     embedded, null = check_table(db)  # row 42 holds the vector of its new text, or none
     assert len(embedded) + len(null) == 200
+
+
+# --- secrets ------------------------------------------------------------------------------------------
+
+
+def test_a_key_a_server_echoes_in_a_refusal_is_neither_stored_nor_shown_by_status(etl, db):
+    """A gateway that repeats the caller's key in a 400's message: the log and stderr are redacted,
+    but the reason goes into etl_failures as the server said it, and `python etl.py status` prints it
+    (`failed 1 refused by the API: 400: input refused for key test-key-LONGSECRET`). Fix: redact the
+    reasons before record_failures, and what status prints."""
+    secret = "test-key-LONGSECRET"
+    etl.fake.api_key = secret
+    make_foods(db, 30)
+    etl.fake.add_faults({"status": 400, "message": f"input refused for key {secret}"})
+    result = etl.run("--workers", "1", "--batch-size", "1", OPENAI_API_KEY=secret, **env())
+    assert result.returncode == 3, result.stderr
+    assert secret not in result.stdout + result.stderr
+    status = etl.run("status", OPENAI_API_KEY=secret, **env())
+    assert status.returncode == 0, status.stderr
+    assert "refused by the API: 400" in status.stdout
+    assert secret not in status.stdout + status.stderr
+    assert not rows(db, "SELECT reason FROM etl_failures WHERE reason LIKE %s", (f"%{secret}%",))
