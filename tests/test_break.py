@@ -375,3 +375,34 @@ def test_a_key_a_server_echoes_in_a_refusal_is_neither_stored_nor_shown_by_statu
     assert "refused by the API: 400" in status.stdout
     assert secret not in status.stdout + status.stderr
     assert not rows(db, "SELECT reason FROM etl_failures WHERE reason LIKE %s", (f"%{secret}%",))
+
+
+# --- a parent that stops renewing the lease while its workers go on -------------------------------
+
+
+def test_workers_stop_claiming_once_their_runs_lease_has_run_out(etl, db):
+    """SIGSTOP of the parent alone (a debugger, a `kill -STOP`, a parent starved of CPU): the lease
+    is no longer renewed and runs out after 15 s, so other runs take the run's rows, but its workers
+    (whose parent is alive) go on claiming and paying for batches with a dead lease. Measured: a
+    second run started then paid for 1,140 rows and wrote 703; 445 of 3,000 rows were paid for
+    twice. Fix: the claim takes rows only while its own run's lease is live (join etl_runs on
+    run_id with lease_until > now() in sql/claim_batch.sql), and a worker whose lease is dead waits
+    or stops."""
+    make_foods(db, 3000)
+    etl.fake.latency = 0.3
+    first = etl.start("--workers", "2", "--batch-size", "10", **env())
+    try:
+        assert wait_for(lambda: etl.fake.inputs > 50)
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(16)  # past the lease (LEASE_SECONDS = 15)
+        second = etl.run("--workers", "2", "--batch-size", "10", **env())
+        os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+    assert second.returncode == 0, second.stderr
+    embedded, null = check_table(db)
+    assert null == [] and len(embedded) == 3000
+    assert paid_twice(etl.fake) <= 60, f"{paid_twice(etl.fake)} rows paid for twice"
