@@ -210,7 +210,7 @@ def _raw_writer(url, settings, target, bounds, batch, out):
             if not rows:
                 break
             ids, hashes = [row[0] for row in rows], [row[1] for row in rows]
-            written += store.write(ids, hashes, pool[np.arange(len(ids)) % len(pool)])[0]
+            written += store.write(ids, hashes, pool[np.arange(len(ids)) % len(pool)], lows=ids[:1])[0]
             after = ids[-1]
     out.put(written)
 

@@ -187,7 +187,7 @@ class BatchRun:
             cur.execute(
                 self.target.query("batch/batch_rows_text"), {"table_name": self.table, "key": key, "row_ids": None}
             )
-            for row_id, _, *values in cur:
+            for row_id, _, _, *values in cur:
                 text = row_text(values)
                 if text:
                     fitted, tokens, cut = fit(text, limit, exact=False)

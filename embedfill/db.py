@@ -24,6 +24,7 @@ COPY_CHUNK_BYTES = 1 << 20  # the COPY is sent in pieces of about this size, nev
 # Serialization failure, deadlock, lock timeout, statement timeout: roll back and try again.
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
+SESSION_OPTIONS = r"-c default_transaction_isolation=read\ committed"
 # A dead connection is noticed in about half a minute, not after TCP's two hours: keepalive probes
 # after 10 s of silence, and a send that is not acknowledged within 30 s aborts (libpq parameters;
 # the ones DATABASE_URL sets itself win).
@@ -61,19 +62,23 @@ def first_line(error):
 
 def connect(url, application_name=APPLICATION_PREFIX, timeout=10, **options):
     """A psycopg2 connection speaking UTF-8 whatever the database's encoding (ids and texts
-    round-trip exactly), with TCP keepalives, or a one-line DatabaseError naming the server and
-    the cause. `timeout`: seconds to wait for the server (a reconnect passes what is left of its window)."""
+    round-trip exactly), with TCP keepalives, in READ COMMITTED whatever the database's default
+    (a claim must see the claims made while it waited for its lock: claim/claim_lock.sql), or a
+    one-line DatabaseError naming the server and the cause. `timeout`: seconds to wait for the
+    server (a reconnect passes what is left of its window)."""
     try:
         given = psycopg2.extensions.parse_dsn(url)
     except psycopg2.Error as error:
         raise DatabaseError(f"DATABASE_URL is not a valid connection URL: {first_line(error)}") from None
     tcp = {key: value for key, value in TCP_SETTINGS.items() if key not in given}
+    server = f"{given.get('options', '')} {SESSION_OPTIONS}".strip()  # the URL's own options kept
     try:
         return psycopg2.connect(
             url,
             application_name=application_name[:63],
             connect_timeout=max(2, round(timeout)),
             client_encoding="UTF8",
+            options=server,
             **tcp,
             **options,
         )

@@ -61,7 +61,7 @@ class Landing:
             return
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
-                self.land(record.key, file_id)
+                self.land(record.key, file_id, batch.input_file_id)
         self.counts.pop(record.key, None)
         left = [row[0] for row in self.run.execute("batch/batch_rows_text", key=record.key, row_ids=None).fetchall()]
         if left and batch.status in ("expired", "failed") and record.attempts < 2:
@@ -81,11 +81,13 @@ class Landing:
         self.landed += 1
         log.info("batch %s %s: %s", record.key, batch.status, state)
 
-    def land(self, key, file_id):
+    def land(self, key, file_id, input_file_id):
         """Place every vector of an output (or error) file by custom_id and index, a chunk per commit."""
         places = {(request, position): (row_id, digest) for request, position, row_id, digest in self.run.execute(
             "batch/batch_places", key=key)}  # fmt: skip
         self.run.conn.rollback()
+        if any(digest is None for _, digest in places.values()):
+            self._vouch(key, input_file_id, places)
         ids, vectors, refused = [], [], {}
         with api(f"reading file {file_id}"), self.run.client.files.with_streaming_response.content(file_id) as response:
             for line in response.iter_lines():
@@ -117,6 +119,33 @@ class Landing:
                         "(first reason: %s)", len(row_ids), len(refused), next(iter(refused.values())))  # fmt: skip
             self.resend(key, row_ids)
 
+    def _vouch(self, key, input_file_id, places):
+        """The rows that kept no hash of their text (a batch submitted before schema 2): the text
+        sent is read back from the batch's input file; a row whose text is still that one is given
+        its hash now (the write checks it), a row edited since is left out (NULL, for a later run)."""
+        legacy = {place: row_id for place, (row_id, digest) in places.items() if digest is None}
+        sent = {}
+        with (
+            api(f"reading file {input_file_id}"),
+            self.run.client.files.with_streaming_response.content(input_file_id) as response,
+        ):
+            for line in response.iter_lines():
+                if line.strip():
+                    item = json.loads(line)
+                    request = int(item["custom_id"].rsplit(":", 1)[1])
+                    sent.update(((request, n), text) for n, text in enumerate(item["body"]["input"]))
+        now = self.run.execute("batch/batch_rows_text", key=key, row_ids=list(legacy.values())).fetchall()
+        self.run.conn.rollback()
+        texts = {row_id: (digest, row_text(values)) for row_id, _, digest, *values in now}
+        limit = self.run.settings.input_token_limit
+        for place, row_id in legacy.items():
+            digest, text = texts.get(row_id, (None, None))
+            if text and sent.get(place) == fit(text, limit, exact=False)[0]:
+                places[place] = (row_id, digest)
+            else:
+                del places[place]  # edited since, or gone: its vector is not written
+                log.info("row %s changed since its batch was submitted: its vector is not written", row_id)
+
     def write(self, key, places, vectors, failures=()):
         """Write vectors where each row is still NULL with the text that was sent, record failures,
         take the rows out of the batch, commit. `places`: [(row_id, text hash)], one per vector."""
@@ -139,7 +168,7 @@ class Landing:
         request path (its retries, its split to isolate the rows refused)."""
         rows = self.run.execute("batch/batch_rows_text", key=key, row_ids=row_ids).fetchall()
         self.run.conn.rollback()
-        texts = [(row_id, digest, row_text(values)) for row_id, digest, *values in rows]
+        texts = [(row_id, now, row_text(values)) for row_id, _, now, *values in rows]  # sent as they are now
         hashes = {row_id: digest for row_id, digest, _ in texts}
         fitted = [Row(row_id, *fit(text, self.run.settings.input_token_limit)[:2]) for row_id, _, text in texts if text]
         embedded, failures = self.requester().embed(fitted)

@@ -9,6 +9,7 @@ The renewal never makes the parent wait: it goes through an asynchronous connect
 parent's loop drives a step at a time (`tick`), so that a database that hangs stops neither the
 progress lines nor the answer to a signal."""
 
+import hashlib
 import logging
 import os
 import secrets
@@ -34,13 +35,25 @@ def key_hash(settings):
     return make_provider(settings).quota_key
 
 
+def namespace():
+    """Who can see this process's pid: the machine's boot and the pid namespace, hashed (a run_id
+    of the same host name in another container, with host networking, is not ours to judge)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot:
+            seen = boot.read().strip() + str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (macOS): the host name alone tells
+        seen = ""
+    return hashlib.sha256(seen.encode()).hexdigest()[:8]
+
+
 def end_dead_runs(conn):
     """End the leases of this host's runs whose process is gone (a kill -9, an OOM kill): their
-    claims are free at once, not LEASE_SECONDS later. A run on another host keeps its lease."""
-    prefix = f"{socket.gethostname()}:"
+    claims are free at once, not LEASE_SECONDS later. A run of another host, or of another pid
+    namespace of this one, keeps its lease."""
+    here = f"{socket.gethostname()}:"
     with conn.cursor() as cur:
         cur.execute(db.load_sql("lease/live_runs"))
-        dead = [run_id for (run_id,) in cur.fetchall() if run_id.startswith(prefix) and _gone(run_id[len(prefix) :])]
+        dead = [run_id for (run_id,) in cur.fetchall() if run_id.startswith(here) and _gone(run_id[len(here) :])]
         for run_id in dead:
             log.info("run %s is gone (its process is no more): its claims are free", run_id)
             cur.execute(db.load_sql("lease/end_lease"), {"run_id": run_id})
@@ -48,8 +61,8 @@ def end_dead_runs(conn):
 
 
 def _gone(rest):
-    pid = rest.split(":")[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    pid, _, seen = rest.partition(":")
+    if not pid.isdigit() or int(pid) == os.getpid() or not seen.startswith(f"{namespace()}."):
         return False
     try:
         os.kill(int(pid), 0)
@@ -70,7 +83,7 @@ class Lease:
     def __init__(self, settings, target, limiter):
         self.settings = settings
         self.limiter = limiter
-        self.run_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.run_id = f"{socket.gethostname()}:{os.getpid()}:{namespace()}.{secrets.token_hex(3)}"
         self.params = {
             "run_id": self.run_id,
             "key_hash": key_hash(settings),
@@ -126,6 +139,7 @@ class Lease:
             self.close()
 
     def _share(self, runs):
+        self.limiter["renewed_at"] = time.monotonic()  # the workers claim while this is fresh
         if runs != self.runs:
             log.log(
                 logging.INFO if self.settings.tpm or self.settings.rpm else logging.DEBUG,

@@ -22,7 +22,7 @@ RATE_WINDOW = 5.0  # seconds over which the request rate is measured (exponentia
 
 _FIELDS = (
     "tokens requests stamp cooldown share factor ratio server_tpm server_rpm measured_rpm "
-    "last_cut last_success recent recent_at started successes max_inputs"
+    "last_cut last_success recent recent_at started successes max_inputs renewed_at"
 ).split()
 
 

@@ -7,7 +7,7 @@ import logging
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, db, guard, indexes
+from . import catalog, db, guard, indexes, logs
 from .errors import EXIT_OK, DatabaseError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def show_status(settings, out, top=5, as_json=False):
                 for run_id, tpm, rpm, count, age in leases
             ],
             "deferred_indexes": [{"index": name, "dropped_ago": age} for _, name, _, age in waiting],
-            "failures": [{"reason": reason, "rows": count} for reason, count in reasons],
+            "failures": [{"reason": logs.redact(reason), "rows": count} for reason, count in reasons],
             "batches": batches,
         }
         print(json.dumps(document, ensure_ascii=False, default=str), file=out)
@@ -101,7 +101,7 @@ def show_status(settings, out, top=5, as_json=False):
             file=out,
         )
     for reason, count in reasons:
-        print(f"failed {count:>8}  {reason}", file=out)
+        print(f"failed {count:>8}  {logs.redact(reason)}", file=out)
     for line in batches:
         print(line, file=out)
     return EXIT_OK

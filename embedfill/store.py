@@ -16,7 +16,8 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql
 
-from .db import COPY_CHUNK_BYTES, ChunkReader, load_sql
+from . import logs
+from .db import COPY_CHUNK_BYTES, ChunkReader, first_line, load_sql
 from .errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,22 @@ CLAIM_KEY = 0x656D6263  # "embc", with the table and column: one claim at a time
 NULLED = "the write was undone: a trigger on the table set the vector back to NULL"
 SKIPPED = "the write skipped the row: a rule or a trigger on the table (one that returns NULL)"
 HIDDEN = "row-level security does not let this role update the row"
+TEXT_CHANGED = "a trigger on the table changes the text when the vector is written: the vector would not be the text's"
+# SQLSTATE classes and codes of errors a table raises for some of its rows (a constraint, a trigger's
+# RAISE, a policy's WITH CHECK, a value the row cannot take): the batch is written again a row at a time.
+ROW_ERRORS = ("23", "22", "P0", "42501", "44000")
+
+
+class _TextChanged(Exception):
+    """The batch's UPDATE met a trigger that changed a row's text: it is written again a row at a time."""
+
+
+def refuses_rows(error):
+    """Whether a database error may be about some rows of the batch (then each is tried alone)."""
+    code = getattr(error, "pgcode", None) or ""
+    return any(code.startswith(prefix) for prefix in ROW_ERRORS)
+
+
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 
@@ -67,7 +84,6 @@ class WorkerStore:
         batched = target.query("claim/skip_batched") if skip_batched else sql.SQL("")
         claim = target.query("claim/claim_batch", skip_failures=skip, skip_batched=batched).as_string(conn)
         self._claim = load_sql("claim/claim_lock") + claim  # one round trip: the lock, then the claim's own snapshot
-        self.lows = []  # where the claims of the batch at hand start (released by its write)
         self._writes = [
             target.query(name).as_string(conn) for name in ("write/write_batch", "write/write_batch_skip_locked")
         ]
@@ -83,36 +99,42 @@ class WorkerStore:
 
     def claim(self, after, upto, limit):
         """Claim up to `limit` rows after `after`, up to `upto`: [(row_id, text hash, *texts)], in id
-        order, claimed and committed. The claims of a table are made one at a time (a
-        transaction-level advisory lock on the table and column, held until the claim commits)."""
+        order, claimed and committed (their id range from the first row's id: what the batch's write
+        releases). The claims of a table are made one at a time (a transaction-level advisory lock on
+        the table and column, held until the claim commits)."""
         self.conn.autocommit = True  # the lock and the claim: one statement string, one transaction, committed
         try:
             with self.conn.cursor() as cur:
                 cur.execute(
                     self._claim, {"after": after, "upto": upto, "limit": limit, "claim_key": CLAIM_KEY, **self.keys}
                 )
-                rows = cur.fetchall()
+                return cur.fetchall()
         finally:
             self.conn.autocommit = False
-        if rows:
-            self.lows.append(rows[0][0])  # the claim's range starts at its first row
-        return rows
 
-    def write(self, row_ids, hashes, vectors, failures=(), identity=None):
+    def write(self, row_ids, hashes, vectors, failures=(), identity=None, lows=()):
         """One short transaction: the vectors of `row_ids` where each row is still NULL with the text
-        that was sent, the `failures` recorded, the batch's claims released, then commit. A row
-        another transaction holds is never waited for: the batch is written again without it.
+        that was sent, the `failures` recorded, the claims starting at `lows` released, then commit.
+        A row another transaction holds is never waited for (the batch is written again without it);
+        a row the table refuses with an error, or whose text a trigger changes in the write, is
+        written again alone and recorded (the rows of a batch are blamed only for themselves).
 
         Returns (rows written, [(row_id, reason, attempts)] recorded as failed, {state: rows} of rows
         left out for a reason that is not theirs: "deleted", "filled", "changed", "busy")."""
+        args = (row_ids, hashes, vectors, list(failures), identity, list(lows))
         try:
-            return self._write(self._writes[0], row_ids, hashes, vectors, failures, identity)
+            return self._write(self._writes[0], *args)
         except psycopg2.errors.LockNotAvailable:
             self.conn.rollback()
-            return self._write(self._writes[1], row_ids, hashes, vectors, failures, identity)
+            return self._write(self._writes[1], *args)
+        except (psycopg2.Error, _TextChanged) as error:
+            if isinstance(error, psycopg2.Error) and not refuses_rows(error):
+                raise
+            self.conn.rollback()
+            return self._write(None, *args)  # a row at a time
 
-    def _write(self, statement, row_ids, hashes, vectors, failures, identity):
-        written, failed, left = 0, list(failures), collections.Counter()
+    def _write(self, statement, row_ids, hashes, vectors, failures, identity, lows):
+        written, failed, left = 0, failures, collections.Counter()
         with self.conn.cursor() as cur:
             if row_ids:
                 cur.copy_expert(
@@ -120,37 +142,75 @@ class WorkerStore:
                     ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.kind)),
                     size=COPY_CHUNK_BYTES,
                 )
-                cur.execute(statement, {**self.keys, "lows": self.lows})  # the claims go in the same statement
-                updated, nulled = cur.fetchone()  # what follows may wait 100 ms at most too: then the slow path
-                written = updated - len(nulled)
-                failed += [(row_id, NULLED, 1) for row_id in nulled]
-                if updated < len(row_ids):
-                    more, refused = self._unwritten(cur, nulled, left)
-                    written, failed = written + more, failed + refused
+                if statement is None:
+                    written, nulled, refused = self._write_each(cur, row_ids, lows)
+                else:
+                    cur.execute(statement, {**self.keys, "lows": lows})  # the claims go in the same statement
+                    updated, nulled, same = cur.fetchone()  # what follows may wait 100 ms at most: then the slow path
+                    if not same:
+                        raise _TextChanged()
+                    written, refused = updated - len(nulled), []
+                failed += [(row_id, NULLED, 1) for row_id in nulled] + refused
+                if written + len(nulled) + len(refused) < len(row_ids):
+                    more, blocked = self._unwritten(cur, list(nulled) + [row_id for row_id, _, _ in refused], left)
+                    written, failed = written + more, failed + blocked
                 if self.retry_failed:
                     cur.execute(
                         load_sql("write/clear_failures"), {"table_name": self.keys["table_name"], "row_ids": row_ids}
                     )
             else:
-                cur.execute(load_sql("write/release_claims"), {**self.keys, "lows": self.lows})
+                cur.execute(load_sql("write/release_claims"), {**self.keys, "lows": lows})
             if identity is not None and written and not self.confirmed:
                 self._confirm(cur, identity)
             self.record_failures(failed)
         self.conn.commit()
-        self.lows = []
         self.confirmed = self.confirmed or (identity is not None and written > 0)
         return written, failed, left
 
+    def _write_each(self, cur, row_ids, lows):
+        """The batch a row at a time, each under a savepoint: (written, ids set back to NULL by a
+        trigger, [(row_id, reason, 1)] refused by the table). Every row refused with the same
+        error is the table's problem, not the rows': the run stops."""
+        cur.execute(load_sql("write/release_claims") + load_sql("write/write_each"), {**self.keys, "lows": lows})
+        written, nulled, refused, errors = 0, [], [], set()
+        for row_id in row_ids:
+            cur.execute("SAVEPOINT etl_row")
+            try:
+                cur.execute(self.target.query("write/write_row"), {"row_id": row_id})
+                stored = cur.fetchone()
+            except psycopg2.Error as error:
+                cur.execute("ROLLBACK TO SAVEPOINT etl_row")
+                if not refuses_rows(error):
+                    raise
+                errors.add(first_line(error))
+                refused.append((row_id, f"the table refused the write: {first_line(error)}", 1))
+                continue
+            if stored is not None and not stored[1]:  # the write changed the text: undone, the row recorded
+                cur.execute("ROLLBACK TO SAVEPOINT etl_row")
+                refused.append((row_id, TEXT_CHANGED, 1))
+                continue
+            cur.execute("RELEASE SAVEPOINT etl_row")
+            if stored is not None:
+                written += stored[0]
+                nulled += [] if stored[0] else [row_id]
+        if len(row_ids) > 1 and len(refused) == len(row_ids) and len(errors) == 1:
+            raise DatabaseError(
+                f"{self.target.display} refuses the write of every row of a batch ({errors.pop()}): "
+                "a trigger, a constraint or a policy of the table; fix it, then rerun"
+            )
+        return written, nulled, refused
+
     def record_failures(self, failures):
-        """Add (row_id, reason, attempts) tuples to the ledger (in the open transaction)."""
+        """Add (row_id, reason, attempts) tuples to the ledger (in the open transaction); a reason
+        holds a server's or the table's words, so secrets are redacted first."""
         if failures:
-            rows = [(self.keys["table_name"], row_id, why[:2000], n) for row_id, why, n in failures]
+            rows = [(self.keys["table_name"], row_id, logs.redact(why)[:2000], n) for row_id, why, n in failures]
             with self.conn.cursor() as cur:
                 psycopg2.extras.execute_values(cur, load_sql("write/record_failures"), rows)
 
-    def _unwritten(self, cur, nulled, left):
+    def _unwritten(self, cur, settled, left):
         """The rows the write left out, one by one: (rows written after all, rows refused by the table)."""
-        cur.execute(self.target.query("write/unwritten_rows"), {"nulled": list(nulled)})
+        cur.execute(self.target.query("write/unwritten_rows"), {"settled": settled})
         written, refused = 0, []
         for row_id, state in cur.fetchall():
             if state == "unmatched":
@@ -160,7 +220,7 @@ class WorkerStore:
                 )
             if state == "null":
                 state = self._write_one(cur, row_id)
-            if state in (NULLED, SKIPPED, HIDDEN):
+            if state in (NULLED, SKIPPED, HIDDEN, TEXT_CHANGED):
                 refused.append((row_id, state, 1))
             elif state == "written":
                 written += 1
@@ -171,7 +231,8 @@ class WorkerStore:
 
     def _write_one(self, cur, row_id):
         """A row still NULL with the same text that the write left out: held by another transaction
-        ("busy": left for later, never waited for), or refused by the table (HIDDEN, SKIPPED, NULLED)."""
+        ("busy": left for later, never waited for), or refused by the table (HIDDEN, SKIPPED, NULLED,
+        TEXT_CHANGED)."""
         cur.execute("SAVEPOINT etl_row")
         try:
             cur.execute(self.target.query("write/lock_row"), {"row_id": row_id})
@@ -179,13 +240,18 @@ class WorkerStore:
         except psycopg2.errors.LockNotAvailable:
             cur.execute("ROLLBACK TO SAVEPOINT etl_row")
             return "busy"
-        cur.execute("RELEASE SAVEPOINT etl_row")
         if found is None:
+            cur.execute("RELEASE SAVEPOINT etl_row")
             return HIDDEN
         if not found[0]:
+            cur.execute("RELEASE SAVEPOINT etl_row")
             return "changed"
         cur.execute(self.target.query("write/write_row"), {"row_id": row_id})
         stored = cur.fetchone()
+        if stored is not None and not stored[1]:
+            cur.execute("ROLLBACK TO SAVEPOINT etl_row")
+            return TEXT_CHANGED
+        cur.execute("RELEASE SAVEPOINT etl_row")
         return SKIPPED if stored is None else "written" if stored[0] else NULLED
 
     def _confirm(self, cur, identity):

@@ -27,6 +27,7 @@ import psycopg2
 
 from . import db, logs
 from .errors import DatabaseError, EtlError, FatalProviderError, Stop
+from .lease import LEASE_SECONDS, RENEW_SECONDS
 from .planner import RangeCursor
 from .requester import Requester, Row, backoff
 from .store import WorkerStore
@@ -35,6 +36,7 @@ from .texts import fit, row_text
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_SECONDS = 0.5
+LEASE_TRUSTED_SECONDS = LEASE_SECONDS - 3 * RENEW_SECONDS  # a renewal older than this may be no lease at all
 
 
 def process_count(workers):
@@ -57,6 +59,7 @@ class Worker:
         self.run_id = run_id
         self.identity = identity  # what the column's record must say (confirmed by the first write)
         self.store = None
+        self.lows = []  # where the claims of the batch at hand start: its write releases them
         self.db_retries = 0
         self.lost_since = None  # when the database connection was lost, until a write succeeds again
         self.warned_at = -60.0
@@ -115,7 +118,9 @@ class Worker:
                     self.shared.release_rows(granted)
                     break
                 reserved += granted
+                self._wait_for_lease()
                 rows = self.store.claim(*segment, granted)
+                self.lows += [rows[0][0]] if rows else []
                 self.shared.release_rows(granted - len(rows))
                 reserved -= granted - len(rows)
                 batch.extend(rows)
@@ -125,6 +130,17 @@ class Worker:
             raise
         self.db_retries, self.lost_since = 0, None
         return batch, reserved
+
+    def _wait_for_lease(self):
+        """Claim only while the run's lease is renewed (the parent stopped, or cut off from the
+        database, lets its claims die: then another run's claims would meet these)."""
+        stale = time.monotonic() - self.requester.limiter["renewed_at"]
+        if stale <= LEASE_TRUSTED_SECONDS:
+            return
+        log.warning("the run's lease has not been renewed for %.0f s: no claim until it is", stale)
+        while time.monotonic() - self.requester.limiter["renewed_at"] > LEASE_TRUSTED_SECONDS:
+            if self.shared.sleep(0.5):
+                raise Stop()
 
     def _take_range(self):
         index = self.shared.take_range()
@@ -223,8 +239,8 @@ class Worker:
         paid for again (the claims are still this run's, and the write checks every row anew)."""
         while True:
             try:
-                result = self.store.write(ids, hashes, matrix, failures, self.identity)
-                self.db_retries, self.lost_since = 0, None
+                result = self.store.write(ids, hashes, matrix, failures, self.identity, self.lows)
+                self.db_retries, self.lost_since, self.lows = 0, None, []
                 return result
             except psycopg2.Error as error:
                 self._recover(error)

@@ -48,6 +48,7 @@ def paid_twice(fake):
 
 def _raising_trigger(db, role):
     with db.cursor() as cur:
+        cur.execute(sql.SQL("GRANT SELECT, UPDATE ON foods TO {}").format(sql.Identifier(role)))
         cur.execute(
             "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS "
             "$$ BEGIN IF NEW.id % 50 = 7 THEN RAISE EXCEPTION 'row % is frozen', NEW.id; END IF; RETURN NEW; END $$"

@@ -180,7 +180,8 @@ def test_status_sees_an_active_run(etl, db):
         assert f"active_runs=2 active_processes={2 * process_count(2)} run_active=yes" in seen
         leases = [line for line in seen.splitlines() if line.startswith("run ")]  # one key: half each
         assert len(leases) == 2 and all(
-            re.match(r"run \S+:\d+:[0-9a-f]{6} share=1/2 no configured budget running_for=", line) for line in leases
+            re.match(r"run \S+:\d+:[0-9a-f]{8}\.[0-9a-f]{6} share=1/2 no configured budget running_for=", line)
+            for line in leases
         ), seen
     finally:
         for run in runs:

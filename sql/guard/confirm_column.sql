@@ -1,5 +1,7 @@
 -- In the transaction of a connection's first write of vectors: the column's record must say that
--- the column holds what this run writes; the record is confirmed (no longer held by a run). No row
+-- the column holds what this run writes; the record is confirmed (no longer held by a run). One
+-- UPDATE, whatever claimed_by says: under READ COMMITTED a record another connection confirms
+-- meanwhile is read again as it now is, so the answer cannot come from an older snapshot. No row
 -- back: the record says otherwise (or is gone), and the write rolls back.
 UPDATE etl_columns
 SET claimed_by = NULL

@@ -4,7 +4,7 @@
 -- row per batch, the id range [low, high] it took (its first and last id, as text). The claim
 -- lives as long as its run's lease in etl_runs (renewed every few seconds by the run's parent),
 -- so a run that dies or is cut off from the database lets its rows go within the lease, and
--- nobody waits for a TCP timeout. The row's text hash (sha256, computed by PostgreSQL) travels
+-- nobody waits for a TCP timeout. The row's text hash (computed by PostgreSQL) travels
 -- with the batch: the write lands only where the row is still NULL and its text unchanged.
 -- UNLOGGED: claims are worthless after a crash (the runs reconnect and claim again), and writing
 -- no WAL for them keeps a claim as cheap as the row locks it replaces.

@@ -3,8 +3,9 @@
 -- still the text that was sent (the hash taken at claim time): an edit made while the request was
 -- out is never overwritten by the old text's vector, with or without change tracking. RETURNING
 -- reads each row as it was stored, after the table's own BEFORE triggers: a vector set back to
--- NULL shows as not kept. Returns (rows updated, ids of those a trigger set back to NULL). A NULL
--- text_hash (a --batch-api batch submitted before schema 2) checks only for NULL.
+-- NULL shows as not kept, a text the trigger changed as not the same. Returns (rows updated, ids
+-- of those a trigger set back to NULL, whether every written row still has the text that was sent:
+-- if not, db.py writes the batch again a row at a time).
 --
 -- lock_timeout 100ms: if a row of the batch is held by another transaction, this statement waits
 -- for it at most that long, then fails (55P03) and db.py writes the batch again with
@@ -15,6 +16,7 @@
 -- plan is a nested loop over the batch with an index probe per row, never a scan of the table.
 SET LOCAL enable_hashjoin = off;
 SET LOCAL enable_mergejoin = off;
+SET LOCAL idle_in_transaction_session_timeout = '10s';  -- a client cut off before its COMMIT lets go of the rows
 SET LOCAL lock_timeout = '100ms';
 WITH released AS (
     DELETE FROM etl_claims
@@ -26,6 +28,7 @@ WITH released AS (
     FROM etl_stage s
     WHERE t.{id} = s.row_id::{id_type}
       AND t.{embedding} IS NULL AND (s.text_hash IS NULL OR {row_hash} = s.text_hash)
-    RETURNING s.row_id, t.{embedding} IS NOT NULL AS kept
+    RETURNING s.row_id, t.{embedding} IS NOT NULL AS kept, s.text_hash IS NULL OR {row_hash} = s.text_hash AS same
 )
-SELECT count(*), coalesce(array_agg(row_id) FILTER (WHERE NOT kept), '{{}}') FROM written;
+SELECT count(*), coalesce(array_agg(row_id) FILTER (WHERE NOT kept), '{{}}'), coalesce(bool_and(same), true)
+FROM written;

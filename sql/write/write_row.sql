@@ -1,7 +1,10 @@
--- One row locked by sql/write/lock_row.sql: write it. No row back means a rule or a trigger on the
--- table skipped the update; false means a trigger set the vector back to NULL.
+-- One row, under a savepoint (store.py: a batch the table refused with an error, or whose text a
+-- trigger changed in the write, is written again a row at a time). No row back: the row is no
+-- longer NULL with the text that was sent, or a rule or trigger skipped the update; kept false: a
+-- trigger set the vector back to NULL; same false: a trigger changed the text in the write.
 UPDATE {table} t
 SET {embedding} = s.embedding
 FROM etl_stage s
 WHERE s.row_id = %(row_id)s AND t.{id} = s.row_id::{id_type}
-RETURNING t.{embedding} IS NOT NULL;
+  AND t.{embedding} IS NULL AND (s.text_hash IS NULL OR {row_hash} = s.text_hash)
+RETURNING t.{embedding} IS NOT NULL, s.text_hash IS NULL OR {row_hash} = s.text_hash;
