@@ -33,6 +33,7 @@ from embedfill import catalog, db, planner, schema  # noqa: E402
 from embedfill.demo import generate_rows, line_reader  # noqa: E402
 from embedfill.models import estimate_cost  # noqa: E402
 from embedfill.settings import resolve  # noqa: E402
+from embedfill.store import WorkerStore  # noqa: E402
 
 DIMS = 1536
 MODEL = "text-embedding-3-small"
@@ -200,7 +201,7 @@ def tokens_per_row():
 # --- the raw write limit: the tool's own claim + binary COPY + UPDATE, no API ---------------------
 def _raw_writer(url, settings, target, bounds, batch, out):
     conn = db.connect(url)
-    store = db.WorkerStore(conn, target, "bench-raw-writer", retry_failed=True)
+    store = WorkerStore(conn, target, "bench-raw-writer", retry_failed=True)
     pool = np.random.default_rng(1).standard_normal((256, DIMS)).astype(np.float32)
     written = 0
     for after, upto in bounds:

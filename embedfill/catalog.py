@@ -53,11 +53,13 @@ class Target:
         """The embedding column's type as SQL shows it: vector(1536), halfvec(3072), halfvec."""
         return self.kind.sql(self.dimensions)
 
-    def width_error(self, settings, width):
+    def width_error(self, settings, width, refused=False):
         """The one-line message when `width`-dimensional embeddings do not fit this column (or
-        EMBEDDING_DIMENSIONS), else None: the one dimension check, for every path that writes."""
+        EMBEDDING_DIMENSIONS), else None: the one dimension check, for every path that writes.
+        `refused`: the server does not accept `dimensions`."""
         shown = f"{self.display}.{self.embedding_column}"
-        return width_error(shown, self.column_type, self.dimensions, settings.dimensions, settings.model_name, width)
+        typed, configured = self.dimensions, settings.dimensions
+        return width_error(shown, self.column_type, typed, configured, settings.model_name, width, refused)
 
     def identifiers(self):
         texts = [sql.Identifier(column) for column in self.text_columns]

@@ -20,7 +20,8 @@ SECTIONS = [
     (
         "The embeddings provider",
         "provider",
-        ["api_key", "base_url", "provider", "model", "azure_endpoint", "azure_api_key", "api_version", "deployment"],
+        ["api_key", "base_url", "provider", "model", "azure_endpoint", "azure_api_key", "api_version", "deployment"]
+        + ["extra_body", "encoding_format"],
     ),
     ("The table", "table", ["table", "id_column", "text_columns", "embedding_column", "dimensions"]),
     (
@@ -45,6 +46,7 @@ EXAMPLES = {
     "OPENAI_API_VERSION": "2024-10-21",
     "AZURE_OPENAI_DEPLOYMENT": "my-embedding-deployment",
     "EMBEDDING_DIMENSIONS": "1536",
+    "EMBEDDING_EXTRA_BODY": '{"input_type": "document"}',
     "ETL_TABLE": "foods",
     "ETL_TEXT_COLUMNS": "name,category,description",
     "ETL_RPM": "3000",
@@ -71,7 +73,8 @@ UNSET = {
     "text_columns": "required",
     "rpm": "unlimited",
     "tpm": "unlimited",
-    "max_input_tokens": "the model's limit (8191)",
+    "max_input_tokens": "the model's limit (8191 for OpenAI's, 512 for e5, bge, gte...; lower if the server says so)",
+    "extra_body": "none",
     "price": "OpenAI's list price of known models",
     "maintenance_work_mem": "the server's maintenance_work_mem",
     "max_parallel_maintenance_workers": "the server's max_parallel_maintenance_workers",

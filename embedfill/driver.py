@@ -15,17 +15,19 @@ from .lease import Lease, end_dead_runs
 from .models import estimate_cost
 from .passes import Run
 from .progress import format_eta, summary_line
-from .providers import check_provider, load_client_library
+from .providers import check_provider, load_client_library, make_provider
 from .ratelimit import RateLimiter
+from .shape import Shape
 from .texts import load_encoding, mean_tokens, row_text
 from .worker import process_count
 
 log = logging.getLogger(__name__)
 
 
-def prepare(settings, processes, limiter):
+def prepare(settings, processes, limiter, shape):
     """Check the table and the server, migrate the tool's tables, take the run's lease (unless
-    --dry-run), guard the column and plan the ranges (one short connection).
+    --dry-run), guard the column, read what earlier runs learned of the server (into `shape`) and
+    plan the ranges (one short connection).
     Returns (target, ranges, lease or None, what the column's record must say)."""
     conn = db.connect(settings.database_url)
     lease = None
@@ -38,6 +40,8 @@ def prepare(settings, processes, limiter):
             lease = Lease(settings, target, limiter)
             lease.renew()  # live before the guard holds the column's record for it, and before any claim
         identity = guard.guard_column(conn, settings, target, run_id=lease and lease.run_id)
+        provider = make_provider(settings, target.dimensions)
+        shape.load(conn, provider.endpoint, provider.model)
         indexes.prepare(conn, target, settings)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)
@@ -120,15 +124,16 @@ def run_backfill(settings, out=None):
         importer.start()
     context = multiprocessing.get_context("fork")
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
-    target, ranges, lease, identity = prepare(settings, processes, limiter)
+    shape = Shape(context)
+    target, ranges, lease, identity = prepare(settings, processes, limiter, shape)
     if importer is not None:
         importer.join()
-    if settings.tpm or settings.dry_run:
+    if settings.tpm or settings.dry_run or shape["own_usage"]:
         load_encoding()  # exact counts needed: load once, before the fork, so every worker shares it
     if settings.dry_run:
         return dry_run(settings, target, ranges, out)
 
-    run = Run(settings, target, processes, context, limiter, lease, identity)
+    run = Run(settings, target, processes, context, limiter, shape, lease, identity)
     previous = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     counts = _Counts(settings, target)
     still_null = None

@@ -53,7 +53,13 @@ class TransientProviderError(ProviderError):
 
 
 class InvalidInputError(ProviderError):
-    """The provider refused the inputs of a request (400/422): split the batch to find the culprit."""
+    """The provider refused the inputs of a request (400/413/422): what it says may teach a limit
+    of the server (shape.lesson); else the batch is split to find the culprit."""
+
+    def __init__(self, message, status=None, said=""):
+        super().__init__(message)
+        self.status = status
+        self.said = said or message
 
 
 class FatalProviderError(ProviderError):

@@ -1,5 +1,5 @@
 """The model guard: what a column holds (etl_columns: model, dimensions, provider host, text
-recipe), refused before any request when a run would add vectors of another kind, and recorded
+recipe, the extra request fields), refused before any request when a run would add vectors of another kind, and recorded
 by the first write of vectors (a run that writes nothing leaves no record)."""
 
 import logging
@@ -20,13 +20,14 @@ RESET_LOCK_KEY = 0x656D6272  # "embr", with the table's hash: held by init --res
 
 def column_identity(settings, target):
     """What this run writes into the column: model, dimensions, provider (the provider's host,
-    never the key) and recipe (the text columns, in order)."""
+    never the key), recipe (the text columns, in order) and extra_body (EMBEDDING_EXTRA_BODY, '': none)."""
     provider = make_provider(settings, target.dimensions)
     return {
         "model": provider.model_name,
         "dimensions": settings.dimensions or target.dimensions or provider.output_dimensions,
         "provider": provider.host,
         "recipe": list(target.text_columns),
+        "extra_body": settings.extra_body or "",
     }
 
 
@@ -107,8 +108,11 @@ def guard_column(conn, settings, target, run_id=None):
     return wanted
 
 
-def describe_identity(identity, keys=("dimensions", "provider", "recipe"), noun="vectors"):
-    """'text-embedding-3-small vectors of 1536 dimensions from api.openai.com (text: name,category)'."""
+def describe_identity(identity, keys=None, noun="vectors"):
+    """'text-embedding-3-small vectors of 1536 dimensions from api.openai.com (text: name,category)':
+    the `keys` that differ, or (None) all, the extra request fields only when there are some."""
+    if keys is None:
+        keys = ("dimensions", "provider", "recipe") + (("extra_body",) if identity.get("extra_body") else ())
     parts = [identity["model"], noun]
     if "dimensions" in keys:
         parts.append(f"of {identity['dimensions'] or 'the default number of'} dimensions")
@@ -116,6 +120,8 @@ def describe_identity(identity, keys=("dimensions", "provider", "recipe"), noun=
         parts.append(f"from {identity['provider']}")
     if "recipe" in keys:
         parts.append(f"(text: {','.join(identity['recipe'])})")
+    if "extra_body" in keys:
+        parts.append(f"asked with {identity['extra_body'] or 'no extra fields'}")
     return " ".join(parts)
 
 

@@ -15,6 +15,7 @@ from .errors import FatalProviderError
 from .providers.openai import decode_vector
 from .ratelimit import RateLimiter
 from .requester import Requester, Row
+from .shape import Shape
 from .shared import SharedState
 from .texts import fit, row_text
 
@@ -170,7 +171,8 @@ class Landing:
         self.run.conn.rollback()
         texts = [(row_id, now, row_text(values)) for row_id, _, now, *values in rows]  # sent as they are now
         hashes = {row_id: digest for row_id, digest, _ in texts}
-        fitted = [Row(row_id, *fit(text, self.run.settings.input_token_limit)[:2]) for row_id, _, text in texts if text]
+        limit = self.requester().input_limit()
+        fitted = [Row(row_id, *fit(text, limit)[:2]) for row_id, _, text in texts if text]
         embedded, failures = self.requester().embed(fitted)
         failures += [(row_id, "empty text", 1) for row_id, _, text in texts if not text]
         places = [(row.row_id, hashes[row.row_id]) for chunk, _ in embedded for row in chunk]
@@ -187,5 +189,7 @@ class Landing:
             shared.register_worker()
             limiter = RateLimiter(context, run.settings.rpm, run.settings.tpm, 1)
             embedder = make_embedder(run.settings, run.target.dimensions)
-            run.requester = Requester(run.settings, embedder, shared, limiter, context.Semaphore(1))
+            shape = Shape(context)
+            shape.load(run.conn, embedder.endpoint, embedder.model)
+            run.requester = Requester(run.settings, embedder, shared, limiter, context.Semaphore(1), shape)
         return run.requester

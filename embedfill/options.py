@@ -3,6 +3,7 @@ help and the verbs that read it). The argument parser, the help texts, config.en
 docs/configuration.md and `settings.resolve` all read this one table.
 """
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +42,18 @@ _batch_size = _checked(
     f"must be at most {MAX_INPUTS_PER_REQUEST} (the API's limit of inputs per request)",
 )
 _columns = _checked(_column_list, bool, "needs at least one column name")
+_encoding_format = _checked(str.lower, lambda value: value in ("base64", "float"), "must be base64 or float")
+
+
+def json_object(text: str) -> str:
+    """A JSON object, kept canonical (sorted keys, compact): the model guard compares it as text."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"must be a JSON object ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError('must be a JSON object, e.g. {"input_type": "document"}')
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if value else ""
 
 
 def boolean(text: str) -> bool:
@@ -113,6 +126,12 @@ OPTIONS = [
     Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, positive_int,
            "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N",
            verbs=(*_EMBEDS, "init")),
+    Option("extra_body", "EMBEDDING_EXTRA_BODY", "--extra-body", None, json_object,
+           "a JSON object of fields added to every request (Voyage's input_type, Jina's task...); "
+           "recorded with the column's model", "JSON", verbs=_EMBEDS),
+    Option("encoding_format", "ETL_ENCODING_FORMAT", "--encoding-format", "base64", _encoding_format,
+           "how vectors are asked for: base64 (smaller answers) or float (for a server that refuses base64; "
+           "found out by itself otherwise)", "FORMAT", verbs=_EMBEDS),
     Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME", verbs=_TABLE),
     Option("id_column", "ETL_ID_COLUMN", "--id-column", "id", str,
            "unique, btree-orderable id column (integer, bigint, uuid, text)", "NAME", verbs=_TABLE),

@@ -83,13 +83,14 @@ class Run:
     """One invocation: its signals, its lease, and its passes of the worker pool over the NULL rows
     (one for the backlog, the sweeps after it; with --follow, one more each time rows need a vector)."""
 
-    def __init__(self, settings, target, processes, context, limiter, lease, identity):
+    def __init__(self, settings, target, processes, context, limiter, shape, lease, identity):
         self.settings = settings
         self.target = target
         self.processes = processes
         self.context = context
         self.limiter = limiter
         self.limiter.start()
+        self.shape = shape  # what the run knows of the server (shape.py), kept at the end of each pass
         self.requests = self.context.BoundedSemaphore(settings.workers)  # --workers requests in flight, run-wide
         self.lease = lease
         self.identity = identity
@@ -135,6 +136,7 @@ class Run:
                 shared,
                 self.limiter,
                 self.requests,
+                self.shape,
                 self.embedder,
                 self.lease.run_id,
                 self.identity,
@@ -169,6 +171,7 @@ class Run:
                 shared.request_stop(fatal=self.fatal is not None)
                 pool.terminate()
             pool.join()
+            self.shape.keep(settings.database_url, self.embedder.endpoint, self.embedder.model)
             self.earlier = self.totals()
             self.shared = None
             self.progress.update(self.totals())

@@ -6,7 +6,9 @@ Every request goes within the run's budgets (ratelimit.py) and holds one of the 
 slots from the budget to the answer's last byte. A failure that is the server's (a 429, 5xx, a
 timeout, a lost or refused connection) is waited out and never put on a row, until no request of
 the run has succeeded for --stall-seconds: then the run stops with one line. A timeout sends the
-rows again as two halves and caps every process's requests; a refusal is split down to the row
+rows again as two halves and caps every process's requests; a refusal that says what the server
+cannot take (more inputs or tokens a request, a longer input, base64, `dimensions`) teaches the run's
+Shape (shape.py) and the rows go again as it allows; any other refusal is split down to the row
 refused alone; so is a request that keeps failing (--max-attempts), and a row that then still fails
 alone while the server answers a probe is the one at fault.
 """
@@ -23,6 +25,8 @@ import numpy as np
 
 from .errors import FatalProviderError, InvalidInputError, Stop, TransientProviderError
 from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
+from .shape import Shape, lesson
+from .texts import count_tokens, fit
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,17 @@ REFUSALS_BEFORE_FATAL = 3
 REFUSALS_CAP = 64
 UNREACHABLE_SECONDS = 5.0  # no connection to the API at all since the run started: stop
 PROBE_TEXT = "embedfill: is the server answering?"  # a few tokens, sent before a row is blamed for a server error
+USAGE_FAR = 3.0  # an answer's usage this many times above or below our own count is not in tokens
+SAID_NORM = 1  # a Shape.say_once bit
+LESSONS = {
+    "floats": "the server does not take encoding_format=base64: vectors are asked as floats from now on",
+    "no_dimensions": "the server does not accept the `dimensions` parameter: it is sent no more, and the vectors' "
+    "length is checked instead",
+    "input_tokens": "the server takes at most %d tokens an input: longer inputs are cut to that (counted with "
+    "cl100k, an approximation for this model)",
+    "max_tokens": "the server takes at most %d tokens a request: requests carry no more",
+    "max_inputs": "the server takes at most %d inputs a request: batches of %d become %d",
+}
 
 Failure = tuple[str, str, int]  # (row_id, reason, attempts), as etl_failures records it
 
@@ -51,14 +66,21 @@ def backoff(attempt: int) -> float:
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
 
 
-def pack_requests(rows: list[Row], max_inputs: int | None = None):
-    """Split rows into requests of at most 2048 inputs (or the cap learned in this run) and 300k
-    tokens (the API's limits)."""
-    most = min(MAX_INPUTS_PER_REQUEST, max_inputs or MAX_INPUTS_PER_REQUEST)
+def least(*limits: int | None) -> int | None:
+    """The smallest of the limits that are known (None: none is)."""
+    known = [limit for limit in limits if limit]
+    return min(known) if known else None
+
+
+def pack_requests(rows: list[Row], max_inputs: int | None = None, max_tokens: int | None = None):
+    """Split rows into requests of at most `max_inputs` inputs and `max_tokens` tokens (by default
+    OpenAI's 2048 and 300k)."""
+    most = max_inputs or MAX_INPUTS_PER_REQUEST
+    most_tokens = max_tokens or MAX_TOKENS_PER_REQUEST
     chunk: list[Row] = []
     chunk_tokens = 0
     for row in rows:
-        if chunk and (len(chunk) >= most or chunk_tokens + row.tokens > MAX_TOKENS_PER_REQUEST):
+        if chunk and (len(chunk) >= most or chunk_tokens + row.tokens > most_tokens):
             yield chunk
             chunk, chunk_tokens = [], 0
         chunk.append(row)
@@ -71,24 +93,40 @@ class Requester:
     """One process's requests: `embed(rows)` returns ([(rows, vectors)], failures).
 
     `shared` is the pass's SharedState (the stop flag, the counters), `limiter` the run's
-    RateLimiter, `slots` the run-wide semaphore of --workers slots. With `stops_others` a fatal
-    answer stops the run's other processes at once (verify reads each page's own error instead)."""
+    RateLimiter, `slots` the run-wide semaphore of --workers slots, `shape` what the run knows of the
+    server (shape.py). With `stops_others` a fatal answer stops the run's other processes at once
+    (verify reads each page's own error instead)."""
 
-    def __init__(self, settings, embedder, shared, limiter, slots, stops_others: bool = True):
+    def __init__(self, settings, embedder, shared, limiter, slots, shape: Shape, stops_others: bool = True):
         self.settings = settings
         self.embedder = embedder  # built in the parent, unused there: this process's own copy
         self.shared = shared
         self.limiter = limiter
         self.slots = slots
+        self.shape = shape
         self.stops_others = stops_others
         self.refused = 0  # single inputs refused in the rows at hand
+        self.asks_dimensions = bool(embedder.dimensions)
+        self.usage_checked = False  # this process's first answer's usage was compared with our own count
+
+    def input_limit(self) -> int:
+        """The longest input in tokens sent unchanged: the model's (or ETL_MAX_INPUT_TOKENS), or less if
+        the server said so."""
+        return least(self.embedder.limits.max_input_tokens, self.shape.limit("input_tokens")) or 0
+
+    def request_limits(self) -> tuple[int | None, int | None]:
+        """(inputs, tokens) one request may carry: the provider's, lowered by what the server said and by
+        this run's timeouts."""
+        limits, shape = self.embedder.limits, self.shape
+        inputs = least(limits.max_inputs, shape.limit("max_inputs"), self.limiter.max_inputs())
+        return inputs, least(limits.max_tokens, shape.limit("max_tokens"))
 
     def embed(self, rows: list[Row]) -> tuple[list[tuple[list[Row], np.ndarray]], list[Failure]]:
         """The vectors of `rows` (packed into requests within the limits), and the rows refused."""
         self.refused = 0
         embedded: list[tuple[list[Row], np.ndarray]] = []
         failures: list[Failure] = []
-        for chunk in pack_requests(rows, self.limiter.max_inputs()):
+        for chunk in pack_requests(rows, *self.request_limits()):
             ok, failed = self.embed_request(chunk)
             embedded += ok
             failures += failed
@@ -130,6 +168,8 @@ class Requester:
                 continue
             except InvalidInputError as error:
                 self.shared.add(requests=1)
+                if self._learn(error, rows):
+                    return self._send([self._refit(rows)])
                 if len(rows) > 1:
                     return self._split(rows)
                 self.refused += 1
@@ -139,9 +179,79 @@ class Requester:
             self.shared.add(requests=1, tokens=result.tokens)
             return [(rows, result.vectors)], []
 
+    def _learn(self, error: InvalidInputError, rows: list[Row]) -> bool:
+        """What a refusal teaches of the server (said once, for every process of the run); True when
+        the rows should go again as the run now knows to send them."""
+        found = lesson(error.status, error.said, len(rows))
+        if found is None:
+            return False
+        name, value = found
+        shape, embedder = self.shape, self.embedder
+        if name in ("floats", "no_dimensions"):
+            if (embedder.encoding != "base64") if name == "floats" else not embedder.dimensions:
+                return False  # already so: the refusal is about something else
+            if shape.set_flag(name):
+                log.warning(LESSONS[name])
+            self.shape.follow(self.embedder)
+            return True
+        if name == "input_tokens":
+            current = self.input_limit()
+            # Our count (cl100k) may fall short of the model's own: already at the limit said, cut further.
+            value = value if value < current else int(current * 0.8)
+            if not self.settings.truncate or value < 16 or max(row.tokens for row in rows) <= value:
+                return False
+        if shape.lower(name, value):
+            wanted = (value, self.settings.batch_size, value) if name == "max_inputs" else (value,)
+            log.warning(LESSONS[name], *wanted[: LESSONS[name].count("%d")])
+        if name == "max_inputs":
+            return len(rows) > (shape.limit(name) or 0)
+        if name == "max_tokens":
+            return sum(row.tokens for row in rows) > (shape.limit(name) or 0)
+        return True
+
+    def _refit(self, rows: list[Row]) -> list[Row]:
+        """The rows cut to the input limit as the run knows it now."""
+        limit = self.input_limit()
+        exact = self.settings.tpm is not None
+        return [row if row.tokens <= limit else Row(row.row_id, *fit(row.text, limit, exact)[:2]) for row in rows]
+
+    def _check_answer(self, result: Any, texts: list[str], counted: int) -> int:
+        """The tokens to count for an answer: its usage, or our own count when its usage is not in
+        tokens (zero, absent, characters, more than the bytes, or far from our exact count, in this
+        process's first answer; said once). Warns once when vectors shortened by `dimensions` come
+        back not normalised."""
+        if self.asks_dimensions and self.embedder.dimensions and self.shape.say_once(SAID_NORM):
+            norm = float(np.linalg.norm(result.vectors[0]))
+            if abs(norm - 1.0) > 0.01:
+                log.warning(
+                    "the server shortened the vectors to %d dimensions without normalising them (norm %.2f): "
+                    "cosine distance (<=>) is right, inner product (<#>) and L2 (<->) are not",
+                    result.vectors.shape[1],
+                    norm,
+                )
+        if self.shape["own_usage"]:
+            return sum(count_tokens(text) for text in texts)
+        if self.usage_checked:
+            return result.tokens
+        self.usage_checked = True
+        usage, characters = result.tokens, sum(map(len, texts))
+        most = sum(len(text.encode()) for text in texts) + 2 * len(texts)  # no tokenizer makes more (markers included)
+        near = self.settings.tpm is None or counted / USAGE_FAR <= usage <= counted * USAGE_FAR  # exact counts: compare
+        if 0 < usage <= most and usage != characters and near:
+            return usage
+        if self.shape.set_flag("own_usage"):
+            log.warning(
+                "the server's usage is not in tokens (it said %d for inputs of %d characters): tokens are "
+                "counted here instead (cl100k, an approximation for this model)",
+                usage,
+                characters,
+            )
+        return sum(count_tokens(text) for text in texts)
+
     def _request(self, texts: list[str], tokens: int, limited: int = 0) -> Any:
         """One request, within the run's budgets, holding one of the --workers slots from the budget
         to the answer's last byte (back-offs and decoding happen outside it)."""
+        self.shape.follow(self.embedder)
         with self.slots:
             self._wait_for_budget(tokens)
             try:
@@ -155,6 +265,7 @@ class Requester:
                 self._stop_others()
                 raise
         result = self.embedder.decode(answer)
+        result.tokens = self._check_answer(result, texts, tokens)
         self.limiter.succeeded()
         self.limiter.observe(self.embedder.quota(result.headers), result.tokens, tokens)
         return result
@@ -182,10 +293,14 @@ class Requester:
                 timeout,
                 middle,
             )
+        return self._send([rows[:middle], rows[middle:]])
+
+    def _send(self, groups: list[list[Row]]):
+        """Each group's rows in requests as the run allows now (a cap learned meanwhile applies)."""
         embedded: list[tuple[list[Row], np.ndarray]] = []
         failed: list[Failure] = []
-        for half in (rows[:middle], rows[middle:]):
-            for chunk in pack_requests(half, self.limiter.max_inputs()):  # a cap learned meanwhile applies
+        for group in groups:
+            for chunk in pack_requests(group, *self.request_limits()):
                 ok, bad = self.embed_request(chunk)
                 embedded, failed = embedded + ok, failed + bad
         return embedded, failed

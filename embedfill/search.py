@@ -3,6 +3,7 @@ holds another model's vectors), and the rows nearest to it."""
 
 import json
 import logging
+import multiprocessing
 
 import numpy as np
 from pgvector.psycopg2 import register_vector
@@ -10,6 +11,7 @@ from pgvector.psycopg2 import register_vector
 from . import catalog, db, guard
 from .errors import EXIT_OK, ConfigError
 from .providers import make_embedder
+from .shape import Shape
 from .texts import row_text
 
 log = logging.getLogger(__name__)
@@ -27,11 +29,14 @@ def query_vector(conn, settings, target, text, verb="search"):
             f"{verb} with the model and dimensions that filled the column"
         )
     embedder = make_embedder(settings, target.dimensions)
+    shape = Shape(multiprocessing.get_context())
+    shape.load(conn, embedder.endpoint, embedder.model)
+    shape.follow(embedder)  # floats, no `dimensions`: as the runs learned to ask this server
     try:
         vector = embedder.embed([text]).vectors[0]
     finally:
         embedder.close()
-    error = target.width_error(settings, vector.shape[0])
+    error = target.width_error(settings, vector.shape[0], bool(shape["no_dimensions"]))
     if error:
         raise ConfigError(f"{error} (the query cannot be compared with the column's vectors)")
     return vector, wanted["model"]

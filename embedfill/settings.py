@@ -15,7 +15,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from .errors import ConfigError, UsageError
-from .models import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MODEL, LOCAL_MODEL, model_info
+from .models import DEFAULT_MODEL, LOCAL_MODEL, model_context, model_info
 from .options import OPTIONS, OPTIONS_BY_DEST
 
 
@@ -37,6 +37,8 @@ class Settings:
     api_version: str | None = None
     deployment: str | None = None
     dimensions: int | None = None
+    extra_body: str | None = None  # canonical JSON of an object (options.json_object)
+    encoding_format: str = "base64"
 
     # The table.
     table: str | None = None
@@ -86,10 +88,7 @@ class Settings:
     @property
     def input_token_limit(self) -> int:
         """The longest input in tokens that is sent unchanged."""
-        if self.max_input_tokens:
-            return self.max_input_tokens
-        info = model_info(self.model)
-        return info.max_input_tokens if info else DEFAULT_MAX_INPUT_TOKENS
+        return self.max_input_tokens or model_context(self.model, model_info(self.model))
 
     @property
     def model_name(self) -> str:

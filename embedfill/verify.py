@@ -25,9 +25,10 @@ from .check import MAX_MISMATCHES, Check
 from .errors import EXIT_OK, EXIT_PARTIAL, EtlError, Stop
 from .models import estimate_cost
 from .progress import Progress
-from .providers import make_embedder
+from .providers import make_embedder, make_provider
 from .ratelimit import RateLimiter
 from .requester import Requester, Row
+from .shape import Shape
 from .shared import SharedState
 from .texts import fit, mean_tokens, row_text
 from .worker import watch_parent
@@ -42,6 +43,9 @@ def verify(settings, sample, fix, out, as_json=False):
         target = catalog.inspect_target(conn, settings)
         schema.ensure(conn)
         guard.guard_column(conn, settings, target)
+        provider = make_provider(settings, target.dimensions)
+        shape = Shape(multiprocessing.get_context("fork"))
+        shape.load(conn, provider.endpoint, provider.model)
         if settings.dry_run:
             return dry_run(conn, settings, target, sample, out, as_json)
         estimate = catalog.estimate_rows(conn, target)
@@ -54,7 +58,7 @@ def verify(settings, sample, fix, out, as_json=False):
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
     requests = context.BoundedSemaphore(settings.workers)
     embedder = make_embedder(settings, target.dimensions)  # built before the fork: see worker.py
-    pool = context.Pool(settings.workers, _init_pool, (settings, shared, limiter, requests, embedder))
+    pool = context.Pool(settings.workers, _init_pool, (settings, shared, limiter, requests, shape, embedder))
     progress = Progress(sys.stderr, interval=settings.progress_interval)
     progress.set_total(total)
     check, finished = Check(), False
@@ -89,6 +93,7 @@ def verify(settings, sample, fix, out, as_json=False):
         else:  # an error or an interrupt: end the processes now
             pool.terminate()
         pool.join()
+        shape.keep(settings.database_url, embedder.endpoint, embedder.model)
         embedder.close()
         signal.signal(signal.SIGTERM, previous)
         progress.update({"embedded": check.checked, "failed": len(check.mismatches)}, force_line=True)
@@ -191,7 +196,7 @@ def dry_run(conn, settings, target, sample, out, as_json=False):
 _requester = None
 
 
-def _init_pool(settings, shared, limiter, slots, embedder):
+def _init_pool(settings, shared, limiter, slots, shape, embedder):
     """Pool initializer: the run's request path without a database, with this process's copy of
     the API client. The parent reads every page's result, its error included, in order: a fatal
     answer does not stop the other processes by itself."""
@@ -200,7 +205,7 @@ def _init_pool(settings, shared, limiter, slots, embedder):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch_parent(os.getppid())
     logs.set_process_name(f"w{shared.register_worker()}")
-    _requester = Requester(settings, embedder, shared, limiter, slots, stops_others=False)
+    _requester = Requester(settings, embedder, shared, limiter, slots, shape, stops_others=False)
     multiprocessing.util.Finalize(_requester, embedder.close, exitpriority=10)
 
 
@@ -208,7 +213,8 @@ def embed_texts(items):
     """Pool task: [(row_id, text)] -> ({row_id: fresh vector}, {row_id: why it was not embedded}),
     each text cut to the model's limit as the run cuts it."""
     settings = _requester.settings
-    rows = [Row(row_id, *fit(text, settings.input_token_limit, settings.tpm is not None)[:2]) for row_id, text in items]
+    limit = _requester.input_limit()
+    rows = [Row(row_id, *fit(text, limit, settings.tpm is not None)[:2]) for row_id, text in items]
     vectors, failed = {}, {}
     try:
         embedded, failures = _requester.embed(rows)

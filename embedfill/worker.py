@@ -199,7 +199,7 @@ class Worker:
         """Embed the claimed rows and write their vectors (with the rows that failed recorded and
         the claims released) in one short transaction. Returns the counts for the shared totals."""
         failures, rows, truncated, hashes = [], [], 0, {}
-        limit = self.settings.input_token_limit
+        limit = self.requester.input_limit()
         exact = self.settings.tpm is not None  # a token budget needs real counts
         for row_id, digest, *values in claimed:
             text = row_text(values)
@@ -246,7 +246,7 @@ class Worker:
                 self._recover(error)
 
     def check_width(self, width):
-        error = self.target.width_error(self.settings, width)
+        error = self.target.width_error(self.settings, width, bool(self.requester.shape["no_dimensions"]))
         if error:
             raise FatalProviderError(error)
 
@@ -267,7 +267,7 @@ def watch_parent(parent):
 _worker = None
 
 
-def init_worker(settings, target, ranges, shared, limiter, slots, embedder, run_id, identity):
+def init_worker(settings, target, ranges, shared, limiter, slots, shape, embedder, run_id, identity):
     """Pool initializer: runs once in each new worker process."""
     global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
@@ -277,7 +277,7 @@ def init_worker(settings, target, ranges, shared, limiter, slots, embedder, run_
     watch_parent(os.getppid())
     number = shared.register_worker()
     logs.set_process_name(f"w{number}")
-    requester = Requester(settings, embedder, shared, limiter, slots)
+    requester = Requester(settings, embedder, shared, limiter, slots, shape)
     _worker = Worker(settings, target, ranges, shared, requester, number, run_id, identity)
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 

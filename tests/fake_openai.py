@@ -24,6 +24,7 @@ Run standalone for the benchmark: python -m tests.fake_openai --port 8911 --late
 
 import argparse
 import collections
+import contextlib
 import email.policy
 import hashlib
 import json
@@ -135,6 +136,14 @@ class FakeOpenAI:
         seconds_per_input=0.0,
         error_style="openai",
     ):
+        # What real servers do that OpenAI does not (bench/SERVERS.md): a cap on the inputs of one
+        # request (input_cap, answered cap_status 413 as TEI does or 422 as Infinity/FastAPI do), base64
+        # refused (older vLLM), `dimensions` refused (Together) or cut without renormalising (Infinity,
+        # dimensions_style "cut"), usage in characters or none (usage_style), one request at a time (serial).
+        self.input_cap, self.cap_status = None, 413
+        self.refuse_base64 = self.refuse_dimensions = False
+        self.dimensions_style, self.usage_style = "openai", "tokens"
+        self.serial = None  # a Lock while requests are served one at a time
         self.api_key = api_key
         self.shuffle = shuffle
         self.latency = latency
@@ -282,6 +291,7 @@ class FakeOpenAI:
         with self.lock:
             if not via_batch:
                 self.requests += 1
+                self.last_body = body
                 self.arrivals.append(time.monotonic())
                 if self.first_request_at is None:
                     self.first_request_at = time.time()
@@ -348,6 +358,31 @@ class FakeOpenAI:
                 self._count_status(400)
                 return 400, {}, _error("Invalid input: the input contains refused content"), hang
             counts.append(tokens)
+        if self.input_cap is not None and len(inputs) > self.input_cap and not via_batch:
+            self._count_status(self.cap_status)
+            if self.cap_status == 422:  # Infinity's (FastAPI's validation) answer
+                item = {
+                    "type": "too_long",
+                    "loc": ["body", "input"],
+                    "input": inputs,
+                    "msg": f"List should have at most {self.input_cap} items after validation, not {len(inputs)}",
+                }
+                return 422, {}, {"detail": [item]}, hang
+            message = f"batch size {len(inputs)} > maximum allowed batch size {self.input_cap}"  # TEI's
+            return self.cap_status, {}, {"error": message, "error_type": "Validation"}, hang
+        if self.refuse_base64 and body.get("encoding_format") == "base64":
+            self._count_status(400)
+            refusal = {
+                "object": "error",
+                "message": "base64 encoding is not currently supported",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }  # vLLM's
+            return 400, {}, refusal, hang
+        if self.refuse_dimensions and "dimensions" in body:
+            self._count_status(400)
+            return 400, {}, _error("Unrecognized request arguments supplied: dimensions"), hang
         total = sum(counts)
         if total > 300_000:
             self._count_status(400)
@@ -366,7 +401,10 @@ class FakeOpenAI:
         if body.get("dimensions") and not self.ignore_dimensions:
             dimensions = int(body["dimensions"])
         as_base64 = body.get("encoding_format") == "base64"
-        vectors = expected_vectors(inputs, dimensions)
+        if self.dimensions_style == "cut":  # the model's vectors, cut and not renormalised
+            vectors = np.ascontiguousarray(expected_vectors(inputs, MODELS[model])[:, :dimensions])
+        else:
+            vectors = expected_vectors(inputs, dimensions)
         if as_base64:
             values = [b'"' + value + b'"' for value in base64_rows(vectors)]
         else:
@@ -390,8 +428,10 @@ class FakeOpenAI:
             parts.append(b'%s{"object":"embedding","index":%d,"embedding":' % (b"," if position else b"", index))
             parts.append(value)
             parts.append(b"}")
+        reported = {"tokens": total, "characters": sum(len(text) for text in inputs), "none": 0}[self.usage_style]
         parts.append(
-            b'],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (json.dumps(model).encode(), total, total)
+            b'],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}'
+            % (json.dumps(model).encode(), reported, reported)
         )
         payload = RawJson(b"".join(parts))
         return 200, limit_headers, payload, hang + (0 if via_batch else self.seconds_per_input * len(inputs))
@@ -632,15 +672,17 @@ class _Handler(BaseHTTPRequestHandler):
             if answered is not None:
                 owner.idle_seconds += arrived - answered
                 owner.idle_gaps += 1
+        serial = owner.serial or contextlib.nullcontext()
         try:
-            if url.path == "/api/embed":
-                status, headers, payload, hang = owner.handle_ollama(self.headers, body)
-            else:
-                status, headers, payload, hang = owner.handle(self.headers, body, azure)
-            if hang:
-                time.sleep(hang)
-            if status is not None and owner.latency:  # the answer leaves `latency` after the request came
-                time.sleep(max(0.0, arrived + hang + owner.latency - time.monotonic()))
+            with serial:  # a server that serves one request at a time makes the others wait their turn
+                if url.path == "/api/embed":
+                    status, headers, payload, hang = owner.handle_ollama(self.headers, body)
+                else:
+                    status, headers, payload, hang = owner.handle(self.headers, body, azure)
+                if hang:
+                    time.sleep(hang)
+                if status is not None and owner.latency:  # the answer leaves `latency` after the request came
+                    time.sleep(max(0.0, arrived + hang + owner.latency - time.monotonic()))
         finally:
             with owner.lock:  # before answering: the client's next request cannot overlap this one
                 owner.in_flight -= 1

@@ -37,20 +37,25 @@ class ColumnType:
         return f"{self.name}({dimensions})" if dimensions else self.name
 
 
-def width_error(shown: str, column_type: str, typed: int | None, configured: int | None, model: str, width: int):
+def width_error(
+    shown: str, column_type: str, typed: int | None, configured: int | None, model: str, width: int, refused: bool
+) -> str | None:
     """The one-line message when an embedding's width is not the column's (or EMBEDDING_DIMENSIONS'),
-    or None when it fits. `typed` is the column's dimension count, `configured` EMBEDDING_DIMENSIONS."""
+    or None when it fits. `typed` is the column's dimension count, `configured` EMBEDDING_DIMENSIONS,
+    `refused`: the server does not accept `dimensions` (it is no longer sent)."""
     expected = typed or configured
     if not expected or width == expected:
         return None
-    if typed:
+    if configured:  # asked for, and not given
+        what = "does not accept" if refused else "ignored"
         return (
-            f"{shown} is {column_type} but {model} returned {width} dimensions; "
-            f"set EMBEDDING_DIMENSIONS={expected} or change the column"
+            f"the server {what} `dimensions` ({configured} asked, {width} returned by {model}): make {shown} "
+            f"{column_type.split('(')[0]}({width}), the model's own size, without EMBEDDING_DIMENSIONS, "
+            "or use a server that supports `dimensions`"
         )
     return (
-        f"EMBEDDING_DIMENSIONS is {expected} but {model} returned {width} dimensions; "
-        "the model or server ignores `dimensions`"
+        f"{shown} is {column_type} but {model} returned {width} dimensions; "
+        f"set EMBEDDING_DIMENSIONS={expected} or change the column"
     )
 
 

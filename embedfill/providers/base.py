@@ -10,6 +10,7 @@ once into errors.py's types, which say whether to retry, split or stop.
 """
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ import numpy as np
 from ..errors import ConfigError, FatalProviderError, InvalidInputError, ProviderError, TransientProviderError
 
 DEFAULT_MAX_INPUT_TOKENS = 8191  # the longest input of a model the tool knows nothing of
+# The context of common open models (served by vLLM, TEI, Infinity, Ollama...), by a part of their name.
+OPEN_MODEL_CONTEXTS = (
+    ("bge-m3", 8192), ("nomic-embed", 8192), ("jina-embeddings", 8192), ("gte-qwen", 8192), ("minilm", 256),
+    ("mpnet", 384), ("e5-", 512), ("bge-", 512), ("gte-", 512), ("mxbai-embed", 512), ("snowflake-arctic-embed", 512),
+)  # fmt: skip
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Provider(ABC):
     batch_endpoint: ClassVar[str | None] = None  # its Batch API's endpoint; None: it has none
     max_inputs_per_request: ClassVar[int | None] = None  # None: no limit known
     max_tokens_per_request: ClassVar[int | None] = None
+    reports_usage: ClassVar[bool] = True  # its answers say the tokens billed (requester.py checks they are tokens)
 
     def __init__(self, settings: Any, column_dimensions: int | None = None, endpoint: str = "", secret: str = ""):
         self.settings = settings
@@ -90,12 +97,10 @@ class Provider(ABC):
         self.dimensions = settings.dimensions  # sent as `dimensions` when set
         self.endpoint = endpoint  # where requests go (no secret in it)
         self._secret = secret or ""  # what quota_key hashes with the endpoint; never shown
-        self.extra_body: dict = {}  # fields added to every request body
-        info = self.model_info()
+        self.extra_body: dict = json.loads(settings.extra_body or "{}")  # fields added to every request body
+        self.encoding: str | None = None  # the `encoding_format` asked for, when the provider sends one
         self.limits = Limits(
-            self.max_inputs_per_request,
-            self.max_tokens_per_request,
-            settings.max_input_tokens or (info.max_input_tokens if info else DEFAULT_MAX_INPUT_TOKENS),
+            self.max_inputs_per_request, self.max_tokens_per_request, settings.max_input_tokens or self.context()
         )
 
     # --- what it is ------------------------------------------------------------------------------
@@ -116,6 +121,10 @@ class Provider(ABC):
     def model_info(self) -> ModelInfo | None:
         """The known facts about the model it serves, or None."""
         return self.models.get(self.model_name)
+
+    def context(self) -> int:
+        """The model's input limit in tokens: known, else a common open model's, else 8191."""
+        return model_context(self.model_name, self.model_info())
 
     @property
     def output_dimensions(self) -> int | None:
@@ -184,7 +193,7 @@ class Provider(ABC):
         if status in (408, 409) or status >= 500:
             return TransientProviderError(f"server error ({status}: {message})", retry_after_seconds(headers))
         if status in (400, 413, 422):
-            return InvalidInputError(f"{status}: {message}")
+            return InvalidInputError(f"{status}: {message}", status, message)
         return FatalProviderError(f"the API answered {status}: {message}")
 
     def connection_error(self, cause: BaseException, timed_out: str | None = None) -> TransientProviderError:
@@ -197,6 +206,14 @@ class Provider(ABC):
         if timed_out is not None:
             return TransientProviderError(f"request timed out ({timed_out})", kind="timeout")
         return TransientProviderError(f"connection error: {type(cause).__name__}: {cause_text(cause)}")
+
+
+def model_context(model: str, info: ModelInfo | None) -> int:
+    """The input limit of `model`: its ModelInfo's, a common open model's (by name), else 8191."""
+    if info is not None:
+        return info.max_input_tokens
+    name = model.lower()
+    return next((tokens for part, tokens in OPEN_MODEL_CONTEXTS if part in name), DEFAULT_MAX_INPUT_TOKENS)
 
 
 def check_url(name: str, url: str | None) -> None:

@@ -19,6 +19,7 @@ LOCAL_DEFAULT_DIMENSIONS = 256
 
 class LocalProvider(Provider):
     name = "local"
+    reports_usage = False
     models = {LOCAL_MODEL: ModelInfo(LOCAL_DEFAULT_DIMENSIONS, DEFAULT_MAX_INPUT_TOKENS, 0.0)}
 
     def __init__(self, settings: Any, column_dimensions: int | None = None):

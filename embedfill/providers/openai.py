@@ -44,7 +44,7 @@ class OpenAIProvider(Provider):
     def __init__(self, settings: Any, column_dimensions: int | None = None):
         endpoint = settings.base_url or "https://api.openai.com/v1"
         super().__init__(settings, column_dimensions, endpoint, settings.api_key or self.name)
-        self.encoding = "base64"  # what `encoding_format` asks for (decode reads floats too)
+        self.encoding = settings.encoding_format  # base64, or float (decode reads both)
         self.client = None
 
     def check(self) -> None:

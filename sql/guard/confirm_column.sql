@@ -7,5 +7,5 @@ UPDATE etl_columns
 SET claimed_by = NULL
 WHERE table_name = %(table_name)s AND column_name = %(column_name)s
   AND model = %(model)s AND dimensions IS NOT DISTINCT FROM %(dimensions)s
-  AND provider = %(provider)s AND recipe = %(recipe)s::text[]
+  AND provider = %(provider)s AND recipe = %(recipe)s::text[] AND coalesce(extra_body, '') = %(extra_body)s
 RETURNING 1;
