@@ -15,6 +15,8 @@ import logging
 import tempfile
 import uuid
 from collections import namedtuple
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import psycopg2.extras
 from psycopg2 import sql
@@ -25,6 +27,14 @@ from .providers import make_provider
 from .requester import Row, pack_requests
 from .store import WorkerStore
 from .texts import fit, row_text
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types import Batch
+
+    from .catalog import Target
+    from .requester import Failure, Requester
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,7 @@ Record = namedtuple("Record", "key batch_id state rows attempts counts created a
 
 
 @contextlib.contextmanager
-def api(what):
+def api(what: str) -> Iterator[None]:
     """The SDK's errors, wrapped once (its own retries cover the transient ones)."""
     import openai
 
@@ -48,7 +58,7 @@ def api(what):
         raise ProviderError(f"{what} failed: {str(error).splitlines()[0][:300]}") from error
 
 
-def make_client(settings):
+def make_client(settings: "Settings") -> "openai.OpenAI":
     import openai
 
     return openai.OpenAI(api_key=settings.api_key, base_url=settings.base_url, timeout=settings.request_timeout)
@@ -57,19 +67,19 @@ def make_client(settings):
 class BatchRun:
     """The batches of one table: submit, poll, land, resubmit; counts for the summary."""
 
-    def __init__(self, settings, conn, target):
+    def __init__(self, settings: "Settings", conn: db.Connection, target: "Target") -> None:
         self.settings, self.conn, self.target = settings, conn, target
         self.table = target.qualified_name
         self.store = WorkerStore(conn, target, "", settings.retry_failed, skip_batched=True)
         self.client = make_client(settings)
         self.provider = make_provider(settings, target.dimensions)  # what a request line says
-        self.requester = None  # the normal endpoint, opened for the few rows a batch refused
+        self.requester: Requester | None = None  # the normal endpoint, opened for the few rows a batch refused
         self.keys = {"column_name": target.embedding_column, "run_id": ""}
         self.identity = guard.column_identity(settings, target)
         self.totals = dict(embedded=0, failed=0, tokens=0, requests=0, retries=0, rate_limited=0, truncated=0)
         self.submitted = 0
 
-    def close(self):
+    def close(self) -> None:
         self.client.close()
         if self.requester is not None:
             self.requester.embedder.close()
@@ -78,7 +88,7 @@ class BatchRun:
                     self.totals[name] += value
 
     # --- PostgreSQL ------------------------------------------------------------------------------
-    def execute(self, name, **params):
+    def execute(self, name: str, **params: Any) -> db.Cursor:
         cur = self.conn.cursor()
         slots = {}
         if name == "batch/batch_claim":
@@ -87,7 +97,7 @@ class BatchRun:
         cur.execute(self.target.query(name, **slots), {"table_name": self.table, **params})
         return cur
 
-    def update(self, key, **fields):
+    def update(self, key: str, **fields: Any) -> None:
         """Set fields of one etl_batches row and commit."""
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in fields
@@ -97,22 +107,24 @@ class BatchRun:
             cur.execute(query, {**fields, "key": key})
         self.conn.commit()
 
-    def pending(self):
+    def pending(self) -> list[Record]:
         records = [Record(*row) for row in self.execute("batch/batch_pending").fetchall()]
         self.conn.rollback()
         return records
 
-    def release(self, key, row_ids=None, unplaced_only=False):
+    def release(self, key: str, row_ids: list[str] | None = None, unplaced_only: bool = False) -> None:
         self.execute("batch/batch_release", key=key, row_ids=row_ids, unplaced_only=unplaced_only).close()
 
     # --- submit ----------------------------------------------------------------------------------
-    def submit_new(self):
+    def submit_new(self) -> None:
         """Claim the NULL rows not in a pending batch, --batch-rows at a time; record each batch's rows, create it."""
         after, left, exhausted = None, self.settings.limit, False
         limit = self.settings.input_token_limit
         while not exhausted and left != 0:
             want = min(left or self.settings.batch_rows, self.settings.batch_rows)
-            row_ids, failures, size = [], [], 0
+            row_ids: list[tuple[str, int]] = []  # (row_id, text hash)
+            failures: list[Failure] = []
+            size = 0
             while not exhausted and size <= TEXT_BYTES_PER_FILE and len(row_ids) + len(failures) < want:
                 asked = min(CLAIM_PAGE, want - len(row_ids) - len(failures))
                 page = self.execute("batch/batch_claim", after=after, limit=asked, **self.keys).fetchall()
@@ -150,7 +162,7 @@ class BatchRun:
             if row_ids:
                 self.create(key, 1)
 
-    def create(self, key, attempt):
+    def create(self, key: str, attempt: int) -> None:
         """Build the batch's file from its rows, upload it, create the batch; each step committed first."""
         with tempfile.TemporaryFile() as file:
             if not self.write_file(key, file):
@@ -169,12 +181,14 @@ class BatchRun:
         self.submitted += 1
         log.info("submitted batch %s (%s)", key, batch.id)
 
-    def write_file(self, key, file):
+    def write_file(self, key: str, file: IO[bytes]) -> int:
         """The JSONL request lines of a batch's rows; their places are committed. Returns the rows placed."""
         limit, size = self.settings.input_token_limit, self.settings.batch_size
-        places, chunk, numbers = [], [], iter(range(1 << 31))
+        places: list[tuple[str, str, int, int]] = []  # (table, row_id, request number, position in it)
+        chunk: list[Row] = []
+        numbers = iter(range(1 << 31))
 
-        def flush():
+        def flush() -> None:
             for rows in pack_requests(chunk):
                 number = next(numbers)
                 places.extend((self.table, row.row_id, number, position) for position, row in enumerate(rows))
@@ -203,12 +217,14 @@ class BatchRun:
         self.conn.commit()
         return len(places)
 
-    def resume(self, create=True):
+    def resume(self, create: bool = True) -> None:
         """Records without a batch id: adopt the batch created just before a kill, else create it."""
         records = [record for record in self.pending() if record.batch_id is None]
         if not records:
             return
-        found, oldest = {}, min(record.created for record in records) - 600
+        found: dict[tuple[str | None, str | None], Batch] = {}
+        batch: Batch | None
+        oldest = min(record.created for record in records) - 600
         with api("listing batches"):
             for batch in self.client.batches.list(limit=100):  # newest first, page after page
                 if batch.created_at < oldest:

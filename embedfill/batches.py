@@ -5,6 +5,7 @@ import logging
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, TextIO, cast
 
 from . import catalog, db, guard, schema
 from .batchapi import ENDED, BatchRun, Record, api
@@ -13,10 +14,14 @@ from .landing import Landing
 from .progress import summary_line
 from .providers import make_provider
 
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 
-def _open(settings):
+def _open(settings: "Settings") -> BatchRun:
     provider = make_provider(settings)
     if provider.batch_endpoint is None:
         raise ConfigError("--batch-api needs the OpenAI API: set ETL_PROVIDER=openai")
@@ -32,7 +37,7 @@ def _open(settings):
         raise
 
 
-def run_batches(settings, out=None):
+def run_batches(settings: "Settings", out: TextIO | None = None) -> int:
     """`python etl.py --batch-api`: land, submit, then wait and land (unless --no-wait); the exit code."""
     out = out or sys.stdout
     started = time.monotonic()
@@ -56,9 +61,9 @@ def run_batches(settings, out=None):
             run.close()
             run.conn.close()
     if run is None:  # a signal before the database answered
-        return stopped.exit_code
+        return cast(Stop, stopped).exit_code  # _open was stopped
     print(summary_line(settings, run.totals, time.monotonic() - started, 0), file=out, flush=True)
-    log.info("batches submitted=%d ended=%d", run.submitted, landing.landed)
+    log.info("batches submitted=%d ended=%d", run.submitted, cast(Landing, landing).landed)
     if stopped is not None:
         log.warning(
             "interrupted by %s: the batches keep running at OpenAI; rerun the same command to land them",
@@ -77,7 +82,7 @@ def run_batches(settings, out=None):
     return EXIT_OK
 
 
-def cancel_batches(settings, out):
+def cancel_batches(settings: "Settings", out: TextIO) -> int:
     """`python etl.py batches cancel`: cancel this table's pending batches and release their rows."""
     run = _open(settings)
     try:
@@ -110,7 +115,7 @@ def cancel_batches(settings, out):
     return EXIT_OK
 
 
-def status_lines(conn, target):
+def status_lines(conn: db.Connection, target: "Target") -> list[str]:
     """One line per pending batch of the table, from PostgreSQL alone (no API call)."""
     if not catalog.tool_table_exists(conn, "etl_batches"):
         return []

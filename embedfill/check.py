@@ -1,28 +1,41 @@
 """What `verify` found: each stored vector compared with the fresh embedding of its row's text, and
 each mismatch explained (the vector of another row's text, or of no text it was compared with)."""
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg2.extras
 
+from .db import Connection
 from .texts import row_text
+
+if TYPE_CHECKING:
+    from multiprocessing.pool import AsyncResult, Pool
+
+    from pgvector import HalfVector, Vector
+
+    from .catalog import Target
 
 SIMILAR = 0.99  # cosine at or above which a stored vector is its text's
 NEIGHBOURS = 3  # stored neighbours whose texts are embedded to explain one mismatch
 MAX_SEARCHES = 100  # mismatches explained by a kNN query (each reads the table without a vector index)
 MAX_MISMATCHES = 1000  # past this the column looks wrong as a whole: stop and say so
 
+# What embedding a page's texts gives: ({row_id: fresh vector}, {row_id: why it was not embedded}).
+Fresh = tuple[dict[str, np.ndarray], dict[str, str]]
+
 
 @dataclass
 class Mismatch:
     row_id: str
-    stored: object  # the pgvector Vector read from the row, sent back as is by --fix
+    stored: "Vector | HalfVector"  # the pgvector Vector read from the row, sent back as is by --fix
     fresh: np.ndarray | None  # the embedding of the row's text now (None: the text is empty)
     source: str | None = None  # the row whose text the stored vector belongs to
     searched: bool = False
 
-    def line(self):
+    def line(self) -> str:
         if self.source is not None:
             return f"row {self.row_id}: holds the vector of row {self.source}'s text"
         if self.fresh is None:
@@ -31,7 +44,7 @@ class Mismatch:
         return f"row {self.row_id}: not its text's vector (text edited since, or another model{where})"
 
 
-def cosine(a, b):
+def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float:
     if a is None or b is None or a.shape != b.shape:
         return -1.0
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
@@ -41,12 +54,12 @@ def cosine(a, b):
 class Check:
     """What the comparison found: rows checked, mismatches (with their vectors), rows not embedded."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.checked = 0
-        self.mismatches = []
-        self.unchecked = []  # (row_id, reason)
+        self.mismatches: list[Mismatch] = []
+        self.unchecked: list[tuple[str, str]] = []  # (row_id, reason)
 
-    def compare(self, page, result):
+    def compare(self, page: list[tuple[Any, ...]], result: "AsyncResult[Fresh]") -> None:
         fresh, failed = result.get()
         for row_id, *_, stored in page:
             if row_id in failed:
@@ -57,7 +70,14 @@ class Check:
             if vector is None or cosine(stored.to_numpy(), vector) < SIMILAR:
                 self.mismatches.append(Mismatch(row_id, stored, vector))
 
-    def explain(self, conn, target, pool, batch_size, embed_texts):
+    def explain(
+        self,
+        conn: Connection,
+        target: "Target",
+        pool: "Pool",
+        batch_size: int,
+        embed_texts: Callable[[list[tuple[str, str]]], Fresh],
+    ) -> None:
         """Find whose text each mismatched vector is: first among the mismatched rows' own texts
         (two rows swapped), then among its nearest stored neighbours, whose texts are embedded
         (a vector copied from a row that is right)."""
@@ -78,13 +98,13 @@ class Check:
             fresh.update(vectors)
         self._match(fresh)
 
-    def _match(self, fresh):
+    def _match(self, fresh: dict[str, np.ndarray]) -> None:
         for m in self.mismatches:
             if m.source is None:
                 stored = m.stored.to_numpy()
                 m.source = next((i for i, v in fresh.items() if i != m.row_id and cosine(stored, v) >= SIMILAR), None)
 
-    def fix(self, conn, target):
+    def fix(self, conn: Connection, target: "Target") -> int:
         """Set the mismatched rows to NULL where they still hold the vector that was checked."""
         values = [(m.row_id, m.stored) for m in self.mismatches]
         with conn.cursor() as cur:
@@ -95,13 +115,13 @@ class Check:
         conn.commit()
         return fixed
 
-    def records(self):
+    def records(self) -> Iterator[dict[str, Any]]:
         """What `lines` says, as dicts for --json."""
         for m in self.mismatches:
             yield {"id": m.row_id, "result": "mismatched", "holds_vector_of": m.source, "explanation": m.line()}
         for row_id, reason in self.unchecked:
             yield {"id": row_id, "result": "unchecked", "holds_vector_of": None, "explanation": reason}
 
-    def lines(self):
+    def lines(self) -> Iterator[str]:
         yield from (m.line() for m in self.mismatches)
         yield from (f"row {row_id}: not checked: {reason}" for row_id, reason in self.unchecked)

@@ -4,7 +4,9 @@ Catalog inspection, counts and advice live in catalog.py."""
 
 import functools
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -14,6 +16,10 @@ from . import logs
 from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
+
+# psycopg2 ships no type information: its connections and cursors are Any to mypy.
+Connection = Any
+Cursor = Any
 
 # sql/ at the top of a checkout; inside the package (embedfill/sql) when installed from a build,
 # which ships the same files there (pyproject.toml).
@@ -38,12 +44,12 @@ TCP_SETTINGS = {
 
 
 @functools.cache
-def load_sql(name):
+def load_sql(name: str) -> str:
     """The text of sql/<name>.sql."""
     return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
 
 
-def describe_url(url):
+def describe_url(url: str | None) -> str:
     """The URL without its password, for messages."""
     try:
         parts = urlsplit(url)
@@ -54,13 +60,15 @@ def describe_url(url):
     return "the configured database"
 
 
-def first_line(error):
+def first_line(error: BaseException) -> str:
     """The first line of an error's text, without secrets (libpq may echo a password)."""
     text = str(error).strip() or type(error).__name__
     return logs.redact(text.splitlines()[0].strip())
 
 
-def connect(url, application_name=APPLICATION_PREFIX, timeout=10, **options):
+def connect(
+    url: str | None, application_name: str = APPLICATION_PREFIX, timeout: float = 10, **options: Any
+) -> Connection:
     """A psycopg2 connection speaking UTF-8 whatever the database's encoding (ids and texts
     round-trip exactly), with TCP keepalives, in READ COMMITTED whatever the database's default
     (a claim must see the claims made while it waited for its lock: claim/claim_lock.sql), or a
@@ -89,7 +97,7 @@ def connect(url, application_name=APPLICATION_PREFIX, timeout=10, **options):
 
 
 # What to do about the errors a user can act on, by SQLSTATE.
-ADVICE = {
+ADVICE: dict[str | None, str] = {
     "25006": "the database is read-only (a standby, or default_transaction_read_only is on): "
     "point DATABASE_URL at the primary",
     "53300": "the server has no connection left (max_connections): lower --workers, or free connections",
@@ -99,7 +107,7 @@ ADVICE = {
 }
 
 
-def explain(error):
+def explain(error: BaseException) -> str:
     """A database error in one line, with what to do when the tool knows (read-only server, no
     connection left, a missing privilege)."""
     text = first_line(error)
@@ -107,7 +115,7 @@ def explain(error):
     return f"{text} ({advice})" if advice else text
 
 
-def password(url):
+def password(url: str) -> str | None:
     """The password in a connection URL or string, if any (so that no message shows it)."""
     try:
         return psycopg2.extensions.parse_dsn(url).get("password")
@@ -121,8 +129,8 @@ def password(url):
 class ChunkReader:
     """A file for COPY to read, over an iterator of byte chunks: nothing is built whole."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self.chunks = iter(chunks)
 
-    def read(self, size=-1):
+    def read(self, size: int = -1) -> bytes:
         return next(self.chunks, b"")

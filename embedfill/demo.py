@@ -3,12 +3,17 @@
 import itertools
 import logging
 import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
 
 import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db, guard, schema
 from .errors import DatabaseError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +47,14 @@ STYLES = ["", "매운 ", "순한 ", "집밥 ", "Homemade ", "Spicy ", "Low-salt 
 # fmt: on
 
 
-def _category(name):
+def _category(name: str) -> str:
     for suffix, category in CATEGORIES.items():
         if suffix in name:
             return category
     return "기타/other"
 
 
-def generate_rows(count, seed=42):
+def generate_rows(count: int, seed: int = 42) -> Iterator[str]:
     """Yield COPY text lines: name, category, description (nutrients per 100 g written as text)."""
     rng = random.Random(seed)
     for _ in range(count):
@@ -65,17 +70,17 @@ def generate_rows(count, seed=42):
         yield f"{style}{name}\t{_category(name)}\t{description}\n"
 
 
-def line_reader(lines):
+def line_reader(lines: Iterator[str]) -> db.ChunkReader:
     """A file for COPY to read over a generator of text lines, 5,000 lines at a time."""
     return db.ChunkReader(iter(lambda: "".join(itertools.islice(lines, 5000)).encode("utf-8"), b""))
 
 
-def marker(rows, dimensions):
+def marker(rows: int, dimensions: int) -> str:
     """The demo table's comment: says it is the demo's, and with which --rows and dimensions it was made."""
     return f"{DEMO_MARKER} (rows={rows}, vector({dimensions}))"
 
 
-def prepare_table(settings, rows, dimensions, out):
+def prepare_table(settings: "Settings", rows: int, dimensions: int, out: TextIO) -> bool:
     """Resume an interrupted demo, or (re)create the demo's table; True when resumed.
 
     A table made by the demo with the same --rows and dimensions that still has rows without a
@@ -112,7 +117,7 @@ def prepare_table(settings, rows, dimensions, out):
     return False
 
 
-def _rows_left(conn, settings):
+def _rows_left(conn: db.Connection, settings: "Settings") -> int:
     """Rows of the demo's table still to embed by this run, or 0 when it cannot resume the table:
     a column that holds another provider's or model's vectors is started over."""
     target = catalog.inspect_target(conn, settings)
@@ -122,7 +127,7 @@ def _rows_left(conn, settings):
     return catalog.count_null(conn, target)
 
 
-def _create(conn, rows, dimensions):
+def _create(conn: db.Connection, rows: int, dimensions: int) -> None:
     names = {"table": sql.Identifier(DEMO_TABLE), "name": sql.Literal(DEMO_TABLE)}
     with conn.cursor() as cur:
         cur.execute(db.load_sql("table/extension"))

@@ -5,12 +5,16 @@ import logging
 import os
 import select
 import time
+from typing import TYPE_CHECKING
 
 import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db, planner
 from .errors import DatabaseError
+
+if TYPE_CHECKING:
+    from .passes import Run
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +24,11 @@ DEBOUNCE_SECONDS = 1.0  # after a notification, gather the rest of a burst this 
 class Follower:
     """The follow loop of a Run (its passes, lease, progress and signals)."""
 
-    def __init__(self, run):
+    def __init__(self, run: "Run") -> None:
         self.run = run
         self.settings, self.target = run.settings, run.target
 
-    def follow(self):
+    def follow(self) -> None:
         """After the backlog: sleep on LISTEN (and a poll every --poll-seconds), then embed the rows
         that need a vector in another pass; until a signal or a fatal error."""
         if self.run.progress is not None:
@@ -66,7 +70,7 @@ class Follower:
         if listener is not None:
             listener.close()
 
-    def _listen(self):
+    def _listen(self) -> db.Connection | None:
         """A connection LISTENing on the table's channel, waiting up to --reconnect-seconds for the
         database; None after a signal or when the database stayed away (then `fatal` says so)."""
         window = self.settings.reconnect_seconds
@@ -94,7 +98,7 @@ class Follower:
             if self._idle(1.0):
                 return None
 
-    def _wait(self, conn):
+    def _wait(self, conn: db.Connection) -> None:
         """Until a notification (then DEBOUNCE_SECONDS more, so that a burst of edits becomes
         full batches), --poll-seconds, or a signal."""
         deadline = time.monotonic() + self.settings.poll_seconds
@@ -111,7 +115,7 @@ class Follower:
                 conn.notifies.clear()
                 woken = woken or time.monotonic()
 
-    def _idle(self, seconds):
+    def _idle(self, seconds: float) -> bool:
         """Sleep up to `seconds`, keeping the lease and the progress lines; True on a signal."""
         deadline = time.monotonic() + seconds
         while not self.run.received and time.monotonic() < deadline:
@@ -119,5 +123,5 @@ class Follower:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         return bool(self.run.received)
 
-    def _tick(self):
+    def _tick(self) -> None:
         self.run.tick()

@@ -14,6 +14,8 @@ import re
 import signal
 import threading
 import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import psycopg2
 from psycopg2 import sql
@@ -22,13 +24,17 @@ from . import catalog, db
 from .errors import DatabaseError, EtlError, FatalProviderError, Stop
 from .lease import RENEW_SECONDS
 
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x656D6269  # "embi", with the table's hash: one drop or rebuild at a time per table
 DEFINITION = re.compile(r"CREATE (UNIQUE )?INDEX (\S+|\"(?:[^\"]|\"\")+\") ON ")
 
 
-def vector_indexes(conn, target):
+def vector_indexes(conn: db.Connection, target: "Target") -> list[tuple[str, str, str]]:
     """[(schema, name, definition)] of the valid HNSW/IVFFlat indexes on the embedding column,
     each definition schema-qualified throughout (read with an empty search_path, as pg_dump does)."""
     relation = catalog.relation_literal(conn, target.name_parts)
@@ -41,7 +47,7 @@ def vector_indexes(conn, target):
     return rows
 
 
-def deferred(conn, target):
+def deferred(conn: db.Connection, target: "Target") -> list[tuple[str, str, str, timedelta]]:
     """[(schema, name, definition, age)] of the indexes dropped by --defer-index, waiting to be rebuilt."""
     with conn.cursor() as cur:
         cur.execute(db.load_sql("index/deferred_indexes"), {"table_name": target.qualified_name})
@@ -50,7 +56,7 @@ def deferred(conn, target):
     return rows
 
 
-def prepare(conn, target, settings):
+def prepare(conn: db.Connection, target: "Target", settings: "Settings") -> None:
     """Before the first request: say which vector indexes the writes will feed, and with
     --defer-index (once a request has shown that the provider answers) record, then drop them."""
     waiting = deferred(conn, target)
@@ -94,7 +100,7 @@ def prepare(conn, target, settings):
     log.info("--defer-index: dropped %s (recorded in etl_deferred_indexes); rebuilt when the run ends", names)
 
 
-def _probe(settings, target):
+def _probe(settings: "Settings", target: "Target") -> None:
     """One request before an index is dropped: a wrong key, model, deployment or dimension stops
     the run while the index is still there."""
     from .providers import make_embedder
@@ -106,12 +112,12 @@ def _probe(settings, target):
         raise EtlError(f"{error} (the vector index was not dropped)") from error
     finally:
         embedder.close()  # no socket crosses the fork
-    error = target.width_error(settings, width)
-    if error:
-        raise FatalProviderError(f"{error} (the index was not dropped)")
+    mismatch = target.width_error(settings, width)  # not `error`: that name is the except clause's above
+    if mismatch:
+        raise FatalProviderError(f"{mismatch} (the index was not dropped)")
 
 
-def say_waiting(settings, target):
+def say_waiting(settings: "Settings", target: "Target") -> None:
     """After a run that did not rebuild: name the indexes that stay dropped (one log line)."""
     try:
         conn = db.connect(settings.database_url, timeout=3)  # after a stop: a database away costs 3 s at most
@@ -125,12 +131,12 @@ def say_waiting(settings, target):
         log.warning("index %s stays dropped until a run ends or `python etl.py init --restore-index`", names)
 
 
-def restore(settings, target, own_run=None):
+def restore(settings: "Settings", target: "Target", own_run: str | None = None) -> list[str]:
     """Rebuild the recorded indexes of the table unless another run on it is still alive (the last
     one to finish rebuilds them). Returns the names rebuilt."""
     conn = db.connect(settings.database_url)
     conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run inside a transaction
-    rebuilt = []
+    rebuilt: list[str] = []
     try:
         waiting = deferred(conn, target)
         with conn.cursor() as cur:
@@ -162,7 +168,7 @@ def restore(settings, target, own_run=None):
     return rebuilt
 
 
-def _others_alive(cur, target, own_run):
+def _others_alive(cur: db.Cursor, target: "Target", own_run: str | None) -> bool:
     """Whether another run on the table renews its lease: a run killed a moment ago still has
     one, so leases are read twice, a renewal apart (waiting only when there are any)."""
     query, params = db.load_sql("index/other_runs"), {"table_name": target.qualified_name, "run_id": own_run or ""}
@@ -175,7 +181,7 @@ def _others_alive(cur, target, own_run):
     return any(run_id not in before or until > before[run_id] for run_id, until in cur.fetchall())
 
 
-def _rebuild(cur, target, schema, name, definition):
+def _rebuild(cur: db.Cursor, target: "Target", schema: str, name: str, definition: str) -> None:
     index = sql.Identifier(schema, name)
     if not DEFINITION.match(definition):
         raise DatabaseError(f"etl_deferred_indexes holds {definition[:80]!r} for {name}, not a CREATE INDEX statement")
@@ -191,16 +197,16 @@ def _rebuild(cur, target, schema, name, definition):
     cur.execute(db.load_sql("index/forget_deferred"), {"schema_name": schema, "index_name": name})
 
 
-def _drop(schema, name):
+def _drop(schema: str, name: str) -> sql.Composed:
     return sql.SQL(db.load_sql("index/drop_index")).format(index=sql.Identifier(schema, name))
 
 
-def _interruptible(cur, statement, name):
+def _interruptible(cur: db.Cursor, statement: str, name: str) -> None:
     """Run a long statement in a thread, so that Ctrl-C or SIGTERM cancel it at once (it may wait
     for every older transaction in the database) instead of after it ends."""
     failure = []
 
-    def execute():
+    def execute() -> None:
         try:
             cur.execute(statement)
         except psycopg2.Error as error:

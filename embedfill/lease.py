@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.extensions
@@ -23,6 +24,11 @@ from . import db
 from .errors import EtlError
 from .providers import make_provider
 
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .ratelimit import RateLimiter
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15.0
@@ -30,12 +36,12 @@ RENEW_SECONDS = 2.0
 STEP_SECONDS = 10.0  # a renewal that has not completed by then is abandoned and started again
 
 
-def key_hash(settings):
+def key_hash(settings: "Settings") -> str:
     """The provider's quota identity, a hash of its URL and key: runs compare it; nobody can read the key back."""
     return make_provider(settings).quota_key
 
 
-def namespace():
+def namespace() -> str:
     """Who can see this process's pid: the machine's boot and the pid namespace, hashed (a run_id
     of the same host name in another container, with host networking, is not ours to judge)."""
     try:
@@ -46,7 +52,7 @@ def namespace():
     return hashlib.sha256(seen.encode()).hexdigest()[:8]
 
 
-def end_dead_runs(conn):
+def end_dead_runs(conn: db.Connection) -> None:
     """End the leases of this host's runs whose process is gone (a kill -9, an OOM kill): their
     claims are free at once, not LEASE_SECONDS later. A run of another host, or of another pid
     namespace of this one, keeps its lease."""
@@ -60,7 +66,7 @@ def end_dead_runs(conn):
     conn.commit()
 
 
-def _gone(rest):
+def _gone(rest: str) -> bool:
     pid, _, seen = rest.partition(":")
     if not pid.isdigit() or int(pid) == os.getpid() or not seen.startswith(f"{namespace()}."):
         return False
@@ -80,7 +86,7 @@ def _gone(rest):
 class Lease:
     """This run's row in etl_runs; tells the limiter its share."""
 
-    def __init__(self, settings, target, limiter):
+    def __init__(self, settings: "Settings", target: "Target", limiter: "RateLimiter") -> None:
         self.settings = settings
         self.limiter = limiter
         self.run_id = f"{socket.gethostname()}:{os.getpid()}:{namespace()}.{secrets.token_hex(3)}"
@@ -94,11 +100,12 @@ class Lease:
         }
         self.runs = 1
         self.renewed_at = -RENEW_SECONDS
-        self.conn = self.cursor = None  # the asynchronous connection, and the renewal sent on it
+        self.conn: db.Connection = None  # the asynchronous connection, and the renewal sent on it
+        self.cursor: db.Cursor = None
         self.pending = False  # a renewal is under way
         self.began = 0.0
 
-    def renew(self):
+    def renew(self) -> None:
         """Renew now, waiting for the database (before the workers start: their share is known)."""
         conn = db.connect(self.settings.database_url)
         try:
@@ -111,7 +118,7 @@ class Lease:
         self.renewed_at = time.monotonic()
         self._share(runs)
 
-    def tick(self):
+    def tick(self) -> None:
         """Take the renewal one step further, every RENEW_SECONDS; never waits on the database. A
         database that does not answer costs nothing here: the run keeps its share, and its lease
         runs out."""
@@ -138,7 +145,7 @@ class Lease:
             log.debug("could not renew this run's lease: %s", db.first_line(error))
             self.close()
 
-    def _share(self, runs):
+    def _share(self, runs: int) -> None:
         self.limiter["renewed_at"] = time.monotonic()  # the workers claim while this is fresh
         if runs != self.runs:
             log.log(
@@ -150,7 +157,7 @@ class Lease:
         self.runs = runs
         self.limiter.set_share(runs)
 
-    def release(self):
+    def release(self) -> None:
         """Delete this run's row, its claims and its unconfirmed column record: others take its rows
         and its share at once."""
         self.close()
@@ -165,7 +172,7 @@ class Lease:
         except (psycopg2.Error, EtlError) as error:
             log.debug("could not end this run's lease: %s", db.first_line(error))
 
-    def close(self):
+    def close(self) -> None:
         """Drop the renewal under way (before a fork: no socket crosses it)."""
         if self.conn is not None:
             self.conn.close()

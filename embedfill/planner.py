@@ -10,8 +10,14 @@ sample costs balance, never rows. A worker process walks them with a RangeCursor
 """
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from . import catalog
+from .db import Connection
+
+if TYPE_CHECKING:
+    from .catalog import Target
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +28,10 @@ SCAN_CAP = 200_000  # most ids read through the partial index
 SMALL_TABLE_PAGES = 2_000  # below this (16 MB), scan instead of sampling
 MAX_SAMPLE_PAGES = 50_000  # never sample more than this (400 MB) before falling back
 
+Range = tuple[str | None, str | None]  # (after, upto]: text bounds, None = open
 
-def plan_ranges(conn, target, workers, batch_size):
+
+def plan_ranges(conn: Connection, target: "Target", workers: int, batch_size: int) -> list[Range]:
     """[(after, upto), ...] with text bounds (None = open) covering every id."""
     if workers <= 1:
         return [(None, None)]
@@ -35,11 +43,12 @@ def plan_ranges(conn, target, workers, batch_size):
     return ranges_from_cuts(cuts)
 
 
-def guided_fractions(workers, batch_size, estimate):
+def guided_fractions(workers: int, batch_size: int, estimate: float) -> list[float]:
     """Cumulative fractions of the rows at which to cut: chunks of remaining/(2·workers),
     never smaller than one batch, at most GRID of them."""
     smallest = max(1.0 / GRID, min(1.0, batch_size / estimate)) if estimate > 0 else 1.0 / (4 * workers)
-    fractions, done = [], 0.0
+    fractions: list[float] = []
+    done = 0.0
     while True:
         chunk = max((1.0 - done) / (2 * workers), smallest)
         if done + chunk >= 1.0 - 1e-9:
@@ -48,9 +57,9 @@ def guided_fractions(workers, batch_size, estimate):
         fractions.append(done)
 
 
-def ranges_from_cuts(cuts):
+def ranges_from_cuts(cuts: Sequence[str | None]) -> list[Range]:
     """Consecutive (after, upto] ranges from sorted cut points, dropping repeats."""
-    bounds = []
+    bounds: list[str | None] = []
     for cut in cuts:
         if cut is not None and (not bounds or bounds[-1] != cut):
             bounds.append(cut)
@@ -58,7 +67,7 @@ def ranges_from_cuts(cuts):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _quantile_grid(conn, target):
+def _quantile_grid(conn: Connection, target: "Target") -> tuple[float, list[str]]:
     """(estimated NULL rows, ids at every 1/GRID quantile of the NULL rows)."""
     fractions = [k / GRID for k in range(1, GRID)]
     pages = catalog.table_pages(conn, target)
@@ -82,7 +91,7 @@ def _quantile_grid(conn, target):
     return count, values
 
 
-def _query(conn, target, name, **params):
+def _query(conn: Connection, target: "Target", name: str, **params: Any) -> tuple[Any, ...]:
     with conn.cursor() as cur:
         cur.execute(target.query(name), params)
         *counts, values = cur.fetchone()
@@ -94,14 +103,14 @@ class RangeCursor:
     """Where one process stands in the ranges: the segment (after, upto) to claim from next,
     and the segments the open batch claimed from, walked again when the batch rolls back."""
 
-    def __init__(self, take_range):
+    def __init__(self, take_range: Callable[[], Range | None]) -> None:
         self.take_range = take_range  # () -> (after, upto), or None when no range is left
-        self.current = None
-        self.again = []
-        self.claimed = []  # where each segment the open batch claimed from stood when it started
+        self.current: Range | None = None
+        self.again: list[Range] = []
+        self.claimed: list[Range] = []  # where each segment the open batch claimed from stood when it started
         self.noted = False  # the current segment is in `claimed`
 
-    def segment(self):
+    def segment(self) -> Range | None:
         """The (after, upto) to claim from next, or None when every range has been walked."""
         if self.current is None:
             self.current = self.again.pop(0) if self.again else self.take_range()
@@ -111,14 +120,14 @@ class RangeCursor:
             self.noted = True
         return self.current
 
-    def advance(self, last_id, full):
+    def advance(self, last_id: str, full: bool) -> None:
         """After a claim from `segment()`: past its last row if it was full, else the segment is done."""
-        self.current = (last_id, self.current[1]) if full else None
+        self.current = (last_id, cast(Range, self.current)[1]) if full else None
 
-    def commit(self):
+    def commit(self) -> None:
         self.claimed, self.noted = [], False
 
-    def rollback(self):
+    def rollback(self) -> None:
         """The open batch rolled back: walk its segments again, from where it started."""
         self.again = self.claimed + self.again
         self.claimed, self.current = [], None

@@ -7,15 +7,20 @@ every --progress-interval seconds, always with the same key=value pairs.
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, TextIO
 
 from tqdm import tqdm
 
 from .models import estimate_cost
 
+if TYPE_CHECKING:
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 
-def format_eta(seconds):
+def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
     seconds = int(seconds)
@@ -25,13 +30,13 @@ def format_eta(seconds):
 
 
 class Progress:
-    def __init__(self, stream, interval=10.0, tty=None, follow=False):
+    def __init__(self, stream: TextIO, interval: float = 10.0, tty: bool | None = None, follow: bool = False) -> None:
         self.stream = stream
         self.follow = follow  # --follow: the lines also say when a row was last embedded
         self.interval = interval
         self.tty = stream.isatty() if tty is None else tty
         self.started = time.monotonic()
-        self.total = None
+        self.total: int | None = None
         self._last_line = self.started
         self._done = 0
         self.active_at = self.started
@@ -40,23 +45,23 @@ class Progress:
             tqdm.monitor_interval = 0  # no monitor thread: the pool may fork again later
             self.bar = tqdm(total=None, unit="row", file=stream, dynamic_ncols=True, smoothing=0.1, desc="embedding")
 
-    def set_total(self, total):
+    def set_total(self, total: int | None) -> None:
         self.total = total
         if self.bar is not None:
             self.bar.total = total
             self.bar.refresh()
 
-    def rate(self):
+    def rate(self) -> float:
         elapsed = time.monotonic() - self.started
         return self._done / elapsed if elapsed > 0 else 0.0
 
-    def eta(self):
+    def eta(self) -> float | None:
         rate = self.rate()
         if self.total is None or rate <= 0:
             return None
         return max(0.0, (self.total - self._done) / rate)
 
-    def update(self, totals, force_line=False):
+    def update(self, totals: Mapping[str, int], force_line: bool = False) -> None:
         done = totals["embedded"] + totals["failed"]
         if done > self._done:
             self.active_at = time.monotonic()
@@ -72,7 +77,7 @@ class Progress:
             self._last_line = now
             log.info("%s", self.line(totals))
 
-    def line(self, totals):
+    def line(self, totals: Mapping[str, int]) -> str:
         """The parseable progress line: the same keys every time."""
         total = "unknown" if self.total is None else self.total
         eta = self.eta()
@@ -83,12 +88,14 @@ class Progress:
             + (f" last_activity={format_eta(time.monotonic() - self.active_at)}_ago" if self.follow else "")
         )
 
-    def close(self):
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def summary_line(settings, totals, elapsed, skipped, still_null=None):
+def summary_line(
+    settings: "Settings", totals: Mapping[str, int], elapsed: float, skipped: int, still_null: int | None = None
+) -> str:
     """The parseable summary: what the database holds now, counted from RETURNING, not from what was sent."""
     rate = (totals["embedded"] + totals["failed"]) / elapsed if elapsed > 0 else 0.0
     cost = estimate_cost(settings.model_name, totals["tokens"], settings.price, batch=settings.batch_api)

@@ -6,7 +6,7 @@ one transaction under an advisory lock (two runs started together: one migrates,
 and finds nothing left to do); an older tool refuses a database a newer one has migrated.
 """
 
-from .db import SQL_DIR, load_sql
+from .db import SQL_DIR, Connection, load_sql
 from .errors import DatabaseError
 
 LOCK_KEY = 0x656D6266  # "embf": one migration at a time in a database
@@ -14,7 +14,7 @@ MIGRATIONS = sorted(path.stem for path in (SQL_DIR / "schema").glob("[0-9][0-9][
 VERSION = int(MIGRATIONS[-1][:3])  # this tool's schema
 
 
-def version(conn):
+def version(conn: Connection) -> int:
     """The schema version of the database's etl_* tables (0: none, or made before versions existed)."""
     with conn.cursor() as cur:
         cur.execute(load_sql("schema/exists"))
@@ -24,7 +24,7 @@ def version(conn):
         return cur.fetchone()[0]
 
 
-def ensure(conn, commit=True):
+def ensure(conn: Connection, commit: bool = True) -> list[str]:
     """Bring the etl_* tables to this tool's version and commit (the caller's open work too), or,
     with commit=False, leave that to the caller's transaction (`init`: one transaction for all it
     creates); when they are there already, only read. Returns the migrations applied (names)."""

@@ -4,6 +4,7 @@ holds another model's vectors), and the rows nearest to it."""
 import json
 import logging
 import multiprocessing
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 from pgvector.psycopg2 import register_vector
@@ -14,10 +15,16 @@ from .providers import make_embedder
 from .shape import Shape
 from .texts import row_text
 
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 
-def query_vector(conn, settings, target, text, verb="search"):
+def query_vector(
+    conn: db.Connection, settings: "Settings", target: "Target", text: str, verb: str = "search"
+) -> tuple[np.ndarray, str]:
     """The vector of `text` by the configured provider, and the model that made it; refused when
     the column holds vectors of another model or dimension count (they would not compare)."""
     held, wanted = guard.column_record(conn, target), guard.column_identity(settings, target)
@@ -42,7 +49,7 @@ def query_vector(conn, settings, target, text, verb="search"):
     return vector, wanted["model"]
 
 
-def search(settings, query, top, out, as_json=False):
+def search(settings: "Settings", query: str, top: int, out: TextIO, as_json: bool = False) -> int:
     """Embed `query` with the configured provider and print the nearest rows (as text, or one JSON document)."""
     conn = db.connect(settings.database_url)
     try:
@@ -76,7 +83,7 @@ def search(settings, query, top, out, as_json=False):
     return EXIT_OK
 
 
-def embed(settings, text, out):
+def embed(settings: "Settings", text: str, out: TextIO) -> int:
     """`embed TEXT`: {"model", "dimensions", "embedding"} of the vector the column's model makes for it."""
     conn = db.connect(settings.database_url)
     try:

@@ -5,6 +5,10 @@ its slot, so a worker killed mid-update can never leave a lock held that the par
 """
 
 import time
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
 
 # left: rows a write left out for a reason not theirs (edited while the request was out, filled or
 # deleted by someone else, held by another transaction): still NULL, for the next pass or run.
@@ -16,7 +20,7 @@ RUNNING, STOPPING, FATAL = 0, 1, 2
 class SharedState:
     """Created by the parent before the pool; inherited by each worker through the initializer."""
 
-    def __init__(self, context, processes, limit=None):
+    def __init__(self, context: "BaseContext", processes: int, limit: int | None = None) -> None:
         self.slots = processes * 2 + 4  # room for the replacements of dead processes
         self._counters = context.RawArray("q", self.slots * len(FIELDS))
         self._stop = context.RawValue("i", RUNNING)
@@ -25,10 +29,10 @@ class SharedState:
         self._limit_left = context.Value("q", -1 if limit is None else limit)
         self._busy = context.RawArray("b", self.slots)
         self._next_range = context.Value("i", 0)
-        self.slot = None
+        self.slot: int | None = None  # set by register_worker, in the worker
 
     # --- worker side -------------------------------------------------------------------
-    def register_worker(self):
+    def register_worker(self) -> int:
         """Take a counter slot for this process; returns its 1-based worker number."""
         with self._register:
             self._started.value += 1
@@ -36,24 +40,24 @@ class SharedState:
         self.slot = min(number, self.slots) - 1
         return number
 
-    def add(self, **amounts):
-        base = self.slot * len(FIELDS)
+    def add(self, **amounts: int) -> None:
+        base = cast(int, self.slot) * len(FIELDS)
         for name, amount in amounts.items():
             if amount:
                 self._counters[base + FIELDS.index(name)] += amount
 
-    def take_range(self):
+    def take_range(self) -> int:
         """The index of the next range to walk (past the end when none is left)."""
         with self._next_range.get_lock():
             index = self._next_range.value
             self._next_range.value += 1
             return index
 
-    def set_busy(self, busy):
+    def set_busy(self, busy: bool) -> None:
         """Mark this worker as inside a range (the parent stops waiting for idle workers)."""
         self._busy[self.slot] = 1 if busy else 0
 
-    def reserve_rows(self, wanted):
+    def reserve_rows(self, wanted: int) -> int:
         """Rows this worker may still claim under --limit (all of `wanted` without a limit)."""
         with self._limit_left.get_lock():
             left = self._limit_left.value
@@ -63,23 +67,23 @@ class SharedState:
             self._limit_left.value = left - granted
             return granted
 
-    def release_rows(self, unused):
+    def release_rows(self, unused: int) -> None:
         if unused > 0:
             with self._limit_left.get_lock():
                 if self._limit_left.value >= 0:
                     self._limit_left.value += unused
 
     # --- both sides ----------------------------------------------------------------------
-    def stopping(self):
+    def stopping(self) -> bool:
         return self._stop.value != RUNNING
 
-    def request_stop(self, fatal=False):
+    def request_stop(self, fatal: bool = False) -> None:
         if fatal:
             self._stop.value = FATAL
         elif self._stop.value == RUNNING:
             self._stop.value = STOPPING
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early when a stop is requested; True if stopped."""
         deadline = time.monotonic() + seconds
         while not self.stopping():
@@ -91,14 +95,14 @@ class SharedState:
 
     # --- parent side ---------------------------------------------------------------------
     @property
-    def workers_started(self):
+    def workers_started(self) -> int:
         return self._started.value
 
-    def busy_workers(self):
+    def busy_workers(self) -> int:
         """Workers inside a range now (a dead worker's slot stays busy forever)."""
         return sum(self._busy)
 
-    def totals(self):
+    def totals(self) -> dict[str, int]:
         sums = dict.fromkeys(FIELDS, 0)
         for slot in range(self.slots):
             base = slot * len(FIELDS)

@@ -3,6 +3,7 @@ the column holds, deferred indexes, pending batches), as text or JSON, from Post
 
 import json
 import logging
+from typing import TYPE_CHECKING, TextIO
 
 import psycopg2
 from psycopg2 import sql
@@ -10,10 +11,13 @@ from psycopg2 import sql
 from . import catalog, db, guard, indexes, logs
 from .errors import EXIT_OK, DatabaseError
 
+if TYPE_CHECKING:
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 
-def show_status(settings, out, top=5, as_json=False):
+def show_status(settings: "Settings", out: TextIO, top: int = 5, as_json: bool = False) -> int:
     """Rows total (estimate), rows still NULL, failures and their reasons, active runs; as text or JSON."""
     conn = db.connect(settings.database_url)
     try:

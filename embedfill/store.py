@@ -10,6 +10,8 @@ import collections
 import contextlib
 import logging
 import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import psycopg2
@@ -17,8 +19,13 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from . import logs
-from .db import COPY_CHUNK_BYTES, ChunkReader, first_line, load_sql
+from .db import COPY_CHUNK_BYTES, ChunkReader, Connection, Cursor, first_line, load_sql
 from .errors import ConfigError, DatabaseError
+
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .columns import ColumnType
+    from .requester import Failure
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ class _TextChanged(Exception):
     """The batch's UPDATE met a trigger that changed a row's text: it is written again a row at a time."""
 
 
-def refuses_rows(error):
+def refuses_rows(error: BaseException) -> bool:
     """Whether a database error may be about some rows of the batch (then each is tried alone)."""
     code = getattr(error, "pgcode", None) or ""
     return any(code.startswith(prefix) for prefix in ROW_ERRORS)
@@ -48,7 +55,9 @@ _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 
 
-def copy_chunks(row_ids, hashes, vectors, kind):
+def copy_chunks(
+    row_ids: Sequence[str], hashes: Sequence[int | None], vectors: np.ndarray, kind: "ColumnType"
+) -> Iterator[bytes]:
     """The binary COPY of (row_id text, text_hash bigint, embedding vector or halfvec) rows, about
     COPY_CHUNK_BYTES at a time, so that a batch's vectors exist once in memory (the matrix), not two
     or three times. Each vector in its column type's binary format (columns/); a hash of None is
@@ -59,7 +68,8 @@ def copy_chunks(row_ids, hashes, vectors, kind):
     per_chunk = max(1, COPY_CHUNK_BYTES // (size + 96))
     null = struct.pack(">i", -1)
     for start in range(0, len(row_ids), per_chunk):
-        parts, end = [], start + per_chunk
+        parts: list[bytes] = []
+        end = start + per_chunk
         for row_id, digest, field in zip(row_ids[start:end], hashes[start:end], kind.binary(vectors[start:end])):
             encoded = row_id.encode("utf-8")
             hashed = null if digest is None else struct.pack(">iq", 8, digest)
@@ -73,7 +83,9 @@ class WorkerStore:
     transaction before any request) and write (another, after the answer). No transaction is
     open in between, so no row of the user's table is locked while the API works."""
 
-    def __init__(self, conn, target, run_id, retry_failed, skip_batched=None):
+    def __init__(
+        self, conn: Connection, target: "Target", run_id: str, retry_failed: bool, skip_batched: bool | None = None
+    ) -> None:
         self.conn = conn
         self.target = target
         self.retry_failed = retry_failed
@@ -92,12 +104,12 @@ class WorkerStore:
             cur.execute(target.query("write/create_stage"))
         conn.commit()
 
-    def _has_pending_batches(self):
+    def _has_pending_batches(self) -> bool:
         with self.conn.cursor() as cur:
             cur.execute(load_sql("batch/has_rows"), self.keys)
             return cur.fetchone()[0]
 
-    def claim(self, after, upto, limit):
+    def claim(self, after: str | None, upto: str | None, limit: int) -> list[tuple[Any, ...]]:
         """Claim up to `limit` rows after `after`, up to `upto`: [(row_id, text hash, *texts)], in id
         order, claimed and committed (their id range from the first row's id: what the batch's write
         releases). The claims of a table are made one at a time (a transaction-level advisory lock on
@@ -112,7 +124,15 @@ class WorkerStore:
         finally:
             self.conn.autocommit = False
 
-    def write(self, row_ids, hashes, vectors, failures=(), identity=None, lows=()):
+    def write(
+        self,
+        row_ids: Sequence[str],
+        hashes: Sequence[int | None],
+        vectors: np.ndarray | None,
+        failures: Iterable["Failure"] = (),
+        identity: Mapping[str, Any] | None = None,
+        lows: Iterable[str] = (),
+    ) -> tuple[int, list["Failure"], collections.Counter[str]]:
         """One short transaction: the vectors of `row_ids` where each row is still NULL with the text
         that was sent, the `failures` recorded, the claims starting at `lows` released, then commit.
         A row another transaction holds is never waited for (the batch is written again without it);
@@ -133,13 +153,23 @@ class WorkerStore:
             self.conn.rollback()
             return self._write(None, *args)  # a row at a time
 
-    def _write(self, statement, row_ids, hashes, vectors, failures, identity, lows):
-        written, failed, left = 0, failures, collections.Counter()
+    def _write(
+        self,
+        statement: str | None,
+        row_ids: Sequence[str],
+        hashes: Sequence[int | None],
+        vectors: np.ndarray | None,
+        failures: list["Failure"],
+        identity: Mapping[str, Any] | None,
+        lows: list[str],
+    ) -> tuple[int, list["Failure"], collections.Counter[str]]:
+        written, failed = 0, failures
+        left: collections.Counter[str] = collections.Counter()
         with self.conn.cursor() as cur:
             if row_ids:
                 cur.copy_expert(
                     load_sql("write/copy_stage"),
-                    ChunkReader(copy_chunks(row_ids, hashes, vectors, self.target.kind)),
+                    ChunkReader(copy_chunks(row_ids, hashes, cast(np.ndarray, vectors), self.target.kind)),
                     size=COPY_CHUNK_BYTES,
                 )
                 if statement is None:
@@ -167,7 +197,9 @@ class WorkerStore:
         self.confirmed = self.confirmed or (identity is not None and written > 0)
         return written, failed, left
 
-    def _write_each(self, cur, row_ids, lows):
+    def _write_each(
+        self, cur: Cursor, row_ids: Sequence[str], lows: list[str]
+    ) -> tuple[int, list[str], list["Failure"]]:
         """The batch a row at a time, each under a savepoint: (written, ids set back to NULL by a
         trigger, [(row_id, reason, 1)] refused by the table). Every row refused with the same
         error is the table's problem, not the rows': the run stops."""
@@ -200,7 +232,7 @@ class WorkerStore:
             )
         return written, nulled, refused
 
-    def record_failures(self, failures):
+    def record_failures(self, failures: Sequence["Failure"]) -> None:
         """Add (row_id, reason, attempts) tuples to the ledger (in the open transaction); a reason
         holds a server's or the table's words, so secrets are redacted first."""
         if failures:
@@ -208,7 +240,9 @@ class WorkerStore:
             with self.conn.cursor() as cur:
                 psycopg2.extras.execute_values(cur, load_sql("write/record_failures"), rows)
 
-    def _unwritten(self, cur, settled, left):
+    def _unwritten(
+        self, cur: Cursor, settled: list[str], left: collections.Counter[str]
+    ) -> tuple[int, list["Failure"]]:
         """The rows the write left out, one by one: (rows written after all, rows refused by the table)."""
         cur.execute(self.target.query("write/unwritten_rows"), {"settled": settled})
         written, refused = 0, []
@@ -229,7 +263,7 @@ class WorkerStore:
                 log.debug("row %s was %s while it was being embedded; its vector was not written", row_id, state)
         return written, refused
 
-    def _write_one(self, cur, row_id):
+    def _write_one(self, cur: Cursor, row_id: str) -> str:
         """A row still NULL with the same text that the write left out: held by another transaction
         ("busy": left for later, never waited for), or refused by the table (HIDDEN, SKIPPED, NULLED,
         TEXT_CHANGED)."""
@@ -254,7 +288,7 @@ class WorkerStore:
         cur.execute("RELEASE SAVEPOINT etl_row")
         return SKIPPED if stored is None else "written" if stored[0] else NULLED
 
-    def _confirm(self, cur, identity):
+    def _confirm(self, cur: Cursor, identity: Mapping[str, Any]) -> None:
         """The first vectors of this connection: the column's record must say what they are (it is made
         at the start of the run, and confirmed here, in the same transaction as the vectors)."""
         cur.execute(load_sql("guard/confirm_column"), {**self.keys, **identity})
@@ -265,10 +299,10 @@ class WorkerStore:
                 "`python etl.py status` shows what it holds"
             )
 
-    def commit(self):
+    def commit(self) -> None:
         self.conn.commit()
 
-    def alive(self):
+    def alive(self) -> bool:
         """Roll back after an error; False when the connection itself is gone."""
         if self.conn.closed:
             return False
@@ -281,10 +315,10 @@ class WorkerStore:
         except psycopg2.Error:
             return False
 
-    def rollback(self):
+    def rollback(self) -> None:
         with contextlib.suppress(psycopg2.Error):
             self.conn.rollback()
 
-    def close(self):
+    def close(self) -> None:
         with contextlib.suppress(psycopg2.Error):
             self.conn.close()

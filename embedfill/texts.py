@@ -7,13 +7,18 @@ checks against the official hash.
 """
 
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tiktoken
 
 log = logging.getLogger(__name__)
 
-_encoding = None
+_encoding: "tiktoken.Encoding | None" = None
 
 
-def load_encoding():
+def load_encoding() -> "tiktoken.Encoding":
     """The cl100k_base encoding, loaded once per process."""
     global _encoding
     if _encoding is None:
@@ -27,22 +32,22 @@ def load_encoding():
     return _encoding
 
 
-def row_text(values):
+def row_text(values: Iterable[str | None]) -> str:
     """The non-NULL, non-blank column values in order, joined by newlines, otherwise unchanged."""
     return "\n".join(value for value in values if value is not None and value.strip())
 
 
-def count_tokens(text):
+def count_tokens(text: str) -> int:
     return len(load_encoding().encode_ordinary(text))
 
 
-def mean_tokens(texts, limit):
+def mean_tokens(texts: Iterable[str], limit: int) -> float:
     """Mean tokens of the non-empty texts, each counted up to `limit` (0.0 without any): for estimates."""
     counts = [min(count_tokens(text), limit) for text in texts if text]
     return sum(counts) / len(counts) if counts else 0.0
 
 
-def fit(text, limit, exact=True):
+def fit(text: str, limit: int, exact: bool = True) -> tuple[str, int, bool]:
     """(text, tokens, truncated): `text` cut to at most `limit` tokens, with its token count.
 
     With exact=False a short text is not tokenized: every token is at least one UTF-8 byte,
