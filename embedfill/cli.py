@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         preliminary = resolve(flags, os.environ, file_values)
         logs.add_secrets(preliminary.api_key, preliminary.azure_api_key, db.password(preliminary.database_url or ""))
         level = preliminary.log_level
-        logs.configure(preliminary.log_level, preliminary.log_file)
+        logs.configure(preliminary.log_level, preliminary.log_file, preliminary.log_format)
         return dispatch(verb, args, flags, file_values, preliminary)
     except EtlError as error:
         _report(error, level)
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL
     except (Stop, KeyboardInterrupt) as stop:
         signum = stop.signum if isinstance(stop, Stop) else None
-        print(f"error: interrupted{f' by {signal.Signals(signum).name}' if signum else ''}", file=sys.stderr)
+        print(logs.error_line(f"interrupted{f' by {signal.Signals(signum).name}' if signum else ''}"), file=sys.stderr)
         return stop.exit_code if isinstance(stop, Stop) else EXIT_SIGINT
     except Exception as error:  # a bug: one line unless DEBUG
         message = f"unexpected {type(error).__name__}: {error} (rerun with --log-level DEBUG for details)"
@@ -74,7 +74,7 @@ def _report(error: BaseException, level: str, original: BaseException | None = N
     if level == "DEBUG":
         print(logs.redact("".join(traceback.format_exception(original or error))), file=sys.stderr, end="")
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    print(f"error: {logs.redact(message)}", file=sys.stderr, flush=True)
+    print(logs.error_line(message), file=sys.stderr, flush=True)
 
 
 def dispatch(

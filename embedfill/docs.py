@@ -33,7 +33,7 @@ SECTIONS = [
     ("Vector indexes", "indexes", ["defer_index", "maintenance_work_mem", "max_parallel_maintenance_workers"]),
     ("Keeping in sync", "sync", ["follow", "poll_seconds", "updated_column"]),
     ("The Batch API", "batch API", ["batch_api", "batch_rows"]),
-    ("Output", "output", ["log_file", "log_level"]),
+    ("Output", "output", ["log_file", "log_format", "log_level"]),
 ]
 
 # What config.env.example shows for a setting whose default is unset (always commented out).

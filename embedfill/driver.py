@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from . import catalog, db, guard, indexes, planner, schema
+from . import catalog, db, guard, indexes, logs, planner, schema
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError
 from .follow import Follower
 from .lease import Lease, end_dead_runs
@@ -126,6 +126,7 @@ def run_backfill(settings, out=None):
     limiter = RateLimiter(context, settings.rpm, settings.tpm, settings.workers)
     shape = Shape(context)
     target, ranges, lease, identity = prepare(settings, processes, limiter, shape)
+    logs.set_column(f"{target.display}.{target.embedding_column}")  # in every JSON log line
     if importer is not None:
         importer.join()
     if settings.tpm or settings.dry_run or shape["own_usage"]:

@@ -1,11 +1,18 @@
-"""Logging to stderr (or --log-file) with the process on every line: `main`, `w1`, `w2`..."""
+"""Logging to stderr (or --log-file) with the process on every line: `main`, `w1`, `w2`..., as text
+or (--log-format json) one JSON object a line for log shippers: time, level, column, worker,
+message and the message's key=value fields."""
 
+import json
 import logging
 import re
 import sys
 import warnings
+from datetime import datetime, timezone
 
 _process_name = "main"
+_column: str | None = None  # the column the process works on, once known
+_json = False
+_FIELD = re.compile(r"\b([a-z_]+)=(\S+)")
 _secrets: list[str] = []  # the API keys and the database password of this run: never printed
 _PATTERNS = [
     (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@]+@", re.I), r"\1***@"),  # scheme://user:PASSWORD@
@@ -32,6 +39,46 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return json_line(record.levelname, text, record.created)
+
+
+def json_line(level: str, message: str, created: float | None = None) -> str:
+    """One log line as JSON, redacted: time, level, column, worker, message, then its key=value fields."""
+    message = redact(message)
+    when = datetime.fromtimestamp(created, timezone.utc) if created else datetime.now(timezone.utc)
+    entry: dict[str, object] = {"time": when.isoformat(timespec="milliseconds"), "level": level}
+    entry.update(column=_column, worker=_process_name, message=message)
+    for key, value in _FIELD.findall(message):
+        if key not in entry:
+            entry[key] = _number(value)
+    return json.dumps(entry, ensure_ascii=False)
+
+
+def _number(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def error_line(message: str) -> str:
+    """The one line of a fatal error on stderr: `error: ...`, or a JSON object with --log-format json."""
+    return json_line("ERROR", message) if _json else f"error: {redact(message)}"
+
+
+def set_column(name: str) -> None:
+    """The column this run works on, in every JSON line from then on (workers inherit it)."""
+    global _column
+    _column = name
+
+
 class _ProcessFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.process_name = _process_name
@@ -44,11 +91,12 @@ def set_process_name(name: str) -> None:
     _process_name = name
 
 
-def configure(level: str = "INFO", log_file: str | None = None) -> None:
+def configure(level: str = "INFO", log_file: str | None = None, log_format: str = "text") -> None:
+    global _json
+    _json = log_format == "json"
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _RedactingFormatter("%(asctime)s %(levelname)s [%(process_name)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
+    text = _RedactingFormatter("%(asctime)s %(levelname)s [%(process_name)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    handler.setFormatter(_JsonFormatter() if _json else text)
     handler.addFilter(_ProcessFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

