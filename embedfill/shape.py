@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 
@@ -73,6 +74,7 @@ class Shape:
     # --- kept between runs ---------------------------------------------------------------------
     def load(self, conn, endpoint: str, model: str) -> None:
         """What earlier runs learned of this endpoint and model (etl_limits), said in one line."""
+        endpoint = where(endpoint)
         with conn.cursor() as cur:
             cur.execute(load_sql("shape/load_shape"), {"endpoint": endpoint, "model": model})
             row = cur.fetchone()
@@ -91,8 +93,9 @@ class Shape:
         if not self["changed"]:
             return
         values = {name: (int(self[name]) or None) if name in _FIELDS[:3] else bool(self[name]) for name in _FIELDS[:6]}
+        endpoint = where(endpoint)
         try:
-            conn = db.connect(database_url)
+            conn = db.connect(database_url, timeout=3)
             try:
                 with conn.cursor() as cur:
                     cur.execute(load_sql("shape/save_shape"), {"endpoint": endpoint, "model": model, **values})
@@ -102,6 +105,12 @@ class Shape:
             self["changed"] = 0
         except (psycopg2.Error, EtlError) as error:
             log.warning("could not keep what the run learned of the server: %s", db.first_line(error))
+
+
+def where(endpoint: str) -> str:
+    """The endpoint as etl_limits keys it: no user or password of the URL (never stored)."""
+    parts = urlsplit(endpoint)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 _NUMBER = re.compile(r"\d+")

@@ -200,3 +200,10 @@ def test_what_a_refusal_teaches(status, message, inputs, learned):
     from embedfill.shape import lesson
 
     assert lesson(status, message, inputs) == learned
+
+
+def test_learned_limits_are_keyed_by_the_endpoint_without_its_password():
+    from embedfill.shape import where
+
+    assert where("https://bob:hunter2@embed.example:8443/v1") == "https://embed.example:8443/v1"
+    assert where("http://127.0.0.1:7997") == "http://127.0.0.1:7997"

@@ -1,4 +1,7 @@
--- What this run learned of one endpoint and model, kept for the next (a limit only ever lowers).
+-- What this run learned of one endpoint and model, kept for the next (a limit only ever lowers);
+-- at the end of a pass, perhaps on the way out after a signal: never waits long.
+SET LOCAL statement_timeout = '5s';
+SET LOCAL lock_timeout = '1s';
 INSERT INTO etl_limits AS l (endpoint, model, max_inputs, max_tokens, input_tokens, floats, no_dimensions, own_usage)
 VALUES (%(endpoint)s, %(model)s, %(max_inputs)s, %(max_tokens)s, %(input_tokens)s, %(floats)s, %(no_dimensions)s,
         %(own_usage)s)
