@@ -16,7 +16,7 @@ import psycopg2
 
 from . import db, logs
 from .errors import EXIT_FATAL, EXIT_SIGINT, DatabaseError, EtlError, Stop, UsageError
-from .options import OPTIONS
+from .options import OPTIONS, extra_body_secrets
 from .parser import build_parser, command_name, split_verb
 from .providers import make_provider
 from .settings import Settings, read_config_file, resolve, unknown_settings
@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         preliminary = resolve(flags, os.environ, file_values)
         logs.add_secrets(preliminary.api_key, preliminary.azure_api_key, db.password(preliminary.database_url or ""))
+        logs.add_secrets(*extra_body_secrets(preliminary.extra_body))
         level = preliminary.log_level
         logs.configure(preliminary.log_level, preliminary.log_file, preliminary.log_format)
         return dispatch(verb, args, flags, file_values, preliminary)

@@ -2,6 +2,8 @@
 recipe, the extra request fields), refused before any request when a run would add vectors of another kind, and recorded
 by the first write of vectors (a run that writes nothing leaves no record)."""
 
+import hashlib
+import json
 import logging
 
 import psycopg2
@@ -11,6 +13,7 @@ from . import schema
 from .catalog import relation_literal, scalar
 from .db import load_sql
 from .errors import ConfigError
+from .options import extra_body_secrets
 from .providers import make_provider
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,18 @@ def column_identity(settings, target):
         "dimensions": settings.dimensions or target.dimensions or provider.output_dimensions,
         "provider": provider.host,
         "recipe": list(target.text_columns),
-        "extra_body": settings.extra_body or "",
+        "extra_body": _recorded(settings.extra_body),
     }
+
+
+def _recorded(extra_body):
+    """EMBEDDING_EXTRA_BODY as the column's record keeps it: a secret field's value by its hash only."""
+    secrets = extra_body_secrets(extra_body)
+    fields = {
+        key: f"sha256:{hashlib.sha256(str(value).encode()).hexdigest()[:16]}" if str(value) in secrets else value
+        for key, value in json.loads(extra_body or "{}").items()
+    }
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if fields else ""
 
 
 def column_record(conn, target):

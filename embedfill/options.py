@@ -4,6 +4,7 @@ docs/configuration.md and `settings.resolve` all read this one table.
 """
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,6 +56,28 @@ def json_object(text: str) -> str:
     if not isinstance(value, dict):
         raise ValueError('must be a JSON object, e.g. {"input_type": "document"}')
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if value else ""
+
+
+OWN_FIELDS = ("input", "model", "dimensions", "encoding_format")  # the tool's, set by their own settings
+_SECRET_KEY = re.compile(r"key|token|secret|password|auth", re.I)
+
+
+def extra_body(text: str) -> str:
+    """EMBEDDING_EXTRA_BODY: a JSON object that does not set the request's own fields."""
+    value = json_object(text)
+    own = [name for name in OWN_FIELDS if name in json.loads(value or "{}")]
+    if own:
+        raise ValueError(
+            f"may not set {', '.join(own)}: the tool sets them (EMBEDDING_MODEL, EMBEDDING_DIMENSIONS, "
+            "ETL_ENCODING_FORMAT)"
+        )
+    return value
+
+
+def extra_body_secrets(text: str | None) -> list[str]:
+    """The values of EMBEDDING_EXTRA_BODY's fields named like secrets (api_key, token...): never shown or stored."""
+    fields = json.loads(text or "{}")
+    return [str(value) for key, value in fields.items() if _SECRET_KEY.search(key) and value]
 
 
 def boolean(text: str) -> bool:
@@ -127,7 +150,7 @@ OPTIONS = [
     Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, positive_int,
            "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N",
            verbs=(*_EMBEDS, "init")),
-    Option("extra_body", "EMBEDDING_EXTRA_BODY", "--extra-body", None, json_object,
+    Option("extra_body", "EMBEDDING_EXTRA_BODY", "--extra-body", None, extra_body,
            "a JSON object of fields added to every request (Voyage's input_type, Jina's task...); "
            "recorded with the column's model", "JSON", verbs=_EMBEDS),
     Option("encoding_format", "ETL_ENCODING_FORMAT", "--encoding-format", "base64", _encoding_format,

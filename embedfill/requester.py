@@ -194,12 +194,21 @@ class Requester:
                 log.warning(LESSONS[name])
             self.shape.follow(self.embedder)
             return True
+        longest = max(row.tokens for row in rows)
+        if name == "fewer_inputs":  # a limit not stated: a guess, for this run only (as after a timeout)
+            if self.limiter.cap_inputs(value):
+                log.warning(
+                    "the server refused a request of %d inputs as too big: at most %d from now on", len(rows), value
+                )
+            return len(rows) > value
         if name == "input_tokens":
-            current = self.input_limit()
-            # Our count (cl100k) may fall short of the model's own: already at the limit said, cut further.
-            value = value if value < current else int(current * 0.8)
-            if not self.settings.truncate or value < 16 or max(row.tokens for row in rows) <= value:
+            # Our count (cl100k) may fall short of the model's own: refused at a limit already applied, cut
+            # the longest input 20 % further.
+            value = value if value < self.input_limit() and longest > value else int(min(value, longest) * 0.8)
+            if not self.settings.truncate or value < 16 or longest <= value:
                 return False
+        if name == "max_tokens" and len(rows) == 1:
+            return False  # one input over a request's tokens: the row, alone, is what the server refuses
         if shape.lower(name, value):
             wanted = (value, self.settings.batch_size, value) if name == "max_inputs" else (value,)
             log.warning(LESSONS[name], *wanted[: LESSONS[name].count("%d")])
@@ -236,8 +245,12 @@ class Requester:
         self.usage_checked = True
         usage, characters = result.tokens, sum(map(len, texts))
         most = sum(len(text.encode()) for text in texts) + 2 * len(texts)  # no tokenizer makes more (markers included)
-        near = self.settings.tpm is None or counted / USAGE_FAR <= usage <= counted * USAGE_FAR  # exact counts: compare
-        if 0 < usage <= most and usage != characters and near:
+        if usage == characters:  # characters, unless these texts have about as many tokens (short codes: "A1")
+            counted = sum(count_tokens(text) for text in texts)
+            near = abs(usage - counted) <= 0.25 * counted
+        else:  # with a token budget the counts are exact: compare (else they are bounds)
+            near = self.settings.tpm is None or counted / USAGE_FAR <= usage <= counted * USAGE_FAR
+        if 0 < usage <= most and near:
             return usage
         if self.shape.set_flag("own_usage"):
             log.warning(
@@ -307,9 +320,10 @@ class Requester:
 
     def _refuses_everything(self, reason: object):
         self._stop_others()
+        settings = "EMBEDDING_MODEL, EMBEDDING_DIMENSIONS and EMBEDDING_EXTRA_BODY"
         raise FatalProviderError(
-            f"the API refuses every input ({reason}) and has answered no request of this run; "
-            "check EMBEDDING_MODEL and EMBEDDING_DIMENSIONS"
+            f"the API refuses every input ({reason}) and has answered no request of this run; check "
+            + (settings if self.embedder.extra_body else "EMBEDDING_MODEL and EMBEDDING_DIMENSIONS")
         )
 
     def _check_reachable(self, error: TransientProviderError) -> None:

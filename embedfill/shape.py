@@ -113,13 +113,14 @@ def where(endpoint: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-_NUMBER = re.compile(r"\d+")
+_NUMBER = re.compile(r"(?<![\w.-])\d+(?![\w.-])")  # a number alone, not a part of a name (voyage-3-large)
 _CONTEXT = re.compile(
     r"(?:context length|sequence length|input length|tokens per input)\D{0,20}(\d+)|(?:less than|at most) (\d+) tokens"
 )
 _REQUEST_TOKENS = re.compile(
     r"(?:max(?:imum)?|at most|max is)\D{0,12}(\d+) tokens? (?:per|in a|in one) (?:request|batch)"
-    r"|tokens? (?:in|per) (?:the )?(?:request|batch)\D{0,30}(?:max(?:imum)?|max is|limit)\D{0,8}(\d+)"
+    r"|tokens? (?:in|per) (?:the |a |one |submitted )?(?:request|batch)\D{0,30}(?:max(?:imum)?|max is|limit|is)"
+    r"\D{0,8}(\d+)"
 )
 _INPUTS = re.compile(r"items|inputs|batch|too many|elements|array|list|texts|sentences|requests")
 
@@ -127,7 +128,8 @@ _INPUTS = re.compile(r"items|inputs|batch|too many|elements|array|list|texts|sen
 def lesson(status: int | None, message: str, inputs: int) -> tuple[str, int] | None:
     """What a refusal (400/413/422) of a request of `inputs` inputs says of the server, or None when it
     is about the inputs themselves: ("floats"|"no_dimensions", 1), ("input_tokens"|"max_tokens"|
-    "max_inputs", the limit)."""
+    "max_inputs", the limit it states), or ("fewer_inputs", half the inputs) for a request too big
+    by a limit it does not state (a proxy's 413: a guess, for this run only)."""
     text = message.lower()
     if "base64" in text and re.search(r"not (?:currently )?supported|unsupported|invalid|unknown", text):
         return "floats", 1
@@ -139,9 +141,9 @@ def lesson(status: int | None, message: str, inputs: int) -> tuple[str, int] | N
     if found := _CONTEXT.search(text):
         return "input_tokens", int(found.group(1) or found.group(2))
     if inputs > 1 and (status == 413 or _INPUTS.search(text)):
-        below = [int(n) for n in _NUMBER.findall(text) if 1 <= int(n) < inputs]
+        below = [int(n) for n in _NUMBER.findall(text) if 1 <= int(n) < inputs and int(n) != status]
         if below and (status in (413, 422) or "at most" in text or "maximum" in text or "max" in text):
             return "max_inputs", max(below)
         if status == 413 or "too many" in text:
-            return "max_inputs", max(1, inputs // 2)
+            return "fewer_inputs", max(1, inputs // 2)
     return None
