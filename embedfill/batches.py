@@ -67,7 +67,7 @@ def run_batches(settings: "Settings", out: TextIO | None = None) -> int:
     if stopped is not None:
         log.warning(
             "interrupted by %s: the batches keep running at OpenAI; rerun the same command to land them",
-            signal.Signals(stopped.signum).name,
+            signal.Signals(cast(int, stopped.signum)).name,  # a signal's Stop: nothing else stops it
         )
         return stopped.exit_code
     if settings.no_wait and run.submitted:

@@ -70,7 +70,7 @@ UNSET = {
     "deployment": "EMBEDDING_MODEL",
     "dimensions": "the column's, else the model's (not sent)",
     "table": "required",
-    "text_columns": "required",
+    "text_columns": "required (by init only with --track-changes)",
     "rpm": "unlimited",
     "tpm": "unlimited",
     "max_input_tokens": "the model's limit (8191 for OpenAI's, 512 for e5, bge, gte...; lower if the server says so)",

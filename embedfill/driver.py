@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import catalog, db, guard, indexes, logs, planner, schema
 from .errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_SIGTERM, EtlError
@@ -21,10 +22,17 @@ from .shape import Shape
 from .texts import load_encoding, mean_tokens, row_text
 from .worker import process_count
 
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .planner import Range
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 
-def prepare(settings, processes, limiter, shape):
+def prepare(
+    settings: "Settings", processes: int, limiter: RateLimiter, shape: Shape
+) -> tuple["Target", list["Range"], Lease | None, dict[str, Any]]:
     """Check the table and the server, migrate the tool's tables, take the run's lease (unless
     --dry-run), guard the column, read what earlier runs learned of the server (into `shape`) and
     plan the ranges (one short connection).
@@ -39,7 +47,7 @@ def prepare(settings, processes, limiter, shape):
             end_dead_runs(conn)
             lease = Lease(settings, target, limiter)
             lease.renew()  # live before the guard holds the column's record for it, and before any claim
-        identity = guard.guard_column(conn, settings, target, run_id=lease and lease.run_id)
+        identity = guard.guard_column(conn, settings, target, run_id=None if lease is None else lease.run_id)
         provider = make_provider(settings, target.dimensions)
         shape.load(conn, provider.endpoint, provider.model)
         indexes.prepare(conn, target, settings)
@@ -69,18 +77,18 @@ def prepare(settings, processes, limiter, shape):
 class _Counts:
     """Rows to embed and known failures, counted in the background once the workers run."""
 
-    def __init__(self, settings, target):
+    def __init__(self, settings: "Settings", target: "Target") -> None:
         self.settings = settings
         self.target = target
-        self.null_rows = None
+        self.null_rows: int | None = None
         self.known_failures = 0
         self.announced = False
         self.ready = threading.Event()
 
-    def start(self):
+    def start(self) -> None:
         threading.Thread(target=self._count, name="count", daemon=True).start()
 
-    def _count(self):
+    def _count(self) -> None:
         try:
             conn = db.connect(self.settings.database_url)
             try:
@@ -93,7 +101,7 @@ class _Counts:
             log.debug("counting the rows to embed failed", exc_info=True)
         self.ready.set()
 
-    def announce(self):
+    def announce(self) -> None:
         """Say once that rows of the ledger are skipped."""
         if self.known_failures and not self.announced:
             self.announced = True
@@ -101,7 +109,7 @@ class _Counts:
                 "skipping %d rows recorded in etl_failures (use --retry-failed to take them again)", self.known_failures
             )
 
-    def total(self):
+    def total(self) -> int | None:
         if self.null_rows is None:
             return None
         total = self.null_rows - self.known_failures
@@ -110,7 +118,7 @@ class _Counts:
         return max(total, 0)
 
 
-def run_backfill(settings, out=None):
+def run_backfill(settings: "Settings", out: TextIO | None = None) -> int:
     """Fill the embedding column (then, with --follow, keep it filled); returns the process exit code."""
     out = out or sys.stdout
     started = time.monotonic()
@@ -133,6 +141,7 @@ def run_backfill(settings, out=None):
         load_encoding()  # exact counts needed: load once, before the fork, so every worker shares it
     if settings.dry_run:
         return dry_run(settings, target, ranges, out)
+    assert lease is not None  # taken by every run but a dry one
 
     run = Run(settings, target, processes, context, limiter, shape, lease, identity)
     previous = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -191,14 +200,14 @@ def run_backfill(settings, out=None):
     return EXIT_OK
 
 
-def _load_client_library():
+def _load_client_library() -> None:
     try:
         load_client_library()
     except Exception:  # each worker then imports it itself and reports any error
         log.debug("loading the API client library before the fork failed", exc_info=True)
 
 
-def dry_run(settings, target, ranges, out):
+def dry_run(settings: "Settings", target: "Target", ranges: list["Range"], out: TextIO) -> int:
     """Plan without calling the API: rows, tokens, cost, time at the rate limits, ranges."""
     conn = db.connect(settings.database_url)
     try:
@@ -216,7 +225,7 @@ def dry_run(settings, target, ranges, out):
     mean = mean_tokens((row_text(values) for values in samples), settings.input_token_limit)
     tokens = int(mean * rows)
     cost = estimate_cost(settings.model_name, tokens, settings.price, batch=settings.batch_api)
-    minutes = []
+    minutes: list[float] = []
     if settings.tpm:
         minutes.append(tokens / settings.tpm)
     if settings.rpm:

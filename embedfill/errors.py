@@ -1,6 +1,7 @@
 """The project's exception types and the exit codes they map to (documented in README.md)."""
 
 import signal
+from types import FrameType
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -39,16 +40,16 @@ class TransientProviderError(ProviderError):
     connection. `kind` says which: "rate_limited" (429), "timeout", "unreachable" (no connection
     could be made: refused, a name that does not resolve) or "error"."""
 
-    def __init__(self, message, retry_after=None, kind="error"):
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "error") -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.kind = kind
 
     @property
-    def rate_limited(self):
+    def rate_limited(self) -> bool:
         return self.kind == "rate_limited"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, float | None, str]]:
         return (type(self), (str(self), self.retry_after, self.kind))
 
 
@@ -56,7 +57,7 @@ class InvalidInputError(ProviderError):
     """The provider refused the inputs of a request (400/413/422): what it says may teach a limit
     of the server (shape.lesson); else the batch is split to find the culprit."""
 
-    def __init__(self, message, status=None, said=""):
+    def __init__(self, message: str, status: int | None = None, said: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.said = said or message
@@ -72,16 +73,16 @@ class Stop(BaseException):
     KeyboardInterrupt, so that no `except Exception` (ours, the SDK's, the HTTP library's) turns
     it into an error to retry."""
 
-    def __init__(self, signum=None):
+    def __init__(self, signum: int | None = None) -> None:
         super().__init__(signum)
         self.signum = signum
 
     @property
-    def exit_code(self):
+    def exit_code(self) -> int:
         return EXIT_SIGTERM if self.signum == signal.SIGTERM else EXIT_SIGINT
 
     @classmethod
-    def on_signal(cls, signum, frame):
+    def on_signal(cls, signum: int, frame: FrameType | None) -> None:
         """A signal handler that raises Stop(signum)."""
         raise cls(signum)
 

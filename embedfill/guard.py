@@ -5,23 +5,28 @@ by the first write of vectors (a run that writes nothing leaves no record)."""
 import hashlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 from psycopg2.extras import RealDictCursor
 
-from . import schema
-from .catalog import relation_literal, scalar
+from . import db, schema
+from .catalog import Target, relation_literal, scalar
 from .db import load_sql
 from .errors import ConfigError
 from .options import extra_body_secrets
 from .providers import make_provider
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 RESET_LOCK_KEY = 0x656D6272  # "embr", with the table's hash: held by init --reset-column while it clears
 
 
-def column_identity(settings, target):
+def column_identity(settings: "Settings", target: Target) -> dict[str, Any]:
     """What this run writes into the column: model, dimensions, provider (the provider's host,
     never the key), recipe (the text columns, in order) and extra_body (EMBEDDING_EXTRA_BODY, '': none)."""
     provider = make_provider(settings, target.dimensions)
@@ -34,7 +39,7 @@ def column_identity(settings, target):
     }
 
 
-def _recorded(extra_body):
+def _recorded(extra_body: str | None) -> str:
     """EMBEDDING_EXTRA_BODY as the column's record keeps it: a secret field's value by its hash only."""
     secrets = extra_body_secrets(extra_body)
     fields = {
@@ -44,7 +49,7 @@ def _recorded(extra_body):
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if fields else ""
 
 
-def column_record(conn, target):
+def column_record(conn: db.Connection, target: Target) -> dict[str, Any] | None:
     """What etl_columns says the column holds (column_identity's keys, origin_unknown, recorded,
     claimed_by), or None. A record not yet confirmed by a write counts while the run that made
     it is alive (its lease): a run that died before writing a vector left no record."""
@@ -58,7 +63,13 @@ def column_record(conn, target):
     return dict(row) if row and row["live"] else None
 
 
-def record_column(cur, target, identity, origin_unknown=False, claimed_by=None):
+def record_column(
+    cur: db.Cursor,
+    target: Target,
+    identity: Mapping[str, Any],
+    origin_unknown: bool = False,
+    claimed_by: str | None = None,
+) -> bool:
     """Make the column's record (held by run `claimed_by` until its first write confirms it, or
     confirmed at once); True if this one is the record now, False if another was there first."""
     params = {**_column_key(target), **identity, "origin_unknown": origin_unknown, "claimed_by": claimed_by}
@@ -66,7 +77,7 @@ def record_column(cur, target, identity, origin_unknown=False, claimed_by=None):
     return cur.fetchone() is not None
 
 
-def _has_vectors(conn, target):
+def _has_vectors(conn: db.Connection, target: Target) -> bool:
     """Whether the column already holds vectors: statistics that saw one say yes at once; else a
     search of at most 5 s (a big table still all NULL is not read to its end: then, no)."""
     params = {"relation": relation_literal(conn, target.name_parts), "column": target.embedding_column}
@@ -83,7 +94,9 @@ def _has_vectors(conn, target):
         conn.rollback()
 
 
-def guard_column(conn, settings, target, run_id=None):
+def guard_column(
+    conn: db.Connection, settings: "Settings", target: Target, run_id: str | None = None
+) -> dict[str, Any]:
     """Refuse, before any request, a run that would add vectors of another model, dimension
     count, provider or recipe to the column. A run that writes (`run_id`, whose lease is live)
     and finds no record makes one, held for it until its first vectors confirm it (db.WorkerStore):
@@ -112,7 +125,7 @@ def guard_column(conn, settings, target, run_id=None):
             )
         held = column_record(conn, target)  # two runs starting together: the first row in is the record
     differing = [key for key in wanted if held is not None and held[key] != wanted[key]]
-    if differing:
+    if held is not None and differing:
         raise ConfigError(
             f"{target.display}.{target.embedding_column} holds {describe_identity(held, differing)}; this run would "
             f"add {describe_identity(wanted, differing, 'ones')}. Fill a new column (--embedding-column embedding_v2, "
@@ -121,7 +134,7 @@ def guard_column(conn, settings, target, run_id=None):
     return wanted
 
 
-def describe_identity(identity, keys=None, noun="vectors"):
+def describe_identity(identity: Mapping[str, Any], keys: Sequence[str] | None = None, noun: str = "vectors") -> str:
     """'text-embedding-3-small vectors of 1536 dimensions from api.openai.com (text: name,category)':
     the `keys` that differ, or (None) all, the extra request fields only when there are some."""
     if keys is None:
@@ -138,7 +151,7 @@ def describe_identity(identity, keys=None, noun="vectors"):
     return " ".join(parts)
 
 
-def describe_column(conn, target):
+def describe_column(conn: db.Connection, target: Target) -> str:
     """One line for `status`: what the column holds, by the record of its first write."""
     held = column_record(conn, target)
     name = f"{target.display}.{target.embedding_column}"
@@ -150,5 +163,5 @@ def describe_column(conn, target):
     return f"column {name} holds {describe_identity(held)} (recorded {held['recorded']}{unknown})"
 
 
-def _column_key(target):
+def _column_key(target: Target) -> dict[str, str]:
     return {"table_name": target.qualified_name, "column_name": target.embedding_column}

@@ -47,7 +47,7 @@ def init_schema(
             if add_column:
                 cur.execute(
                     sql.SQL(db.load_sql("table/add_embedding_column")).format(
-                        table=sql.Identifier(*catalog.split_table_name(settings.table)),
+                        table=sql.Identifier(*catalog.split_table_name(cast(str, settings.table))),
                         embedding=sql.Identifier(settings.embedding_column),
                         dimensions=sql.Literal(settings.dimensions),
                         vector_type=sql.SQL(vector_type),
@@ -97,7 +97,7 @@ def init_schema(
 
 def _check_init(conn: db.Connection, settings: "Settings", vector_type: str, tracking: str | None) -> bool:
     """What `init` could fail on, checked before it creates anything; True when the column is to be added."""
-    parts = catalog.split_table_name(settings.table)
+    parts = catalog.split_table_name(cast(str, settings.table))
     shown = ".".join(parts)
     relation = catalog.relation_literal(conn, parts)
     with conn.cursor() as cur:
@@ -124,9 +124,8 @@ def _check_init(conn: db.Connection, settings: "Settings", vector_type: str, tra
                 f"column {shown}.{settings.embedding_column} does not exist: "
                 f"pass --dimensions N (or set EMBEDDING_DIMENSIONS) to add it as {vector_type}(N)"
             )
-        # TODO: text_columns is None when init is given none, and this raises TypeError (a bug; the cast keeps it)
         for column, where in [(settings.id_column, "ETL_ID_COLUMN or --id-column")] + [
-            (column, "ETL_TEXT_COLUMNS or --text-columns") for column in cast(tuple[str, ...], settings.text_columns)
+            (column, "ETL_TEXT_COLUMNS or --text-columns") for column in settings.text_columns or ()
         ]:
             if column not in columns:
                 raise DatabaseError(f"column {shown}.{column} does not exist (check {where})")

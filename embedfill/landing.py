@@ -7,37 +7,44 @@ import json
 import logging
 import multiprocessing
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .batchapi import ENDED, GIVEN_UP, LAND_CHUNK_ROWS, api
+from .batchapi import ENDED, GIVEN_UP, LAND_CHUNK_ROWS, Record, api
 from .errors import FatalProviderError
 from .providers.openai import decode_vector
 from .ratelimit import RateLimiter
-from .requester import Requester, Row
+from .requester import Failure, Requester, Row
 from .shape import Shape
 from .shared import SharedState
 from .texts import fit, row_text
 
+if TYPE_CHECKING:
+    from .batchapi import BatchRun
+
 log = logging.getLogger(__name__)
+
+Place = tuple[str, int | None]  # (row_id, the hash of the text sent), of one vector
 
 
 class Landing:
     """The landing of one table's batches, on its BatchRun (the connection, the client, the totals)."""
 
-    def __init__(self, run):
+    def __init__(self, run: "BatchRun") -> None:
         self.run = run
         self.landed = 0
-        self.counts = {}  # key -> (completed, total) at the last poll
+        self.counts: dict[str, tuple[int, int]] = {}  # key -> (completed, total) at the last poll
 
-    def poll(self):
+    def poll(self) -> list[Record]:
         """Look at every pending batch once, landing those that ended. Returns what is still pending."""
         for record in self.run.pending():
             if record.batch_id is not None:
                 self.check(record)
         return self.run.pending()
 
-    def wait(self):
+    def wait(self) -> None:
         while True:
             pending = self.poll()
             rows = self.run.execute("batch/batch_rows_pending").fetchone()[0]
@@ -51,7 +58,7 @@ class Landing:
                 return
             time.sleep(self.run.settings.poll_seconds)
 
-    def check(self, record):
+    def check(self, record: Record) -> None:
         with api(f"retrieving batch {record.batch_id}"):
             batch = self.run.client.batches.retrieve(record.batch_id)
         counts = batch.request_counts
@@ -82,7 +89,7 @@ class Landing:
         self.landed += 1
         log.info("batch %s %s: %s", record.key, batch.status, state)
 
-    def land(self, key, file_id, input_file_id):
+    def land(self, key: str, file_id: str, input_file_id: str) -> None:
         """Place every vector of an output (or error) file by custom_id and index, a chunk per commit."""
         places = {(request, position): (row_id, digest) for request, position, row_id, digest in self.run.execute(
             "batch/batch_places", key=key)}  # fmt: skip
@@ -120,12 +127,12 @@ class Landing:
                         "(first reason: %s)", len(row_ids), len(refused), next(iter(refused.values())))  # fmt: skip
             self.resend(key, row_ids)
 
-    def _vouch(self, key, input_file_id, places):
+    def _vouch(self, key: str, input_file_id: str, places: dict[tuple[int, int], Place]) -> None:
         """The rows that kept no hash of their text (a batch submitted before schema 2): the text
         sent is read back from the batch's input file; a row whose text is still that one is given
         its hash now (the write checks it), a row edited since is left out (NULL, for a later run)."""
         legacy = {place: row_id for place, (row_id, digest) in places.items() if digest is None}
-        sent = {}
+        sent: dict[tuple[int, int], str] = {}
         with (
             api(f"reading file {input_file_id}"),
             self.run.client.files.with_streaming_response.content(input_file_id) as response,
@@ -147,7 +154,7 @@ class Landing:
                 del places[place]  # edited since, or gone: its vector is not written
                 log.info("row %s changed since its batch was submitted: its vector is not written", row_id)
 
-    def write(self, key, places, vectors, failures=()):
+    def write(self, key: str, places: list[Place], vectors: list[np.ndarray], failures: Sequence[Failure] = ()) -> None:
         """Write vectors where each row is still NULL with the text that was sent, record failures,
         take the rows out of the batch, commit. `places`: [(row_id, text hash)], one per vector."""
         ids, hashes = [row_id for row_id, _ in places], [digest for _, digest in places]
@@ -164,7 +171,7 @@ class Landing:
         for row_id, reason, _ in failed:
             log.warning("row %s failed: %s", row_id, reason)
 
-    def resend(self, key, row_ids):
+    def resend(self, key: str, row_ids: list[str]) -> None:
         """Rows of requests the batch refused, through the normal endpoint and the backfill's own
         request path (its retries, its split to isolate the rows refused)."""
         rows = self.run.execute("batch/batch_rows_text", key=key, row_ids=row_ids).fetchall()
@@ -178,7 +185,7 @@ class Landing:
         places = [(row.row_id, hashes[row.row_id]) for chunk, _ in embedded for row in chunk]
         self.write(key, places, [vectors for _, vectors in embedded], failures)
 
-    def requester(self):
+    def requester(self) -> Requester:
         """The request path of a backfill, in this process (no pool): for the few rows a batch refused."""
         run = self.run
         if run.requester is None:

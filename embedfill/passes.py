@@ -7,6 +7,9 @@ import logging
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 
@@ -16,6 +19,18 @@ from .progress import Progress
 from .providers import make_embedder
 from .shared import FIELDS, SharedState
 from .worker import embed_ranges, init_worker
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+    from multiprocessing.pool import IMapIterator
+
+    from .catalog import Target
+    from .driver import _Counts
+    from .lease import Lease
+    from .planner import Range
+    from .ratelimit import RateLimiter
+    from .settings import Settings
+    from .shape import Shape
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +45,16 @@ class PassWatch:
     "done", or a worker's one-line error), the workers' shared state, the signals received so far
     and the time. No database and no process: a unit test drives it, as RangeCursor's does."""
 
-    def __init__(self, processes, grace=GRACE_SECONDS, clock=time.monotonic):
+    def __init__(
+        self, processes: int, grace: float = GRACE_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.processes = processes
         self.grace = grace
         self.clock = clock
-        self.stop_seen = None
-        self.fatal = None
+        self.stop_seen: float | None = None
+        self.fatal: EtlError | None = None
 
-    def judge(self, news, shared, signals):
+    def judge(self, news: str | EtlError | None, shared: SharedState, signals: int) -> str:
         """CONTINUE, FINISHED (every range walked) or END (stop the workers now)."""
         if news == "done":
             return FINISHED
@@ -66,7 +83,7 @@ class PassWatch:
         return CONTINUE
 
 
-def _next(results):
+def _next(results: "IMapIterator[None]") -> str | EtlError | None:
     """The pool's news within POLL_SECONDS: None, "done", or a worker's error."""
     try:
         results.next(timeout=POLL_SECONDS)
@@ -83,7 +100,17 @@ class Run:
     """One invocation: its signals, its lease, and its passes of the worker pool over the NULL rows
     (one for the backlog, the sweeps after it; with --follow, one more each time rows need a vector)."""
 
-    def __init__(self, settings, target, processes, context, limiter, shape, lease, identity):
+    def __init__(
+        self,
+        settings: "Settings",
+        target: "Target",
+        processes: int,
+        context: "BaseContext",
+        limiter: "RateLimiter",
+        shape: "Shape",
+        lease: "Lease",
+        identity: Mapping[str, Any],
+    ) -> None:
         self.settings = settings
         self.target = target
         self.processes = processes
@@ -98,22 +125,22 @@ class Run:
         # One client for every pass's processes, built before any fork and never used here:
         # no connection of it exists to cross the fork, and its pages are shared, not copied.
         self.embedder = make_embedder(settings, target.dimensions)
-        self.received = []
-        self.fatal = None
-        self.shared = None  # the current pass's
+        self.received: list[int] = []
+        self.fatal: EtlError | None = None
+        self.shared: SharedState | None = None  # the current pass's
         self.earlier = dict.fromkeys(FIELDS, 0)  # totals of the passes that ended
-        self.progress = None
+        self.progress: Progress | None = None
 
-    def on_signal(self, signum, frame):
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
         if self.shared is not None:
             self.shared.request_stop()
 
-    def totals(self):
+    def totals(self) -> dict[str, int]:
         current = self.shared.totals() if self.shared is not None else {}
         return {name: value + current.get(name, 0) for name, value in self.earlier.items()}
 
-    def embed(self, ranges, counts=None):
+    def embed(self, ranges: list["Range"], counts: "_Counts | None" = None) -> bool:
         """One pass of a fresh pool over `ranges`; True when it walked them all (no stop, no error).
         A fresh pool and shared state each pass: nothing grows with the passes."""
         settings, processes = self.settings, self.processes
@@ -177,7 +204,7 @@ class Run:
             self.progress.update(self.totals())
         return finished
 
-    def sweep(self):
+    def sweep(self) -> int | None:
         """After the backlog: passes over the rows that became NULL meanwhile or that a write left out
         (edited while their request was out, held by the application at the write), while a pass finds
         some and at most SWEEPS; then the rows still NULL that no run is on (None after a stop)."""
@@ -201,7 +228,7 @@ class Run:
             log.debug("counting the rows left failed: %s", db.first_line(error))
             return None
 
-    def _plan_left(self):
+    def _plan_left(self) -> list["Range"]:
         """Ranges over the rows to embed that no run is on, or [] when there are none."""
         conn = db.connect(self.settings.database_url)
         try:
@@ -211,7 +238,8 @@ class Run:
         finally:
             conn.close()  # no socket crosses the fork
 
-    def tick(self):
+    def tick(self) -> None:
         """What the parent does between two looks at its pool, never waiting on the database."""
+        assert self.progress is not None  # made by the first pass
         self.progress.update(self.totals())
         self.lease.tick()

@@ -120,7 +120,7 @@ class RangeCursor:
             self.noted = True
         return self.current
 
-    def advance(self, last_id: str, full: bool) -> None:
+    def advance(self, last_id: str | None, full: bool) -> None:
         """After a claim from `segment()`: past its last row if it was full, else the segment is done."""
         self.current = (last_id, cast(Range, self.current)[1]) if full else None
 

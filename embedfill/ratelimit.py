@@ -12,6 +12,12 @@ Token estimates are scaled by the ratio of the answers' `usage` to them.
 
 import math
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+
+    from .providers.base import Quota
 
 BURST_SECONDS = 1.0  # how many seconds of budget may be spent at once
 DECREASE = 0.7  # a burst of 429s multiplies the rate by this
@@ -29,7 +35,13 @@ _FIELDS = (
 class RateLimiter:
     """Created in the parent before the pool starts; inherited by every worker."""
 
-    def __init__(self, context, requests_per_minute=None, tokens_per_minute=None, workers=1):
+    def __init__(
+        self,
+        context: "BaseContext",
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        workers: int = 1,
+    ) -> None:
         self.rpm = requests_per_minute
         self.tpm = tokens_per_minute
         self.workers = workers
@@ -38,20 +50,20 @@ class RateLimiter:
         self["share"] = self["factor"] = 1.0
         self.start()
 
-    def start(self):
+    def start(self) -> None:
         """The run's clock starts now (when its workers start): buckets start empty, so that the run
         ramps up at its rate instead of bursting, and no request has been waited for yet."""
         now = time.monotonic()
         for name in ("stamp", "recent_at", "last_success", "started"):
             self[name] = now
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> float:
         return self._state[_FIELDS.index(name)]
 
-    def __setitem__(self, name, value):
+    def __setitem__(self, name: str, value: float) -> None:
         self._state[_FIELDS.index(name)] = value
 
-    def rates(self):
+    def rates(self) -> tuple[float | None, float | None]:
         """(tokens in the workers' counting, requests) per minute this run may use now; None: no limit."""
         scale = self["factor"] / self["share"]
         tpm = min(self.tpm or math.inf, self["server_tpm"] or math.inf) * scale / (self["ratio"] or 1.0)
@@ -60,7 +72,7 @@ class RateLimiter:
             rpm = self["measured_rpm"] * self["factor"]  # this run's own rate: not divided
         return (None if math.isinf(tpm) else tpm), (None if math.isinf(rpm) else rpm)
 
-    def reserve(self, tokens):
+    def reserve(self, tokens: int) -> float:
         """Take one request and `tokens` from the budgets; seconds to wait before sending."""
         with self._lock:
             now = time.monotonic()  # read under the lock: stamps only move forward
@@ -75,16 +87,16 @@ class RateLimiter:
                         wait = max(wait, -self[name] / rate)
             return max(wait, self["cooldown"] - now, 0.0)
 
-    def cooldown_left(self):
+    def cooldown_left(self) -> float:
         """Seconds until the shared cool-down ends (0 when there is none)."""
         return max(0.0, self["cooldown"] - time.monotonic())
 
-    def set_share(self, runs):
+    def set_share(self, runs: int) -> None:
         """The budgets are split between `runs` runs using the same API key."""
         with self._lock:
             self["share"] = float(max(1, runs))
 
-    def succeeded(self):
+    def succeeded(self) -> None:
         """A request succeeded: count it, and give the factor back a little."""
         with self._lock:
             now = time.monotonic()
@@ -95,19 +107,19 @@ class RateLimiter:
             self["recent"] = self["recent"] * math.exp(-(now - self["recent_at"]) / RATE_WINDOW) + 1.0
             self["recent_at"] = now
 
-    def successes(self):
+    def successes(self) -> int:
         """Requests that succeeded in this run, in every process."""
         return int(self["successes"])
 
-    def succeeded_since(self, moment):
+    def succeeded_since(self, moment: float) -> bool:
         """Whether any process's request succeeded after `moment` (time.monotonic())."""
         return self["successes"] > 0 and self["last_success"] > moment
 
-    def max_inputs(self):
+    def max_inputs(self) -> int | None:
         """The most inputs a request may carry, as learned in this run (None: no limit learned)."""
         return int(self["max_inputs"]) or None
 
-    def cap_inputs(self, inputs):
+    def cap_inputs(self, inputs: int) -> bool:
         """Requests carry at most `inputs` from now on, in every process; True if that lowered the cap."""
         with self._lock:
             if self["max_inputs"] and self["max_inputs"] <= inputs:
@@ -115,7 +127,7 @@ class RateLimiter:
             self["max_inputs"] = max(1, inputs)
             return True
 
-    def rate_limited(self, seconds):
+    def rate_limited(self, seconds: float) -> None:
         """A 429: pause every worker for `seconds`, and cut the rate once per burst of 429s."""
         with self._lock:
             now = time.monotonic()
@@ -129,11 +141,11 @@ class RateLimiter:
             self["factor"] = max(0.02, self["factor"] * DECREASE)
             self["last_cut"] = now
 
-    def stalled_for(self):
+    def stalled_for(self) -> float:
         """Seconds since a request last succeeded (or since the run started)."""
         return time.monotonic() - self["last_success"]
 
-    def observe(self, quota, usage, counted):
+    def observe(self, quota: "Quota", usage: int, counted: int) -> float:
         """Learn from an answer: the ratio of its `usage` to the tokens the worker counted, the
         key's limits (`quota`: what the answer says of them, providers.QuotaLeft by kind), and whether
         the quota left can cover one more request from every worker of every run sharing it (if

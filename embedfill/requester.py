@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -27,6 +28,14 @@ from .errors import FatalProviderError, InvalidInputError, Stop, TransientProvid
 from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
 from .shape import Shape, lesson
 from .texts import count_tokens, fit
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Semaphore
+
+    from .providers.base import Provider
+    from .ratelimit import RateLimiter
+    from .settings import Settings
+    from .shared import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,9 @@ class Row:
     tokens: int = 0
 
 
+Embedded = list[tuple[list[Row], np.ndarray]]  # the rows of each request, and its vectors
+
+
 def backoff(attempt: int) -> float:
     """Exponential back-off with full jitter."""
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
@@ -72,7 +84,7 @@ def least(*limits: int | None) -> int | None:
     return min(known) if known else None
 
 
-def pack_requests(rows: list[Row], max_inputs: int | None = None, max_tokens: int | None = None):
+def pack_requests(rows: list[Row], max_inputs: int | None = None, max_tokens: int | None = None) -> Iterator[list[Row]]:
     """Split rows into requests of at most `max_inputs` inputs and `max_tokens` tokens (by default
     OpenAI's 2048 and 300k)."""
     most = max_inputs or MAX_INPUTS_PER_REQUEST
@@ -97,7 +109,16 @@ class Requester:
     server (shape.py). With `stops_others` a fatal answer stops the run's other processes at once
     (verify reads each page's own error instead)."""
 
-    def __init__(self, settings, embedder, shared, limiter, slots, shape: Shape, stops_others: bool = True):
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Provider,
+        shared: SharedState,
+        limiter: RateLimiter,
+        slots: Semaphore,
+        shape: Shape,
+        stops_others: bool = True,
+    ) -> None:
         self.settings = settings
         self.embedder = embedder  # built in the parent, unused there: this process's own copy
         self.shared = shared
@@ -121,10 +142,10 @@ class Requester:
         inputs = least(limits.max_inputs, shape.limit("max_inputs"), self.limiter.max_inputs())
         return inputs, least(limits.max_tokens, shape.limit("max_tokens"))
 
-    def embed(self, rows: list[Row]) -> tuple[list[tuple[list[Row], np.ndarray]], list[Failure]]:
+    def embed(self, rows: list[Row]) -> tuple[Embedded, list[Failure]]:
         """The vectors of `rows` (packed into requests within the limits), and the rows refused."""
         self.refused = 0
-        embedded: list[tuple[list[Row], np.ndarray]] = []
+        embedded: Embedded = []
         failures: list[Failure] = []
         for chunk in pack_requests(rows, *self.request_limits()):
             ok, failed = self.embed_request(chunk)
@@ -134,7 +155,7 @@ class Requester:
             self._refuses_everything(failures[-1][1])
         return embedded, failures
 
-    def embed_request(self, rows: list[Row]) -> tuple[list[tuple[list[Row], np.ndarray]], list[Failure]]:
+    def embed_request(self, rows: list[Row]) -> tuple[Embedded, list[Failure]]:
         """One request's rows, retried and split as the module docstring says."""
         attempt = limited = 0
         probed = False
@@ -294,7 +315,7 @@ class Requester:
         self.shared.add(requests=1, tokens=result.tokens)
         return True
 
-    def _split(self, rows: list[Row], timeout: TransientProviderError | None = None):
+    def _split(self, rows: list[Row], timeout: TransientProviderError | None = None) -> tuple[Embedded, list[Failure]]:
         """Send the rows as two halves (after a refusal or repeated failures, to isolate the row at
         fault; after a timeout, because the request was too big for the server's time: then every
         process's requests are capped)."""
@@ -308,9 +329,9 @@ class Requester:
             )
         return self._send([rows[:middle], rows[middle:]])
 
-    def _send(self, groups: list[list[Row]]):
+    def _send(self, groups: list[list[Row]]) -> tuple[Embedded, list[Failure]]:
         """Each group's rows in requests as the run allows now (a cap learned meanwhile applies)."""
-        embedded: list[tuple[list[Row], np.ndarray]] = []
+        embedded: Embedded = []
         failed: list[Failure] = []
         for group in groups:
             for chunk in pack_requests(group, *self.request_limits()):
@@ -318,7 +339,7 @@ class Requester:
                 embedded, failed = embedded + ok, failed + bad
         return embedded, failed
 
-    def _refuses_everything(self, reason: object):
+    def _refuses_everything(self, reason: object) -> NoReturn:
         self._stop_others()
         settings = "EMBEDDING_MODEL, EMBEDDING_DIMENSIONS and EMBEDDING_EXTRA_BODY"
         raise FatalProviderError(

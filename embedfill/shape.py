@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -18,6 +19,11 @@ import psycopg2
 from . import db
 from .db import load_sql
 from .errors import EtlError
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+
+    from .providers.base import Provider
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ _FIELDS = ("max_inputs", "max_tokens", "input_tokens", "floats", "no_dimensions"
 class Shape:
     """Created in the parent before the pool; inherited by every process of the run."""
 
-    def __init__(self, context):
+    def __init__(self, context: BaseContext) -> None:
         self._lock = context.Lock()
         self._state = context.RawArray("d", len(_FIELDS))
 
@@ -57,7 +63,7 @@ class Shape:
             self[name], self["changed"] = 1, 1
             return True
 
-    def follow(self, provider) -> None:
+    def follow(self, provider: Provider) -> None:
         """Make `provider` ask as learned (another process may have learned it): floats, no `dimensions`."""
         if self["floats"] and provider.encoding:
             provider.encoding = "float"
@@ -72,7 +78,7 @@ class Shape:
             return True
 
     # --- kept between runs ---------------------------------------------------------------------
-    def load(self, conn, endpoint: str, model: str) -> None:
+    def load(self, conn: db.Connection, endpoint: str, model: str) -> None:
         """What earlier runs learned of this endpoint and model (etl_limits), said in one line."""
         endpoint = where(endpoint)
         with conn.cursor() as cur:

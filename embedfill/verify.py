@@ -17,11 +17,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, TextIO
 
+import numpy as np
 from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, guard, logs, schema
-from .check import MAX_MISMATCHES, Check
+from .check import MAX_MISMATCHES, Check, Fresh
 from .errors import EXIT_OK, EXIT_PARTIAL, EtlError, Stop
 from .models import estimate_cost
 from .progress import Progress
@@ -33,8 +36,18 @@ from .shared import SharedState
 from .texts import fit, mean_tokens, row_text
 from .worker import watch_parent
 
+if TYPE_CHECKING:
+    from multiprocessing.pool import AsyncResult
+    from multiprocessing.synchronize import Semaphore
 
-def verify(settings, sample, fix, out, as_json=False):
+    from .catalog import Target
+    from .providers.base import Provider
+    from .settings import Settings
+
+Page = list[tuple[Any, ...]]  # (row_id, *texts, stored vector) rows
+
+
+def verify(settings: "Settings", sample: int | None, fix: bool, out: TextIO, as_json: bool = False) -> int:
     """Check `sample` random rows (None: all of them); returns 0 when every one matches, else 3.
     Prints a line per row that does not match and a summary, or with `as_json` one JSON document."""
     started = time.monotonic()
@@ -64,9 +77,10 @@ def verify(settings, sample, fix, out, as_json=False):
     progress.set_total(total)
     check, finished = Check(), False
     previous = signal.signal(signal.SIGTERM, Stop.on_signal)  # `kill PID`: end the pool like Ctrl-C does
-    pending = collections.deque()  # (page, its result): 2 × --workers pages in the pool, read ahead
+    # (page, its result): 2 × --workers pages in the pool, read ahead
+    pending: collections.deque[tuple[Page, AsyncResult[Fresh]]] = collections.deque()
 
-    def settle():
+    def settle() -> None:
         check.compare(*pending.popleft())
         progress.update({"embedded": check.checked, "failed": len(check.mismatches)})
 
@@ -140,7 +154,7 @@ def verify(settings, sample, fix, out, as_json=False):
     return EXIT_PARTIAL if check.mismatches or check.unchecked else EXIT_OK
 
 
-def pages(conn, target, sample, size):
+def pages(conn: db.Connection, target: "Target", sample: int | None, size: int) -> Generator[Page, None, None]:
     """Lists of (row_id, *texts, stored vector): a random sample through one server-side cursor,
     or every row that holds a vector by keyset pages, each read in a short transaction."""
     if sample:
@@ -162,7 +176,9 @@ def pages(conn, target, sample, size):
         after = rows[-1][0]
 
 
-def dry_run(conn, settings, target, sample, out, as_json=False):
+def dry_run(
+    conn: db.Connection, settings: "Settings", target: "Target", sample: int | None, out: TextIO, as_json: bool = False
+) -> int:
     """Rows, estimated tokens and cost, without a request."""
     rows = catalog.scalar(conn, target.query("status/count_embedded"))
     if sample:
@@ -194,10 +210,17 @@ def dry_run(conn, settings, target, sample, out, as_json=False):
     return EXIT_OK
 
 
-_requester = None
+_requester: Requester | None = None
 
 
-def _init_pool(settings, shared, limiter, slots, shape, embedder):
+def _init_pool(
+    settings: "Settings",
+    shared: SharedState,
+    limiter: RateLimiter,
+    slots: "Semaphore",
+    shape: Shape,
+    embedder: "Provider",
+) -> None:
     """Pool initializer: the run's request path without a database, with this process's copy of
     the API client. The parent reads every page's result, its error included, in order: a fatal
     answer does not stop the other processes by itself."""
@@ -210,13 +233,15 @@ def _init_pool(settings, shared, limiter, slots, shape, embedder):
     multiprocessing.util.Finalize(_requester, embedder.close, exitpriority=10)
 
 
-def embed_texts(items):
+def embed_texts(items: list[tuple[str, str]]) -> Fresh:
     """Pool task: [(row_id, text)] -> ({row_id: fresh vector}, {row_id: why it was not embedded}),
     each text cut to the model's limit as the run cuts it."""
+    assert _requester is not None  # set by _init_pool
     settings = _requester.settings
     limit = _requester.input_limit()
     rows = [Row(row_id, *fit(text, limit, settings.tpm is not None)[:2]) for row_id, text in items]
-    vectors, failed = {}, {}
+    vectors: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
     try:
         embedded, failures = _requester.embed(rows)
     except EtlError as error:

@@ -21,6 +21,9 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import psycopg2
@@ -28,10 +31,20 @@ import psycopg2
 from . import db, logs
 from .errors import DatabaseError, EtlError, FatalProviderError, Stop
 from .lease import LEASE_SECONDS, RENEW_SECONDS
-from .planner import RangeCursor
-from .requester import Requester, Row, backoff
+from .planner import Range, RangeCursor
+from .requester import Failure, Requester, Row, backoff
 from .store import WorkerStore
 from .texts import fit, row_text
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Semaphore
+
+    from .catalog import Target
+    from .providers.base import Provider
+    from .ratelimit import RateLimiter
+    from .settings import Settings
+    from .shape import Shape
+    from .shared import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +52,7 @@ PARENT_CHECK_SECONDS = 0.5
 LEASE_TRUSTED_SECONDS = LEASE_SECONDS - 3 * RENEW_SECONDS  # a renewal older than this may be no lease at all
 
 
-def process_count(workers):
+def process_count(workers: int) -> int:
     """Pool processes for --workers requests in flight: the spare ones decode, write and claim
     while the others wait on the API. At least four: with three, a DB-bound run of two
     workers waits on its own writes (bench/RESULTS.md)."""
@@ -49,7 +62,17 @@ def process_count(workers):
 class Worker:
     """One pool process of a backfill: its ranges, its connection (once opened) and its requests."""
 
-    def __init__(self, settings, target, ranges, shared, requester, number, run_id, identity):
+    def __init__(
+        self,
+        settings: "Settings",
+        target: "Target",
+        ranges: Sequence[Range],
+        shared: "SharedState",
+        requester: Requester,
+        number: int,
+        run_id: str,
+        identity: Mapping[str, Any],
+    ) -> None:
         self.settings = settings
         self.target = target
         self.ranges = ranges
@@ -58,18 +81,18 @@ class Worker:
         self.number = number
         self.run_id = run_id
         self.identity = identity  # what the column's record must say (confirmed by the first write)
-        self.store = None
-        self.lows = []  # where the claims of the batch at hand start: its write releases them
+        self.store: WorkerStore | None = None
+        self.lows: list[str] = []  # where the claims of the batch at hand start: its write releases them
         self.db_retries = 0
-        self.lost_since = None  # when the database connection was lost, until a write succeeds again
+        self.lost_since: float | None = None  # when the database connection was lost, until a write succeeds again
         self.warned_at = -60.0
 
     # --- lifetime --------------------------------------------------------------------------
-    def open(self):
+    def open(self) -> None:
         if self.store is None:
             self.store = self._connect()
 
-    def _connect(self, timeout=10):
+    def _connect(self, timeout: float = 10) -> WorkerStore:
         # r<pid of the run>w<N>: `status` counts runs and their processes (sql/status/status_active.sql)
         name = f"{db.APPLICATION_PREFIX}:{self.target.qualified_name}:r{os.getppid()}w{self.number}"
         conn = db.connect(self.settings.database_url, application_name=name, timeout=timeout)
@@ -79,13 +102,13 @@ class Worker:
             conn.close()
             raise DatabaseError(f"cannot prepare a worker's session: {db.explain(error)}") from error
 
-    def close(self):
+    def close(self) -> None:
         if self.store is not None:
             self.store.close()
         self.requester.embedder.close()
 
     # --- the ranges ----------------------------------------------------------------------------
-    def run(self):
+    def run(self) -> None:
         """Claim, embed and write one batch after another until no range is left.
         A batch may draw from several ranges, so every request but the last is full."""
         cursor = RangeCursor(self._take_range)
@@ -106,10 +129,12 @@ class Worker:
             cursor.commit()
             self.shared.add(**counts)
 
-    def _claim(self, cursor):
+    def _claim(self, cursor: RangeCursor) -> tuple[list[tuple[Any, ...]], int]:
         """The next batch's rows, claimed and committed: ([(row_id, hash, *texts)], rows reserved under --limit)."""
         size = self.settings.batch_size
-        batch, reserved = [], 0
+        batch: list[tuple[Any, ...]] = []
+        reserved = 0
+        assert self.store is not None  # opened before run()
         try:
             while len(batch) < size:
                 granted = self.shared.reserve_rows(size - len(batch))
@@ -131,7 +156,7 @@ class Worker:
         self.db_retries, self.lost_since = 0, None
         return batch, reserved
 
-    def _wait_for_lease(self):
+    def _wait_for_lease(self) -> None:
         """Claim only while the run's lease is renewed (the parent stopped, or cut off from the
         database, lets its claims die: then another run's claims would meet these)."""
         stale = time.monotonic() - self.requester.limiter["renewed_at"]
@@ -142,13 +167,14 @@ class Worker:
             if self.shared.sleep(0.5):
                 raise Stop()
 
-    def _take_range(self):
+    def _take_range(self) -> Range | None:
         index = self.shared.take_range()
-        return tuple(self.ranges[index]) if index < len(self.ranges) else None
+        return cast(Range, tuple(self.ranges[index])) if index < len(self.ranges) else None
 
-    def _recover(self, error):
+    def _recover(self, error: psycopg2.Error) -> None:
         """A statement failed and rolled back: reopen a lost connection, retry a transient error
         (deadlock, serialization failure, lock or statement timeout) a few times, stop on anything else."""
+        assert self.store is not None
         if not self.store.alive():
             self._reconnect(error)
             return
@@ -161,7 +187,7 @@ class Worker:
             return
         raise DatabaseError(f"database error on {self.target.display}: {db.explain(error)}") from error
 
-    def _reconnect(self, error):
+    def _reconnect(self, error: psycopg2.Error) -> None:
         """Open a new connection, for --reconnect-seconds of wall-clock time counted from when the
         connection was lost (a connection that comes back and drops again before any write does
         not start the window again)."""
@@ -175,6 +201,7 @@ class Worker:
             log.warning(
                 "lost the database connection (%s); reconnecting for up to %.0f s", db.first_line(error), window
             )
+        assert self.store is not None
         self.store.close()
         self.store = None
         delay = 0.25
@@ -195,7 +222,7 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     # --- one batch -----------------------------------------------------------------------------
-    def process_batch(self, claimed):
+    def process_batch(self, claimed: list[tuple[Any, ...]]) -> dict[str, int]:
         """Embed the claimed rows and write their vectors (with the rows that failed recorded and
         the claims released) in one short transaction. Returns the counts for the shared totals."""
         failures, rows, truncated, hashes = [], [], 0, {}
@@ -234,9 +261,12 @@ class Worker:
             log.warning("row %s failed: %s", row_id, reason)
         return {"embedded": written, "failed": len(failed), "truncated": truncated, "left": sum(left.values())}
 
-    def write(self, ids, hashes, matrix, failures):
+    def write(
+        self, ids: list[str], hashes: list[int | None], matrix: np.ndarray | None, failures: list[Failure]
+    ) -> tuple[int, list[Failure], Counter[str]]:
         """store.write, again after a lost connection or a transient error: the vectors are kept, not
         paid for again (the claims are still this run's, and the write checks every row anew)."""
+        assert self.store is not None
         while True:
             try:
                 result = self.store.write(ids, hashes, matrix, failures, self.identity, self.lows)
@@ -245,18 +275,18 @@ class Worker:
             except psycopg2.Error as error:
                 self._recover(error)
 
-    def check_width(self, width):
+    def check_width(self, width: int) -> None:
         error = self.target.width_error(self.settings, width, bool(self.requester.shape["no_dimensions"]))
         if error:
             raise FatalProviderError(error)
 
 
-def watch_parent(parent):
+def watch_parent(parent: int) -> None:
     """In a pool process: end it within PARENT_CHECK_SECONDS of its parent's death (a SIGKILL of the
     parent alone), so that nothing goes on sending requests with nobody to report to. Its connections
     close with it; its claims go with the run's lease."""
 
-    def watch():
+    def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_CHECK_SECONDS)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -264,10 +294,21 @@ def watch_parent(parent):
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-_worker = None
+_worker: Worker | None = None
 
 
-def init_worker(settings, target, ranges, shared, limiter, slots, shape, embedder, run_id, identity):
+def init_worker(
+    settings: "Settings",
+    target: "Target",
+    ranges: Sequence[Range],
+    shared: "SharedState",
+    limiter: "RateLimiter",
+    slots: "Semaphore",
+    shape: "Shape",
+    embedder: "Provider",
+    run_id: str,
+    identity: Mapping[str, Any],
+) -> None:
     """Pool initializer: runs once in each new worker process."""
     global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides how to stop. SIGTERM
@@ -282,10 +323,11 @@ def init_worker(settings, target, ranges, shared, limiter, slots, shape, embedde
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
 
 
-def embed_ranges(_task):
+def embed_ranges(_task: object) -> None:
     """Pool task (one per process): walk ranges until none is left.
     A fatal error stops every worker and reaches the parent as a one-line EtlError."""
     worker = _worker
+    assert worker is not None  # set by init_worker
     if worker.shared.stopping():
         return
     worker.shared.set_busy(True)

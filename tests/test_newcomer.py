@@ -235,6 +235,33 @@ def test_init_checks_everything_first_then_says_what_it_created(etl, db):
     assert len(embedded) == 30
 
 
+def test_init_needs_no_text_columns(etl, db):
+    """The column and the partial index take no text columns: init runs without ETL_TEXT_COLUMNS
+    (it crashed on a TypeError), and only --track-changes asks for them."""
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text)")
+    first = etl.run("init", "--dimensions", "8", ETL_TABLE="docs")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[-2:] == [
+        "column embedding: added as vector(8)",
+        "partial index docs_embedding_null_idx: created",
+    ]
+    second = etl.run("init", ETL_TABLE="docs")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines()[-2:] == ["column embedding: present, vector(8)", "partial index: present"]
+    tracking = etl.run("init", "--track-changes", ETL_TABLE="docs")
+    assert tracking.returncode == 1
+    assert tracking.stderr.strip().splitlines()[-1] == (
+        "error: init --track-changes needs the text columns: set ETL_TEXT_COLUMNS or --text-columns"
+    )
+    with db.cursor() as cur:
+        cur.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'docs'::regclass "
+                    "AND attname = 'embedding'")  # fmt: skip
+        assert cur.fetchone() == ("vector(8)",)
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'docs_embedding_null_idx'")
+        assert cur.fetchone() == (1,)
+
+
 def test_an_interrupted_demo_is_resumed_not_rebuilt(etl, db):
     first = etl.run("demo", "--rows", "300", "--limit", "120", "--workers", "2", OPENAI_API_KEY=None)
     assert first.returncode == 0, first.stderr

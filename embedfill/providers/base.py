@@ -228,11 +228,11 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     headers = headers or {}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         try:
-            return max(0.0, float(headers.get(name)) * scale)
+            return max(0.0, float(headers.get(name, "")) * scale)
         except (TypeError, ValueError):
             pass
     try:
-        when = parsedate_to_datetime(headers.get("retry-after"))
+        when = parsedate_to_datetime(headers.get("retry-after", ""))
         return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return None

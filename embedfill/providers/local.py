@@ -7,7 +7,7 @@ with it reports tokens=0. No network: `fetch` computes the vectors itself.
 
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -53,11 +53,13 @@ class LocalProvider(Provider):
         return Answer(matrix.tobytes(), {}, len(texts))
 
     def decode(self, answer: Answer) -> Embedding:
-        vectors = np.frombuffer(answer.body, dtype=np.float32).reshape(answer.count, self.dimensions).copy()
+        vectors = (
+            np.frombuffer(cast(bytes, answer.body), dtype=np.float32).reshape(answer.count, self.dimensions).copy()
+        )
         return Embedding(vectors, 0, {})  # no API, no tokens billed
 
 
-def _features(text):
+def _features(text: str) -> list[str]:
     normalized = " ".join(text.lower().split())
     padded = f" {normalized} "
     grams = [padded[i : i + n] for n in (2, 3) for i in range(len(padded) - n + 1)]

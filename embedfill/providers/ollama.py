@@ -10,7 +10,7 @@ this one lets the server cut an input to the model's own context with the model'
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class OllamaProvider(Provider):
         endpoint = (settings.base_url or DEFAULT_URL).rstrip("/").removesuffix("/v1").removesuffix("/api")
         super().__init__(settings, column_dimensions, endpoint)
         self.truncate = settings.truncate  # --no-truncate: the server refuses an input over its context
-        self.client = None
+        self.client: Any = None
 
     def request_body(self, texts: Sequence[str]) -> dict:
         body = {"model": self.model, "input": list(texts), "truncate": self.truncate}
@@ -57,7 +57,7 @@ class OllamaProvider(Provider):
 
     def decode(self, answer: Answer) -> Embedding:
         try:
-            payload = json.loads(answer.body)
+            payload = json.loads(cast(bytes, answer.body))
             answer.body = None
             vectors = np.asarray(payload["embeddings"], dtype=np.float32)  # ragged lists: ValueError
             tokens = int(payload.get("prompt_eval_count") or 0)
