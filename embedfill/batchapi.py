@@ -12,6 +12,7 @@ through the key, a batch created just before the kill.
 import contextlib
 import json
 import logging
+import multiprocessing
 import tempfile
 import uuid
 from collections import namedtuple
@@ -25,6 +26,7 @@ from . import db, guard
 from .errors import ProviderError
 from .providers import make_provider
 from .requester import Row, pack_requests
+from .shape import Shape
 from .store import WorkerStore
 from .texts import fit, row_text
 
@@ -73,6 +75,9 @@ class BatchRun:
         self.store = WorkerStore(conn, target, "", settings.retry_failed, skip_batched=True)
         self.client = make_client(settings)
         self.provider = make_provider(settings, target.dimensions)  # what a request line says
+        self.shape = Shape(multiprocessing.get_context("fork"))  # what runs learned of the endpoint: lines ask so
+        self.shape.load(conn, self.provider.endpoint, self.provider.model)
+        self.shape.follow(self.provider)
         self.requester: Requester | None = None  # the normal endpoint, opened for the few rows a batch refused
         self.keys = {"column_name": target.embedding_column, "run_id": ""}
         self.identity = guard.column_identity(settings, target)
@@ -81,6 +86,7 @@ class BatchRun:
 
     def close(self) -> None:
         self.client.close()
+        self.shape.keep(self.settings.database_url, self.provider.endpoint, self.provider.model)
         if self.requester is not None:
             self.requester.embedder.close()
             for name, value in self.requester.shared.totals().items():
@@ -184,6 +190,7 @@ class BatchRun:
     def write_file(self, key: str, file: IO[bytes]) -> int:
         """The JSONL request lines of a batch's rows; their places are committed. Returns the rows placed."""
         limit, size = self.settings.input_token_limit, self.settings.batch_size
+        self.shape.follow(self.provider)  # floats, no `dimensions`, as learned (the landing's requests too)
         places: list[tuple[str, str, int, int]] = []  # (table, row_id, request number, position in it)
         chunk: list[Row] = []
         numbers = iter(range(1 << 31))

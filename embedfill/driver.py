@@ -50,7 +50,7 @@ def prepare(
         identity = guard.guard_column(conn, settings, target, run_id=None if lease is None else lease.run_id)
         provider = make_provider(settings, target.dimensions)
         shape.load(conn, provider.endpoint, provider.model)
-        indexes.prepare(conn, target, settings)
+        indexes.prepare(conn, target, settings, shape)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)
             log.warning(

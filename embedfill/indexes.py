@@ -27,6 +27,7 @@ from .lease import RENEW_SECONDS
 if TYPE_CHECKING:
     from .catalog import Target
     from .settings import Settings
+    from .shape import Shape
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ def deferred(conn: db.Connection, target: "Target") -> list[tuple[str, str, str,
     return rows
 
 
-def prepare(conn: db.Connection, target: "Target", settings: "Settings") -> None:
+def prepare(conn: db.Connection, target: "Target", settings: "Settings", shape: "Shape") -> None:
     """Before the first request: say which vector indexes the writes will feed, and with
-    --defer-index (once a request has shown that the provider answers) record, then drop them."""
+    --defer-index (once a request has shown that the provider answers, asked as `shape` says)
+    record, then drop them."""
     waiting = deferred(conn, target)
     if waiting:
         names = ", ".join(name for _, name, _, _ in waiting)
@@ -80,7 +82,7 @@ def prepare(conn: db.Connection, target: "Target", settings: "Settings") -> None
             why,
         )
         return
-    _probe(settings, target)
+    _probe(settings, target, shape)
     conn.autocommit = True  # DROP INDEX CONCURRENTLY: app queries on the table are never queued behind it
     try:
         with conn.cursor() as cur:
@@ -100,19 +102,20 @@ def prepare(conn: db.Connection, target: "Target", settings: "Settings") -> None
     log.info("--defer-index: dropped %s (recorded in etl_deferred_indexes); rebuilt when the run ends", names)
 
 
-def _probe(settings: "Settings", target: "Target") -> None:
-    """One request before an index is dropped: a wrong key, model, deployment or dimension stops
-    the run while the index is still there."""
+def _probe(settings: "Settings", target: "Target", shape: "Shape") -> None:
+    """One request before an index is dropped, asked as the run will ask: a wrong key, model,
+    deployment or dimension stops the run while the index is still there."""
     from .providers import make_embedder
+    from .shape import embed_once
 
     embedder = make_embedder(settings, target.dimensions)
     try:
-        width = embedder.embed(["embedfill --defer-index probe"]).vectors.shape[1]
+        width = embed_once(embedder, shape, "embedfill --defer-index probe").shape[0]
     except EtlError as error:
         raise EtlError(f"{error} (the vector index was not dropped)") from error
     finally:
         embedder.close()  # no socket crosses the fork
-    mismatch = target.width_error(settings, width)  # not `error`: that name is the except clause's above
+    mismatch = target.width_error(settings, width, bool(shape["no_dimensions"]))  # not `error`: the except clause's
     if mismatch:
         raise FatalProviderError(f"{mismatch} (the index was not dropped)")
 

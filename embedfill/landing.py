@@ -17,7 +17,6 @@ from .errors import FatalProviderError
 from .providers.openai import decode_vector
 from .ratelimit import RateLimiter
 from .requester import Failure, Requester, Row
-from .shape import Shape
 from .shared import SharedState
 from .texts import fit, row_text
 
@@ -196,7 +195,5 @@ class Landing:
             shared.register_worker()
             limiter = RateLimiter(context, run.settings.rpm, run.settings.tpm, 1)
             embedder = make_embedder(run.settings, run.target.dimensions)
-            shape = Shape(context)
-            shape.load(run.conn, embedder.endpoint, embedder.model)
-            run.requester = Requester(run.settings, embedder, shared, limiter, context.Semaphore(1), shape)
+            run.requester = Requester(run.settings, embedder, shared, limiter, context.Semaphore(1), run.shape)
         return run.requester

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import FatalProviderError, InvalidInputError, Stop, TransientProviderError
 from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
-from .shape import Shape, lesson
+from .shape import LESSONS, Shape, lesson
 from .texts import count_tokens, fit
 
 if TYPE_CHECKING:
@@ -50,15 +50,6 @@ UNREACHABLE_SECONDS = 5.0  # no connection to the API at all since the run start
 PROBE_TEXT = "embedfill: is the server answering?"  # a few tokens, sent before a row is blamed for a server error
 USAGE_FAR = 3.0  # an answer's usage this many times above or below our own count is not in tokens
 SAID_NORM = 1  # a Shape.say_once bit
-LESSONS = {
-    "floats": "the server does not take encoding_format=base64: vectors are asked as floats from now on",
-    "no_dimensions": "the server does not accept the `dimensions` parameter: it is sent no more, and the vectors' "
-    "length is checked instead",
-    "input_tokens": "the server takes at most %d tokens an input: longer inputs are cut to that (counted with "
-    "cl100k, an approximation for this model)",
-    "max_tokens": "the server takes at most %d tokens a request: requests carry no more",
-    "max_inputs": "the server takes at most %d inputs a request: batches of %d become %d",
-}
 
 Failure = tuple[str, str, int]  # (row_id, reason, attempts), as etl_failures records it
 

@@ -12,7 +12,7 @@ from pgvector.psycopg2 import register_vector
 from . import catalog, db, guard
 from .errors import EXIT_OK, ConfigError
 from .providers import make_embedder
-from .shape import Shape
+from .shape import Shape, embed_once
 from .texts import row_text
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ def query_vector(
     embedder = make_embedder(settings, target.dimensions)
     shape = Shape(multiprocessing.get_context())
     shape.load(conn, embedder.endpoint, embedder.model)
-    shape.follow(embedder)  # floats, no `dimensions`: as the runs learned to ask this server
     try:
-        vector = embedder.embed([text]).vectors[0]
+        vector = embed_once(embedder, shape, text)  # floats, no `dimensions`: as the runs learned to ask this server
+        shape.keep(settings.database_url, embedder.endpoint, embedder.model)
     finally:
         embedder.close()
     error = target.width_error(settings, vector.shape[0], bool(shape["no_dimensions"]))

@@ -14,11 +14,12 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import psycopg2
 
-from . import db
+from . import db, schema
 from .db import load_sql
-from .errors import EtlError
+from .errors import EtlError, InvalidInputError
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -79,8 +80,12 @@ class Shape:
 
     # --- kept between runs ---------------------------------------------------------------------
     def load(self, conn: db.Connection, endpoint: str, model: str) -> None:
-        """What earlier runs learned of this endpoint and model (etl_limits), said in one line."""
+        """What earlier runs learned of this endpoint and model (etl_limits), said in one line (nothing
+        on a database no run of this version has migrated: a read-only verb's)."""
         endpoint = where(endpoint)
+        if schema.version(conn) < schema.VERSION:
+            conn.rollback()
+            return
         with conn.cursor() as cur:
             cur.execute(load_sql("shape/load_shape"), {"endpoint": endpoint, "model": model})
             row = cur.fetchone()
@@ -117,6 +122,31 @@ def where(endpoint: str) -> str:
     """The endpoint as etl_limits keys it: no user or password of the URL (never stored)."""
     parts = urlsplit(endpoint)
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+LESSONS = {
+    "floats": "the server does not take encoding_format=base64: vectors are asked as floats from now on",
+    "no_dimensions": "the server does not accept the `dimensions` parameter: it is sent no more, and the vectors' "
+    "length is checked instead",
+    "input_tokens": "the server takes at most %d tokens an input: longer inputs are cut to that (counted with "
+    "cl100k, an approximation for this model)",
+    "max_tokens": "the server takes at most %d tokens a request: requests carry no more",
+    "max_inputs": "the server takes at most %d inputs a request: batches of %d become %d",
+}
+
+
+def embed_once(provider: Provider, shape: Shape, text: str) -> np.ndarray:
+    """One text's vector outside a run's request path (search, the --defer-index probe), asked as the
+    shape says; a refusal of base64 or `dimensions` is learned (said once) and the text asked again."""
+    while True:
+        shape.follow(provider)
+        try:
+            return provider.embed([text]).vectors[0]
+        except InvalidInputError as error:
+            found = lesson(error.status, error.said, 1)
+            if found is None or found[0] not in ("floats", "no_dimensions") or not shape.set_flag(found[0]):
+                raise
+            log.warning(LESSONS[found[0]])
 
 
 _NUMBER = re.compile(r"(?<![\w.-])\d+(?![\w.-])")  # a number alone, not a part of a name (voyage-3-large)
