@@ -151,11 +151,9 @@ OPTIONS = [
            "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N",
            verbs=(*_EMBEDS, "init")),
     Option("extra_body", "EMBEDDING_EXTRA_BODY", "--extra-body", None, extra_body,
-           "a JSON object of fields added to every request (Voyage's input_type, Jina's task...); "
-           "recorded with the column's model", "JSON", verbs=_EMBEDS),
+           "JSON fields added to every request (Voyage's input_type...)", "JSON", verbs=_EMBEDS),
     Option("encoding_format", "ETL_ENCODING_FORMAT", "--encoding-format", "base64", _encoding_format,
-           "how vectors are asked for: base64 (smaller answers) or float (for a server that refuses base64; "
-           "found out by itself otherwise)", "FORMAT", verbs=_EMBEDS),
+           "vectors asked as base64 or float (learned if base64 is refused)", "FORMAT", verbs=_EMBEDS),
     Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME", verbs=_TABLE),
     Option("id_column", "ETL_ID_COLUMN", "--id-column", "id", str,
            "unique, btree-orderable id column (integer, bigint, uuid, text)", "NAME", verbs=_TABLE),
@@ -208,8 +206,7 @@ OPTIONS = [
            "rows per submitted batch (--batch-api; at most 50000)", "N", verbs=("run",)),
     Option("log_file", "ETL_LOG_FILE", "--log-file", None, str, "write logs here instead of stderr", "PATH"),
     Option("log_format", "ETL_LOG_FORMAT", "--log-format", "text", _log_format,
-           "text, or json: one JSON object a line (time, level, column, worker, message, its key=value fields)",
-           "FORMAT"),
+           "text, or json: one JSON object a line", "FORMAT"),
     Option("log_level", "ETL_LOG_LEVEL", "--log-level", "INFO", _log_level,
            "DEBUG shows tracebacks; INFO, WARNING, ERROR", "LEVEL"),
 ]
