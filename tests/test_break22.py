@@ -10,20 +10,10 @@ import pytest
 from tests.conftest import check_table, env_for_table, make_foods
 from tests.fake_openai import _encoding, _error, expected_vector
 from tests.test_errors import one_line_error
+from tests.test_servers_shape import again, rows
 
 DIMS = {"EMBEDDING_DIMENSIONS": 8}
 FAST_BATCH = ("--batch-api", "--poll-seconds", "0.1", "--batch-size", "20")
-
-
-def rows(db, query):
-    with db.cursor() as cur:
-        cur.execute(query)
-        return cur.fetchall()
-
-
-def again(db):
-    with db.cursor() as cur:
-        cur.execute("UPDATE foods SET embedding = NULL")
 
 
 def serve(fake, refuse):
