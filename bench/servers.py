@@ -22,9 +22,11 @@ By hand, the servers start as this harness starts them (OPENAI_BASE_URL in the c
 
 One server at a time runs on a local port behind a small logging proxy (it counts requests and
 inputs); an embedded PostgreSQL holds the tables; etl.py runs as a user runs it, and every stored
-vector is checked against the server's own direct answer. It provokes a too-big batch, an
-over-long input, a server restart mid-run, `dimensions` and float/base64, prints a Markdown
-table and writes the raw observations to bench/SERVERS.md. Not part of the test suite.
+vector is checked against the server's own direct answer for the text as sent (an over-long one cut
+to the model's limit). It provokes a too-big batch (then runs it again: the limit learned is kept in
+etl_limits), over-long inputs, a server restart mid-run, `dimensions` and float/base64, and notes the
+lessons etl.py said (its WARNING lines, each said once); prints a Markdown table and writes the raw
+observations to bench/SERVERS.md. Not part of the test suite.
 """
 
 import argparse
@@ -41,6 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embedfill.demo import generate_rows, line_reader  # noqa: E402
-from embedfill.texts import count_tokens  # noqa: E402
+from embedfill.providers.base import model_context  # noqa: E402
+from embedfill.texts import count_tokens, fit  # noqa: E402
 
 DIMS = 384  # both models
 CAP = 32  # Infinity's INFINITY_MAX_CLIENT_BATCH_SIZE here (its default is 2048; TEI's max_client_batch_size is 32)
@@ -236,12 +240,24 @@ def run_etl(url, base, model, table, flags, dims, during=None):
             process.kill()
     summary = next((line for line in out.splitlines() if line.startswith("summary ")), "(no summary)")
     last = ([line for line in err.splitlines() if " progress " not in line] or [""])[-1]
-    return dict(code=process.returncode, summary=summary, last=last, seconds=time.time() - started, noted=noted)
+    lessons = [line for line in err.splitlines() if " WARNING " in line or "what earlier runs learned" in line]
+    said = Counter(line.split("] ", 1)[-1] for line in lessons)  # without the time and the process
+    totals = dict(pair.split("=", 1) for pair in summary.split() if "=" in pair)
+    return dict(
+        code=process.returncode,
+        summary=summary,
+        totals=totals,
+        last=last,
+        said=said,
+        noted=noted,
+        seconds=time.time() - started,
+    )
 
 
 def read_back(url, base, model, table, extra):
     """The table's rows in etl_failures (and the commonest reason), and every stored vector against the
-    server's direct answer for its row's text: (rows, rows below 0.999, the lowest cosine, the mean norm)."""
+    server's direct answer for its row's text as sent, cut to the model's limit: (rows, rows below 0.999,
+    the lowest cosine, the mean norm, rows cut, their lowest cosine to the whole text's answer)."""
     conn = psycopg2.connect(url)
     with conn, conn.cursor() as cur:
         cur.execute(FAILURES, [f"public.{table}"])
@@ -255,9 +271,13 @@ def read_back(url, base, model, table, extra):
     if not rows:
         return failures, None
     stored = np.asarray([json.loads(vector) for _, vector in rows], dtype=np.float32)
-    similarity = cosine(stored, embed(base, model, [text for text, _ in rows], **extra))
+    sent = [fit(text, model_context(model, None))[::2] for text, _ in rows]  # (text, cut)
+    similarity = cosine(stored, embed(base, model, [text for text, _ in sent], **extra))
     norm = float(np.linalg.norm(stored, axis=1).mean())
-    return failures, (len(rows), int((similarity < 0.999).sum()), round(float(similarity.min()), 6), round(norm, 3))
+    cut = [i for i, (_, was_cut) in enumerate(sent) if was_cut]
+    whole = cosine(stored[cut], embed(base, model, [rows[i][0] for i in cut], **extra)).min() if cut else 1.0
+    checked = len(rows), int((similarity < 0.999).sum()), round(float(similarity.min()), 6), round(norm, 3)
+    return failures, (*checked, len(cut), round(float(whole), 6))
 
 
 def probe(server, model):
@@ -320,21 +340,31 @@ def exercise(name, url, rows, folder):
             counts = ", ".join(f"{statuses.count(s)}× {s}" for s in sorted(set(statuses), key=str))
             requests = f"{len(seen)} requests ({counts}), inputs a request {sorted({r['inputs'] for r in seen})}"
             failures, checked = read_back(url, server.base, model, table, {} if dims == DIMS else {"dimensions": dims})
+            said = [line[:400] + (f" ({n}× said)" if n > 1 else "") for line, n in result["said"].items()]
             notes[case] = [
                 f"exit {result['code']} in {result['seconds']:.1f} s; {result['noted'] or 'no restart'}",
                 result["summary"],
+                *[f"said: {line}" for line in said],
                 f"last log line: {result['last'][:400]}",
                 f"etl_failures (rows, commonest reason): {failures}",
                 f"proxy: {requests}",
-                f"stored vectors (rows, below 0.999, min cosine, mean norm): {checked}",
+                "stored vectors against the text as sent (rows, below 0.999, min cosine, mean norm, rows cut to "
+                f"{model_context(model, None)} tokens, their min cosine to the whole text's): {checked}",
             ]
             errors = {r["status"]: r["error"][:400] for r in seen if "error" in r}  # one body a status
             notes[case] += [f"server answered {status}: {body}" for status, body in errors.items()]
+            totals = result["totals"]
             vectors = f"; {checked[0]} vectors, {checked[1]} below 0.999, norm {checked[3]}" if checked else ""
-            cases[case] = (f"{what}, {flags}", f"exit {result['code']}, {failures[0]} rows failed, {requests}{vectors}")
+            counted = f"; tokens={totals.get('tokens')} truncated={totals.get('truncated')}"
+            lessons = "".join(f"; «{line}»" for line in said if "could not be embedded" not in line)
+            cases[case] = (
+                f"{what}, {flags}",
+                f"exit {result['code']}, {failures[0]} rows failed, {requests}{vectors}{counted}{lessons}",
+            )
 
         run("fill", f"{rows} rows + 5 of ~2,400 tokens", rows, "--workers 4 --batch-size 20", long_rows=5)
         run("too-big batch", f"{spec['big'][0]} rows", *spec["big"])
+        run("second run", f"the too-big batch again, {spec['big'][0]} rows, new table", *spec["big"])
 
         def kill(process):  # after the run's 10th request: SIGKILL, and start again on the same port 15 s later
             mark = len(proxy.log)
@@ -396,7 +426,7 @@ def main():
             results[name] = exercise(name, database.get_uri(), args.rows, folder)
     finally:
         database.cleanup()
-    cell = lambda text: str(text)[:300].replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    cell = lambda text: str(text)[:700].replace("|", "\\|").replace("\n", " ")  # noqa: E731
     print("| server | version | tested | result |\n|---|---|---|---|")
     for name, (ver, cases, notes) in results.items():
         for case, (what, result) in cases.items():
