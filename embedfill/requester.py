@@ -313,10 +313,11 @@ class Requester:
         middle = len(rows) // 2
         if timeout is not None and self.limiter.cap_inputs(middle):
             log.warning(
-                "a request of %d inputs timed out (%s): requests carry at most %d inputs from now on",
+                "a request of %d inputs timed out (%s): requests carry at most %d input%s from now on",
                 len(rows),
                 timeout,
                 middle,
+                "s" if middle > 1 else "",
             )
         return self._send([rows[:middle], rows[middle:]])
 
