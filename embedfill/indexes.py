@@ -105,8 +105,8 @@ def prepare(conn: db.Connection, target: "Target", settings: "Settings", shape: 
 def _probe(settings: "Settings", target: "Target", shape: "Shape") -> None:
     """One request before an index is dropped, asked as the run will ask: a wrong key, model,
     deployment or dimension stops the run while the index is still there."""
+    from .lessons import embed_once
     from .providers import make_embedder
-    from .shape import embed_once
 
     embedder = make_embedder(settings, target.dimensions)
     try:

@@ -15,10 +15,10 @@ import psycopg2
 
 from . import catalog, db, planner
 from .errors import EtlError, WorkerDied
+from .pool import embed_ranges, init_worker
 from .progress import Progress
 from .providers import make_embedder
 from .shared import FIELDS, SharedState
-from .worker import embed_ranges, init_worker
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext

@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from .errors import FatalProviderError, InvalidInputError, Stop, TransientProviderError
+from .lessons import Learner
 from .models import MAX_INPUTS_PER_REQUEST, MAX_TOKENS_PER_REQUEST
-from .shape import LESSONS, Shape, lesson
-from .texts import count_tokens, fit
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Semaphore
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from .providers.base import Provider
     from .ratelimit import RateLimiter
     from .settings import Settings
+    from .shape import Shape
     from .shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,6 @@ REFUSALS_BEFORE_FATAL = 3
 REFUSALS_CAP = 64
 UNREACHABLE_SECONDS = 5.0  # no connection to the API at all since the run started: stop
 PROBE_TEXT = "embedfill: is the server answering?"  # a few tokens, sent before a row is blamed for a server error
-USAGE_FAR = 3.0  # an answer's usage this many times above or below our own count is not in tokens
-SAID_NORM = 1  # a Shape.say_once bit
 
 Failure = tuple[str, str, int]  # (row_id, reason, attempts), as etl_failures records it
 
@@ -69,12 +67,6 @@ def backoff(attempt: int) -> float:
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
 
 
-def least(*limits: int | None) -> int | None:
-    """The smallest of the limits that are known (None: none is)."""
-    known = [limit for limit in limits if limit]
-    return min(known) if known else None
-
-
 def pack_requests(rows: list[Row], max_inputs: int | None = None, max_tokens: int | None = None) -> Iterator[list[Row]]:
     """Split rows into requests of at most `max_inputs` inputs and `max_tokens` tokens (by default
     OpenAI's 2048 and 300k)."""
@@ -92,7 +84,7 @@ def pack_requests(rows: list[Row], max_inputs: int | None = None, max_tokens: in
         yield chunk
 
 
-class Requester:
+class Requester(Learner):
     """One process's requests: `embed(rows)` returns ([(rows, vectors)], failures).
 
     `shared` is the pass's SharedState (the stop flag, the counters), `limiter` the run's
@@ -120,18 +112,6 @@ class Requester:
         self.refused = 0  # single inputs refused in the rows at hand
         self.asks_dimensions = bool(embedder.dimensions)
         self.usage_checked = False  # this process's first answer's usage was compared with our own count
-
-    def input_limit(self) -> int:
-        """The longest input in tokens sent unchanged: the model's (or ETL_MAX_INPUT_TOKENS), or less if
-        the server said so."""
-        return least(self.embedder.limits.max_input_tokens, self.shape.limit("input_tokens")) or 0
-
-    def request_limits(self) -> tuple[int | None, int | None]:
-        """(inputs, tokens) one request may carry: the provider's, lowered by what the server said and by
-        this run's timeouts."""
-        limits, shape = self.embedder.limits, self.shape
-        inputs = least(limits.max_inputs, shape.limit("max_inputs"), self.limiter.max_inputs())
-        return inputs, least(limits.max_tokens, shape.limit("max_tokens"))
 
     def embed(self, rows: list[Row]) -> tuple[Embedded, list[Failure]]:
         """The vectors of `rows` (packed into requests within the limits), and the rows refused."""
@@ -190,88 +170,6 @@ class Requester:
                 return [], [(rows[0].row_id, f"refused by the API: {error}", 1)]
             self.shared.add(requests=1, tokens=result.tokens)
             return [(rows, result.vectors)], []
-
-    def _learn(self, error: InvalidInputError, rows: list[Row]) -> bool:
-        """What a refusal teaches of the server (said once, for every process of the run); True when
-        the rows should go again as the run now knows to send them."""
-        found = lesson(error.status, error.said, len(rows))
-        if found is None:
-            return False
-        name, value = found
-        shape, embedder = self.shape, self.embedder
-        if name in ("floats", "no_dimensions"):
-            if (embedder.encoding != "base64") if name == "floats" else not embedder.dimensions:
-                return False  # already so: the refusal is about something else
-            if shape.set_flag(name):
-                log.warning(LESSONS[name])
-            self.shape.follow(self.embedder)
-            return True
-        longest = max(row.tokens for row in rows)
-        if name == "fewer_inputs":  # a limit not stated: a guess, for this run only (as after a timeout)
-            if self.limiter.cap_inputs(value):
-                log.warning(
-                    "the server refused a request of %d inputs as too big: at most %d from now on", len(rows), value
-                )
-            return len(rows) > value
-        if name == "input_tokens":
-            # Our count (cl100k) may fall short of the model's own: refused at a limit already applied, cut
-            # the longest input 20 % further.
-            value = value if value < self.input_limit() and longest > value else int(min(value, longest) * 0.8)
-            if not self.settings.truncate or value < 16 or longest <= value:
-                return False
-        if name == "max_tokens" and len(rows) == 1:
-            return False  # one input over a request's tokens: the row, alone, is what the server refuses
-        if shape.lower(name, value):
-            wanted = (value, self.settings.batch_size, value) if name == "max_inputs" else (value,)
-            log.warning(LESSONS[name], *wanted[: LESSONS[name].count("%d")])
-        if name == "max_inputs":
-            return len(rows) > (shape.limit(name) or 0)
-        if name == "max_tokens":
-            return sum(row.tokens for row in rows) > (shape.limit(name) or 0)
-        return True
-
-    def _refit(self, rows: list[Row]) -> list[Row]:
-        """The rows cut to the input limit as the run knows it now."""
-        limit = self.input_limit()
-        exact = self.settings.tpm is not None
-        return [row if row.tokens <= limit else Row(row.row_id, *fit(row.text, limit, exact)[:2]) for row in rows]
-
-    def _check_answer(self, result: Any, texts: list[str], counted: int) -> int:
-        """The tokens to count for an answer: its usage, or our own count when its usage is not in
-        tokens (zero, absent, characters, more than the bytes, or far from our exact count, in this
-        process's first answer; said once). Warns once when vectors shortened by `dimensions` come
-        back not normalised."""
-        if self.asks_dimensions and self.embedder.dimensions and self.shape.say_once(SAID_NORM):
-            norm = float(np.linalg.norm(result.vectors[0]))
-            if abs(norm - 1.0) > 0.01:
-                log.warning(
-                    "the server shortened the vectors to %d dimensions without normalising them (norm %.2f): "
-                    "cosine distance (<=>) is right, inner product (<#>) and L2 (<->) are not",
-                    result.vectors.shape[1],
-                    norm,
-                )
-        if self.shape["own_usage"]:
-            return sum(count_tokens(text) for text in texts)
-        if self.usage_checked:
-            return result.tokens
-        self.usage_checked = True
-        usage, characters = result.tokens, sum(map(len, texts))
-        most = sum(len(text.encode()) for text in texts) + 2 * len(texts)  # no tokenizer makes more (markers included)
-        if usage == characters:  # characters, unless these texts have about as many tokens (short codes: "A1")
-            counted = sum(count_tokens(text) for text in texts)
-            near = abs(usage - counted) <= 0.25 * counted
-        else:  # with a token budget the counts are exact: compare (else they are bounds)
-            near = self.settings.tpm is None or counted / USAGE_FAR <= usage <= counted * USAGE_FAR
-        if 0 < usage <= most and near:
-            return usage
-        if self.shape.set_flag("own_usage"):
-            log.warning(
-                "the server's usage is not in tokens (it said %d for inputs of %d characters): tokens are "
-                "counted here instead (cl100k, an approximation for this model)",
-                usage,
-                characters,
-            )
-        return sum(count_tokens(text) for text in texts)
 
     def _request(self, texts: list[str], tokens: int, limited: int = 0) -> Any:
         """One request, within the run's budgets, holding one of the --workers slots from the budget

@@ -11,8 +11,9 @@ from pgvector.psycopg2 import register_vector
 
 from . import catalog, db, guard
 from .errors import EXIT_OK, ConfigError
+from .lessons import embed_once
 from .providers import make_embedder
-from .shape import Shape, embed_once
+from .shape import Shape
 from .texts import row_text
 
 if TYPE_CHECKING:

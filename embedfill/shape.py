@@ -10,16 +10,14 @@ workers start and keeps what they learned at the end of each pass, so the next r
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
 import psycopg2
 
 from . import db, schema
 from .db import load_sql
-from .errors import EtlError, InvalidInputError
+from .errors import EtlError
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -122,64 +120,3 @@ def where(endpoint: str) -> str:
     """The endpoint as etl_limits keys it: no user or password of the URL (never stored)."""
     parts = urlsplit(endpoint)
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
-LESSONS = {
-    "floats": "the server does not take encoding_format=base64: vectors are asked as floats from now on",
-    "no_dimensions": "the server does not accept the `dimensions` parameter: it is sent no more, and the vectors' "
-    "length is checked instead",
-    "input_tokens": "the server takes at most %d tokens an input: longer inputs are cut to that (counted with "
-    "cl100k, an approximation for this model)",
-    "max_tokens": "the server takes at most %d tokens a request: requests carry no more",
-    "max_inputs": "the server takes at most %d inputs a request: batches of %d become %d",
-}
-
-
-def embed_once(provider: Provider, shape: Shape, text: str) -> np.ndarray:
-    """One text's vector outside a run's request path (search, the --defer-index probe), asked as the
-    shape says; a refusal of base64 or `dimensions` is learned (said once) and the text asked again."""
-    while True:
-        shape.follow(provider)
-        try:
-            return provider.embed([text]).vectors[0]
-        except InvalidInputError as error:
-            found = lesson(error.status, error.said, 1)
-            if found is None or found[0] not in ("floats", "no_dimensions") or not shape.set_flag(found[0]):
-                raise
-            log.warning(LESSONS[found[0]])
-
-
-_NUMBER = re.compile(r"(?<![\w.-])\d+(?![\w.-])")  # a number alone, not a part of a name (voyage-3-large)
-_CONTEXT = re.compile(
-    r"(?:context length|sequence length|input length|tokens per input)\D{0,20}(\d+)|(?:less than|at most) (\d+) tokens"
-)
-_REQUEST_TOKENS = re.compile(
-    r"(?:max(?:imum)?|at most|max is)\D{0,12}(\d+) tokens? (?:per|in a|in one) (?:request|batch)"
-    r"|tokens? (?:in|per) (?:the |a |one |submitted )?(?:request|batch)\D{0,30}(?:max(?:imum)?|max is|limit|is)"
-    r"\D{0,8}(\d+)"
-)
-_INPUTS = re.compile(r"items|inputs|batch|too many|elements|array|list|texts|sentences|requests")
-
-
-def lesson(status: int | None, message: str, inputs: int) -> tuple[str, int] | None:
-    """What a refusal (400/413/422) of a request of `inputs` inputs says of the server, or None when it
-    is about the inputs themselves: ("floats"|"no_dimensions", 1), ("input_tokens"|"max_tokens"|
-    "max_inputs", the limit it states), or ("fewer_inputs", half the inputs) for a request too big
-    by a limit it does not state (a proxy's 413: a guess, for this run only)."""
-    text = message.lower()
-    if "base64" in text and re.search(r"not (?:currently )?supported|unsupported|invalid|unknown", text):
-        return "floats", 1
-    if "dimensions" in text and re.search(r"unrecognized|not (?:currently )?supported|unsupported|unexpected|"
-                                          r"extra|not allowed|not permitted|unknown", text):  # fmt: skip
-        return "no_dimensions", 1
-    if found := _REQUEST_TOKENS.search(text):
-        return "max_tokens", int(found.group(1) or found.group(2))
-    if found := _CONTEXT.search(text):
-        return "input_tokens", int(found.group(1) or found.group(2))
-    if inputs > 1 and (status == 413 or _INPUTS.search(text)):
-        below = [int(n) for n in _NUMBER.findall(text) if 1 <= int(n) < inputs and int(n) != status]
-        if below and (status in (413, 422) or "at most" in text or "maximum" in text or "max" in text):
-            return "max_inputs", max(below)
-        if status == 413 or "too many" in text:
-            return "fewer_inputs", max(1, inputs // 2)
-    return None

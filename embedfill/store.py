@@ -9,8 +9,7 @@ No transaction is open in between, so no row of the user's table is locked while
 import collections
 import contextlib
 import logging
-import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -19,12 +18,12 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from . import logs
+from .columns import copy_chunks
 from .db import COPY_CHUNK_BYTES, ChunkReader, Connection, Cursor, first_line, load_sql
 from .errors import ConfigError, DatabaseError
 
 if TYPE_CHECKING:
     from .catalog import Target
-    from .columns import ColumnType
     from .requester import Failure
 
 log = logging.getLogger(__name__)
@@ -49,33 +48,6 @@ def refuses_rows(error: BaseException) -> bool:
     """Whether a database error may be about some rows of the batch (then each is tried alone)."""
     code = getattr(error, "pgcode", None) or ""
     return any(code.startswith(prefix) for prefix in ROW_ERRORS)
-
-
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-_COPY_TRAILER = struct.pack(">h", -1)
-
-
-def copy_chunks(
-    row_ids: Sequence[str], hashes: Sequence[int | None], vectors: np.ndarray, kind: "ColumnType"
-) -> Iterator[bytes]:
-    """The binary COPY of (row_id text, text_hash bigint, embedding vector or halfvec) rows, about
-    COPY_CHUNK_BYTES at a time, so that a batch's vectors exist once in memory (the matrix), not two
-    or three times. Each vector in its column type's binary format (columns/); a hash of None is
-    sent as NULL."""
-    yield _COPY_HEADER
-    size = np.dtype(kind.dtype).itemsize * vectors.shape[1] + 4  # the vector field: its header, its values
-    length = struct.pack(">i", size)
-    per_chunk = max(1, COPY_CHUNK_BYTES // (size + 96))
-    null = struct.pack(">i", -1)
-    for start in range(0, len(row_ids), per_chunk):
-        parts: list[bytes] = []
-        end = start + per_chunk
-        for row_id, digest, field in zip(row_ids[start:end], hashes[start:end], kind.binary(vectors[start:end])):
-            encoded = row_id.encode("utf-8")
-            hashed = null if digest is None else struct.pack(">iq", 8, digest)
-            parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, length, field)
-        yield b"".join(parts)
-    yield _COPY_TRAILER
 
 
 class WorkerStore:

@@ -27,6 +27,7 @@ from . import catalog, db, guard, logs, schema
 from .check import MAX_MISMATCHES, Check, Fresh
 from .errors import EXIT_OK, EXIT_PARTIAL, EtlError, Stop
 from .models import estimate_cost
+from .pool import watch_parent
 from .progress import Progress
 from .providers import make_embedder, make_provider
 from .ratelimit import RateLimiter
@@ -34,7 +35,6 @@ from .requester import Requester, Row
 from .shape import Shape
 from .shared import SharedState
 from .texts import fit, mean_tokens, row_text
-from .worker import watch_parent
 
 if TYPE_CHECKING:
     from multiprocessing.pool import AsyncResult

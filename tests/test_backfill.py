@@ -398,9 +398,9 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
     from embedfill import catalog, schema
     from embedfill import db as store
     from embedfill import store as copying
-    from embedfill.columns import VECTOR
+    from embedfill.columns import VECTOR, copy_chunks
     from embedfill.settings import resolve
-    from embedfill.store import WorkerStore, copy_chunks
+    from embedfill.store import WorkerStore
 
     make_foods(db, 500)
     monkeypatch.setattr(copying, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks

@@ -40,7 +40,7 @@ def serve(fake, refuse):
 def test_voyage_tokens_per_batch_refusal_is_not_read_as_three_inputs_a_request():
     """Voyage's real refusal (see e.g. sigoden/aichat#825, ramakay/claude-self-reflect#38): the '3' of the
     model's name became max_inputs=3, kept in etl_limits for every later run."""
-    from embedfill.shape import lesson
+    from embedfill.lessons import lesson
 
     message = (
         "Request to model 'voyage-3-large' failed. The max allowed tokens per submitted batch is 120000. "
@@ -52,7 +52,7 @@ def test_voyage_tokens_per_batch_refusal_is_not_read_as_three_inputs_a_request()
 def test_a_proxys_413_status_line_is_not_read_as_its_limit():
     """'413 Request Entity Too Large' (a proxy's one-line body) for 512 inputs taught max_inputs=413:
     the status code itself taken as the limit."""
-    from embedfill.shape import lesson
+    from embedfill.lessons import lesson
 
     assert lesson(413, "413 Request Entity Too Large", 512) == ("fewer_inputs", 256)
 

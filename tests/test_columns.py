@@ -201,8 +201,7 @@ def test_the_binary_format_is_pgvector_pythons_own(name):
 
     from pgvector import HalfVector, Vector
 
-    from embedfill.columns import TYPES
-    from embedfill.store import copy_chunks
+    from embedfill.columns import TYPES, copy_chunks
 
     kind, reference = TYPES[name], {"vector": Vector, "halfvec": HalfVector}[name]
     rng = np.random.default_rng(21)

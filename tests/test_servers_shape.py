@@ -197,7 +197,7 @@ def test_extra_body_fields_are_sent_and_recorded_with_the_column(etl, db):
     ],
 )  # fmt: skip
 def test_what_a_refusal_teaches(status, message, inputs, learned):
-    from embedfill.shape import lesson
+    from embedfill.lessons import lesson
 
     assert lesson(status, message, inputs) == learned
 

@@ -1,13 +1,18 @@
 """The column types a vector can be stored in: one module each (vector.py, halfvec.py), as
 pgvector-python has, behind one small interface. A new type (sparsevec, bit) is a module here and
-a line in TYPES; the catalog finds a column's type by its name, the write packs through it.
+a line in TYPES; the catalog finds a column's type by its name, the write packs through it
+(copy_chunks: the binary COPY of a batch's vectors).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..db import COPY_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,33 @@ def width_error(
         f"{shown} is {column_type} but {model} returned {width} dimensions; "
         f"set EMBEDDING_DIMENSIONS={expected} or change the column"
     )
+
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+
+
+def copy_chunks(
+    row_ids: Sequence[str], hashes: Sequence[int | None], vectors: np.ndarray, kind: ColumnType
+) -> Iterator[bytes]:
+    """The binary COPY of (row_id text, text_hash bigint, embedding vector or halfvec) rows, about
+    COPY_CHUNK_BYTES at a time, so that a batch's vectors exist once in memory (the matrix), not two
+    or three times. Each vector in its column type's binary format (columns/); a hash of None is
+    sent as NULL."""
+    yield _COPY_HEADER
+    size = np.dtype(kind.dtype).itemsize * vectors.shape[1] + 4  # the vector field: its header, its values
+    length = struct.pack(">i", size)
+    per_chunk = max(1, COPY_CHUNK_BYTES // (size + 96))
+    null = struct.pack(">i", -1)
+    for start in range(0, len(row_ids), per_chunk):
+        parts: list[bytes] = []
+        end = start + per_chunk
+        for row_id, digest, field in zip(row_ids[start:end], hashes[start:end], kind.binary(vectors[start:end])):
+            encoded = row_id.encode("utf-8")
+            hashed = null if digest is None else struct.pack(">iq", 8, digest)
+            parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, length, field)
+        yield b"".join(parts)
+    yield _COPY_TRAILER
 
 
 from .halfvec import HALFVEC  # noqa: E402 - the types need ColumnType above
