@@ -395,7 +395,7 @@ def test_runs_started_together_create_the_ledger_once(database_url, db):
 
 
 def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(database_url, db, monkeypatch):
-    from embedfill import catalog, schema
+    from embedfill import catalog, columns, schema
     from embedfill import db as store
     from embedfill import store as copying
     from embedfill.columns import VECTOR, copy_chunks
@@ -404,6 +404,7 @@ def test_the_copy_is_streamed_in_chunks_and_every_vector_lands_in_its_row(databa
 
     make_foods(db, 500)
     monkeypatch.setattr(copying, "COPY_CHUNK_BYTES", 1000)  # 7 rows a chunk: 72 chunks
+    monkeypatch.setattr(columns, "COPY_CHUNK_BYTES", 1000)
     chunks = list(copy_chunks(["1"] * 25, [-7] * 25, np.zeros((25, 8), np.float32), VECTOR))
     row = 2 + (4 + 1) + (4 + 8) + (4 + 4 + 8 * 4)  # fields; id; text hash (bigint); vector (dims, unused, values)
     assert len(chunks) == 6 and len(b"".join(chunks)) == 19 + 25 * row + 2  # header, 7+7+7+4, end
