@@ -242,8 +242,12 @@ class BlackHoleProxy:
             upstream = socket.socket(socket.AF_UNIX)
             upstream.connect(self.socket_path)
             self.open.append(upstream)
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._forward, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _forward(self, client, upstream):
+        """What the client sends, on its way to the server (a subclass may cut it: test_break.py)."""
+        self._pipe(client, upstream)
 
     @staticmethod
     def _pipe(source, sink):

@@ -14,29 +14,14 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from tests.conftest import ETL, check_table, env_for_table, make_foods
-from tests.test_truth import limited_role  # noqa: F401 (a fixture, taken by name)
+from tests.conftest import ETL, BlackHoleProxy, check_table, env_for_table, make_foods
+from tests.test_truth import limited_role, rows, wait_for  # noqa: F401 (limited_role: a fixture, taken by name)
 
 DIMS = {"EMBEDDING_DIMENSIONS": 8}
 
 
 def env(**extra):
     return env_for_table(**DIMS, **extra)
-
-
-def rows(db, query, params=None):
-    with db.cursor() as cur:
-        cur.execute(query, params)
-        return cur.fetchall()
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def paid_twice(fake):
@@ -158,7 +143,7 @@ def test_a_live_run_with_the_same_host_name_in_another_pid_namespace_keeps_its_c
 # --- a partition between the write and its COMMIT --------------------------------------------------
 
 
-class CommitEater:
+class CommitEater(BlackHoleProxy):
     """A TCP port in front of the PostgreSQL socket that cuts the first connection sending a COMMIT
     after a batch's write, the way a network partition does at that moment: the COMMIT never
     arrives, the client's side is cut (its keepalives and tcp_user_timeout notice in 30 s; here at
@@ -166,24 +151,8 @@ class CommitEater:
     TCP keepalive: about two hours by default)."""
 
     def __init__(self, socket_path):
-        self.socket_path = socket_path
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.eaten = threading.Event()
-        self.sockets = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX)
-            upstream.connect(self.socket_path)
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._forward, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        super().__init__(socket_path)
 
     def _forward(self, client, upstream):
         wrote = False
@@ -197,19 +166,6 @@ class CommitEater:
                 upstream.sendall(data)
         except OSError:
             pass
-
-    @staticmethod
-    def _pipe(source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-
-    def close(self):
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
 
 
 def test_a_partition_between_a_write_and_its_commit_neither_hangs_the_run_nor_locks_the_application_out(etl, db):
