@@ -2,7 +2,7 @@
 
     python bench/run_bench.py                 # full run (140k rows; 1.4M for start and memory)
     python bench/run_bench.py --quick         # small sizes, for trying the bench itself
-    python bench/run_bench.py --only follow   # one scenario (db, latency, seed, quota, hosts, start, demo, follow)
+    python bench/run_bench.py --only serve    # one of: db, latency, seed, quota, hosts, start, demo, follow, serve
     python bench/run_bench.py --only db,latency --vs ../old  # and another checkout's etl.py, run for run in turn
 
 It starts its own embedded PostgreSQL and local OpenAI-compatible servers (tests/fake_openai.py
@@ -818,6 +818,29 @@ def main():
             f"quarter of the rows: {', '.join(f'{m:.1f}' for m in quiet)} MB; at most {highest:.0f} MB after a burst; "
             f"no NULL row {lag:.1f} s after the last burst; {summary['embedded']} rows embedded, "
             f"{stats['requests']} requests",
+        )
+
+    # serve: three tracked tables under steady writes; the service's memory and each table's lag.
+    if wanted("serve"):
+        from bench.serve_bench import serve_scenario
+
+        seconds, rate = (120, 100) if not args.quick else (20, 50)
+        fake = FakeServer(latency=0.05)
+        quarters, lags, settings = serve_scenario(url, fake.base_url, ROOT, seconds, rate, 5_000, tree, pss_kb)  # noqa: F821
+        fake.stop()
+        row(
+            "serve",
+            f"{settings}, 3 tracked tables of 5,000 rows, then {rate} inserts/s and {rate // 10} edits/s "
+            f"into each for {seconds} s, 50 ms API",
+            sum(count for _, _, count in lags.values()),
+            seconds,
+            "; ".join(f"{table} lag p50 {p50:.2f} s, p99 {p99:.2f} s" for table, (p50, p99, _) in lags.items()),
+            "",
+            f"{quarters[-1] / quarters[0]:.2f}",
+            "memory flat",
+            "whole service's memory (sum of PSS over its processes, peak of each quarter of the run): "
+            + ", ".join(f"{mb:.0f}" for mb in quarters)
+            + " MB; lag: from a row's insert or edit to its vector landing, by the database's clock",
         )
 
     server.cleanup()

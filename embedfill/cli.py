@@ -97,6 +97,10 @@ def dispatch(
     if verb in ("status", "search", "embed", "verify") and embedded and not preliminary.table:
         # Without configuration these look at the demo's table, with the demo's provider.
         flags = _demo_flags(flags, preliminary)
+    if verb == "serve":
+        from . import service
+
+        return service.serve(resolve(flags, os.environ, file_values))
     required = ("table",) if verb == "init" else ("table", "text_columns")
     settings = resolve(flags, os.environ, file_values, required=required)
     if verb == "init":

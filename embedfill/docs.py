@@ -31,7 +31,7 @@ SECTIONS = [
         + ["reconnect_seconds", "max_input_tokens", "price"],
     ),
     ("Vector indexes", "indexes", ["defer_index", "maintenance_work_mem", "max_parallel_maintenance_workers"]),
-    ("Keeping in sync", "sync", ["follow", "poll_seconds", "updated_column"]),
+    ("Keeping in sync", "sync", ["follow", "poll_seconds", "updated_column", "http"]),
     ("The Batch API", "batch API", ["batch_api", "batch_rows"]),
     ("Output", "output", ["log_file", "log_format", "log_level"]),
 ]

@@ -31,26 +31,27 @@ log = logging.getLogger(__name__)
 
 
 def prepare(
-    settings: "Settings", processes: int, limiter: RateLimiter, shape: Shape
+    settings: "Settings", processes: int, limiter: RateLimiter, shape: Shape, lease: Lease | None = None
 ) -> tuple["Target", list["Range"], Lease | None, dict[str, Any]]:
     """Check the table and the server, migrate the tool's tables, take the run's lease (unless
-    --dry-run), guard the column, read what earlier runs learned of the server (into `shape`) and
-    plan the ranges (one short connection).
+    --dry-run, or `lease` is serve's, already taken), guard the column, read what earlier runs learned
+    of the server (into `shape`) and plan the ranges (one short connection).
     Returns (target, ranges, lease or None, what the column's record must say)."""
     conn = db.connect(settings.database_url)
-    lease = None
+    own = lease is None
     try:
         target = catalog.inspect_target(conn, settings)
         schema.ensure(conn)
         catalog.check_connections(conn, settings.workers, processes + 2)  # the workers, the lease, the count
-        if not settings.dry_run:
+        if not settings.dry_run and own:
             end_dead_runs(conn)
-            lease = Lease(settings, target, limiter)
+            lease = Lease(settings, target.qualified_name, limiter)
             lease.renew()  # live before the guard holds the column's record for it, and before any claim
         identity = guard.guard_column(conn, settings, target, run_id=None if lease is None else lease.run_id)
         provider = make_provider(settings, target.dimensions)
         shape.load(conn, provider.endpoint, provider.model)
-        indexes.prepare(conn, target, settings, shape)
+        if own:  # serve neither drops nor rebuilds indexes: the application searches while it runs
+            indexes.prepare(conn, target, settings, shape)
         if not catalog.has_partial_index(conn, target):
             statement, _ = catalog.partial_index_sql(target)
             log.warning(
@@ -66,7 +67,7 @@ def prepare(
             )
         ranges = planner.plan_ranges(conn, target, processes, settings.batch_size)
     except BaseException:
-        if lease is not None:
+        if lease is not None and own:
             lease.release()
         raise
     finally:

@@ -35,11 +35,11 @@ def column_identity(settings: "Settings", target: Target) -> dict[str, Any]:
         "dimensions": settings.dimensions or target.dimensions or provider.output_dimensions,
         "provider": provider.host,
         "recipe": list(target.text_columns),
-        "extra_body": _recorded(settings.extra_body),
+        "extra_body": recorded_extra_body(settings.extra_body),
     }
 
 
-def _recorded(extra_body: str | None) -> str:
+def recorded_extra_body(extra_body: str | None) -> str:
     """EMBEDDING_EXTRA_BODY as the column's record keeps it: a secret field's value by its hash only."""
     secrets = extra_body_secrets(extra_body)
     fields = {
@@ -73,6 +73,7 @@ def record_column(
     """Make the column's record (held by run `claimed_by` until its first write confirms it, or
     confirmed at once); True if this one is the record now, False if another was there first."""
     params = {**_column_key(target), **identity, "origin_unknown": origin_unknown, "claimed_by": claimed_by}
+    params["id_column"] = target.id_column  # for `serve`, which knows the column by its record alone
     cur.execute(load_sql("guard/record_column"), params)
     return cur.fetchone() is not None
 
@@ -132,6 +133,26 @@ def guard_column(
             "created by init --dimensions N) or clear this one first (init --reset-column --yes)"
         )
     return wanted
+
+
+def keep_column(conn: db.Connection, settings: "Settings", target: Target) -> str:
+    """`init --track-changes`: record what the column keeps (the user saying so: `serve` fills it by this
+    record), confirmed at once, unless a record is there; refuse one that says otherwise. Returns a line."""
+    wanted = column_identity(settings, target)
+    held = column_record(conn, target)
+    if held is None:
+        with conn.cursor() as cur:
+            record_column(cur, target, wanted, _has_vectors(conn, target))
+        conn.commit()
+        held = column_record(conn, target) or wanted
+    differing = [key for key in wanted if held[key] != wanted[key]]
+    if differing:
+        raise ConfigError(
+            f"{target.display}.{target.embedding_column} holds {describe_identity(held, differing)}, not "
+            f"{describe_identity(wanted, differing, 'ones')}: set the settings it was filled with, or clear it first "
+            "(init --reset-column --yes)"
+        )
+    return f"column {target.display}.{target.embedding_column} keeps {describe_identity(held)} (`serve` fills it)"
 
 
 def describe_identity(identity: Mapping[str, Any], keys: Sequence[str] | None = None, noun: str = "vectors") -> str:

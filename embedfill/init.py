@@ -76,6 +76,7 @@ def init_schema(
                 cur.execute(target.query("table/partial_index", index=sql.Identifier(index), concurrently=how))
             print(f"partial index {index}: created", file=out)
         if tracking == "track":
+            kept = guard.keep_column(conn, settings, target)
             with conn.cursor() as cur:
                 cur.execute(_tracking_query("sync/track_changes", target))
             print(
@@ -83,6 +84,7 @@ def init_schema(
                 "text changes and wakes `--follow` runs)",
                 file=out,
             )
+            print(kept, file=out)
     except psycopg2.Error as error:
         raise DatabaseError(f"init failed: {db.first_line(error)}") from error
     finally:

@@ -25,7 +25,6 @@ from .errors import EtlError
 from .providers import make_provider
 
 if TYPE_CHECKING:
-    from .catalog import Target
     from .ratelimit import RateLimiter
     from .settings import Settings
 
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 15.0
 RENEW_SECONDS = 2.0
 STEP_SECONDS = 10.0  # a renewal that has not completed by then is abandoned and started again
+SERVE_TABLES = "*"  # the table_name of a `serve` lease: every tracked column
 
 
 def key_hash(settings: "Settings") -> str:
@@ -86,14 +86,15 @@ def _gone(rest: str) -> bool:
 class Lease:
     """This run's row in etl_runs; tells the limiter its share."""
 
-    def __init__(self, settings: "Settings", target: "Target", limiter: "RateLimiter") -> None:
+    def __init__(self, settings: "Settings", table_name: str, limiter: "RateLimiter") -> None:
+        """`table_name`: the table the run fills (serve's lease says SERVE_TABLES)."""
         self.settings = settings
         self.limiter = limiter
         self.run_id = f"{socket.gethostname()}:{os.getpid()}:{namespace()}.{secrets.token_hex(3)}"
         self.params = {
             "run_id": self.run_id,
             "key_hash": key_hash(settings),
-            "table_name": target.qualified_name,
+            "table_name": table_name,
             "tpm": settings.tpm,
             "rpm": settings.rpm,
             "lease_seconds": LEASE_SECONDS,

@@ -2,11 +2,13 @@
 or (--log-format json) one JSON object a line for log shippers: time, level, column, worker,
 message and the message's key=value fields."""
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 _process_name = "main"
@@ -73,10 +75,21 @@ def error_line(message: str) -> str:
     return json_line("ERROR", message) if _json else f"error: {redact(message)}"
 
 
-def set_column(name: str) -> None:
-    """The column this run works on, in every JSON line from then on (workers inherit it)."""
+def set_column(name: str | None) -> None:
+    """The column this run works on, in every JSON line from then on (workers inherit it); None: none."""
     global _column
     _column = name
+
+
+@contextlib.contextmanager
+def column(name: str) -> Iterator[None]:
+    """The lines logged within are about column `name` (serve's lines about one of its columns)."""
+    before = _column
+    set_column(name)
+    try:
+        yield
+    finally:
+        set_column(before)
 
 
 class _ProcessFilter(logging.Filter):

@@ -47,6 +47,14 @@ _log_format = _checked(str.lower, lambda value: value in ("text", "json"), "must
 _encoding_format = _checked(str.lower, lambda value: value in ("base64", "float"), "must be base64 or float")
 
 
+def _listen_address(text: str) -> str:
+    """HOST:PORT for serve --http (a bare PORT listens on 127.0.0.1)."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9300")
+    return f"{host.strip('[]') or '127.0.0.1'}:{port}"
+
+
 def json_object(text: str) -> str:
     """A JSON object, kept canonical (sorted keys, compact): the model guard compares it as text."""
     try:
@@ -100,12 +108,14 @@ _log_level = _checked(
 
 # The verbs, and which of them read each setting (Option.verbs): a verb's --help shows and
 # its parser accepts only the flags of its own settings.
-VERBS = ("run", "init", "status", "demo", "search", "embed", "verify", "batches", "db")
+VERBS = ("run", "init", "status", "demo", "search", "embed", "verify", "batches", "serve", "db")
 _ALL = VERBS
 _DATABASE = tuple(verb for verb in VERBS if verb != "db")
 _TABLE = ("run", "init", "status", "search", "embed", "verify", "batches")
-_EMBEDS = ("run", "demo", "search", "embed", "verify", "batches")  # they call the provider
-_RUNS = ("run", "demo", "verify")  # worker pools: workers, batches, budgets, retries
+_EMBEDS = ("run", "demo", "search", "embed", "verify", "batches", "serve")  # they call the provider
+_RECORDS = (*_EMBEDS, "init")  # what the column's record says it holds (init --track-changes records it)
+_RUNS = ("run", "demo", "verify", "serve")  # worker pools: workers, batches, budgets, retries
+_FOLLOWS = ("run", "serve")  # keep columns filled: --follow and serve
 
 
 @dataclass(frozen=True)
@@ -132,26 +142,26 @@ OPTIONS = [
            "data folder of the embedded PostgreSQL (used only without DATABASE_URL)", "DIR"),
     Option("api_key", "OPENAI_API_KEY", None, None, str, "API key of the embeddings provider", verbs=_EMBEDS),
     Option("base_url", "OPENAI_BASE_URL", "--base-url", None, str,
-           "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL", verbs=_EMBEDS),
+           "any OpenAI-compatible endpoint (vLLM, Ollama, TEI, LM Studio); default: the SDK's", "URL", verbs=_RECORDS),
     Option("provider", "ETL_PROVIDER", "--provider", "openai", _provider,
            "openai (any OpenAI-compatible API), azure (Azure OpenAI), ollama (Ollama's own /api/embed) "
            "or local (offline lexical hashing, no key)",
-           "NAME", verbs=_EMBEDS),
+           "NAME", verbs=_RECORDS),
     Option("model", "EMBEDDING_MODEL", "--model", DEFAULT_MODEL, str,
            "embedding model name (with Azure: the model the deployment serves, for tokens and price)", "NAME",
-           verbs=_EMBEDS),
+           verbs=_RECORDS),
     Option("azure_endpoint", "AZURE_OPENAI_ENDPOINT", "--azure-endpoint", None, str,
-           "Azure OpenAI resource endpoint, https://NAME.openai.azure.com", "URL", verbs=_EMBEDS),
+           "Azure OpenAI resource endpoint, https://NAME.openai.azure.com", "URL", verbs=_RECORDS),
     Option("azure_api_key", "AZURE_OPENAI_API_KEY", None, None, str, "Azure OpenAI key of the resource", verbs=_EMBEDS),
     Option("api_version", "OPENAI_API_VERSION", "--api-version", None, str,
-           "Azure OpenAI API version, e.g. 2024-10-21", "VERSION", verbs=_EMBEDS),
+           "Azure OpenAI API version, e.g. 2024-10-21", "VERSION", verbs=_RECORDS),
     Option("deployment", "AZURE_OPENAI_DEPLOYMENT", "--deployment", None, str,
-           "Azure OpenAI deployment to call (default: EMBEDDING_MODEL)", "NAME", verbs=_EMBEDS),
+           "Azure OpenAI deployment to call (default: EMBEDDING_MODEL)", "NAME", verbs=_RECORDS),
     Option("dimensions", "EMBEDDING_DIMENSIONS", "--dimensions", None, positive_int,
            "when set, sent to the API as `dimensions` (and used by `init` for a new column)", "N",
            verbs=(*_EMBEDS, "init")),
     Option("extra_body", "EMBEDDING_EXTRA_BODY", "--extra-body", None, extra_body,
-           "JSON fields added to every request (Voyage's input_type...)", "JSON", verbs=_EMBEDS),
+           "JSON fields added to every request (Voyage's input_type...)", "JSON", verbs=_RECORDS),
     Option("encoding_format", "ETL_ENCODING_FORMAT", "--encoding-format", "base64", _encoding_format,
            "vectors asked as base64 or float (learned if base64 is refused)", "FORMAT", verbs=_EMBEDS),
     Option("table", "ETL_TABLE", "--table", None, str, "table to fill (schema.table allowed)", "NAME", verbs=_TABLE),
@@ -179,7 +189,7 @@ OPTIONS = [
            "seconds before one API request is abandoned and retried", "S", verbs=_EMBEDS),
     Option("reconnect_seconds", "ETL_RECONNECT_SECONDS", "--reconnect-seconds", 30.0, _positive_float,
            "how long a worker tries to reopen a lost database connection before the run stops", "S",
-           verbs=("run", "demo")),
+           verbs=("run", "demo", "serve")),
     Option("max_input_tokens", "ETL_MAX_INPUT_TOKENS", "--max-input-tokens", None, positive_int,
            "longest input in tokens; longer texts are truncated (default: the model's limit, 8191)", "N", verbs=_RUNS),
     Option("price", "ETL_PRICE_PER_MILLION_TOKENS", "--price-per-million-tokens", None, float,
@@ -197,7 +207,11 @@ OPTIONS = [
            verbs=("run",)),
     Option("poll_seconds", "ETL_POLL_SECONDS", "--poll-seconds", 30.0, _positive_float,
            "with --follow: look for NULL rows at least this often, notified or not; "
-           "with --batch-api: seconds between two looks at the pending batches", "S", verbs=("run",)),
+           "with --batch-api: seconds between two looks at the pending batches; serve: for new tracked columns too",
+           "S", verbs=_FOLLOWS),
+    Option("http", "ETL_HTTP", "--http", None, _listen_address,
+           "serve: answer GET /healthz and GET /metrics (Prometheus) on HOST:PORT (default: off)", "HOST:PORT",
+           verbs=("serve",)),
     Option("updated_column", "ETL_UPDATED_COLUMN", "--updated-column", None, str,
            "a timestamp column of the table: `status` shows how old the oldest NULL row is", "NAME", verbs=("status",)),
     Option("batch_api", "ETL_BATCH_API", None, False, boolean,

@@ -45,6 +45,10 @@ EXAMPLES = {
         ("{cmd} verify --all --fix", "check every row; set the mismatched ones to NULL for the next run"),
     ],
     "batches": [("{cmd} batches cancel", "cancel this table's pending batches")],
+    "serve": [
+        ("{cmd} serve", "keep every tracked column filled (init --track-changes tracks one)"),
+        ("{cmd} serve --workers 8 --http 127.0.0.1:9300", "with /healthz and /metrics (docs/serve.md)"),
+    ],
     "db": [
         ("{cmd} db url", "start the embedded PostgreSQL, keep it up, print its URL"),
         ("{cmd} db psql", "psql on it (extra psql arguments after --)"),
@@ -53,7 +57,7 @@ EXAMPLES = {
 }
 
 FOOTER = """\
-verbs: run (the default), init, status, demo, search, embed, verify, batches, db; `{cmd} VERB --help` for each.
+verbs: run (the default), init, status, demo, search, embed, verify, batches, serve, db; `{cmd} VERB --help` for each.
 Settings come from flags, then the environment, then config.env (docs/configuration.md lists them all).
 exit codes: 0 all selected rows embedded, 1 fatal error, 2 usage error,
   3 finished but some rows failed (recorded in etl_failures) or, for verify, hold a vector that is not
@@ -80,6 +84,10 @@ DESCRIPTIONS = {
     "(cosine >= 0.99); name every row that does not match, and with --fix set it to NULL for the next run.",
     "batches": "Act on this table's pending --batch-api batches: `cancel` cancels them at OpenAI and releases "
     "their rows.",
+    "serve": "Keep every tracked column of the database filled, as one long-running service: the columns that "
+    "`init --track-changes` tracks, each with the model, provider and text columns its record in etl_columns "
+    "names, from one pool of workers shared fairly between them; until SIGTERM. With --http, GET /healthz "
+    "and GET /metrics (Prometheus). docs/serve.md: systemd, Kubernetes, the metrics.",
     "db": "The embedded PostgreSQL of ETL_PGDATA, for other programs: `url` starts it if needed, keeps it up and "
     "prints a URL that psql, Django and psycopg2 accept; `psql` opens psql on it; `stop` stops it.",
 }

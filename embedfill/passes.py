@@ -130,6 +130,7 @@ class Run:
         self.shared: SharedState | None = None  # the current pass's
         self.earlier = dict.fromkeys(FIELDS, 0)  # totals of the passes that ended
         self.progress: Progress | None = None
+        self.also_tick: Callable[[], None] | None = None  # serve: its other leases, its health
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
@@ -140,14 +141,15 @@ class Run:
         current = self.shared.totals() if self.shared is not None else {}
         return {name: value + current.get(name, 0) for name, value in self.earlier.items()}
 
-    def embed(self, ranges: list["Range"], counts: "_Counts | None" = None) -> bool:
-        """One pass of a fresh pool over `ranges`; True when it walked them all (no stop, no error).
-        A fresh pool and shared state each pass: nothing grows with the passes."""
+    def embed(self, ranges: list["Range"], counts: "_Counts | None" = None, limit: int | None = None) -> bool:
+        """One pass of a fresh pool over `ranges` (at most `limit` rows: serve's share of a column); True
+        when it walked them all (no stop, no error). A fresh pool and shared state each pass: nothing
+        grows with the passes."""
         settings, processes = self.settings, self.processes
         if self.passes:  # --retry-failed takes the ledger's rows once: a later pass would pay for this run's again
             settings = dataclasses.replace(settings, retry_failed=False)
         self.passes += 1
-        shared = self.shared = SharedState(self.context, processes, settings.limit)
+        shared = self.shared = SharedState(self.context, processes, settings.limit if limit is None else limit)
         if self.received:
             shared.request_stop()
         finished = False
@@ -199,8 +201,9 @@ class Run:
                 pool.terminate()
             pool.join()
             self.shape.keep(settings.database_url, self.embedder.endpoint, self.embedder.model)
-            self.earlier = self.totals()
-            self.shared = None
+            totals = self.totals()
+            self.shared = None  # before `earlier` grows: a reader of totals() (serve's /metrics) never counts twice
+            self.earlier = totals
             self.progress.update(self.totals())
         return finished
 
@@ -243,3 +246,5 @@ class Run:
         assert self.progress is not None  # made by the first pass
         self.progress.update(self.totals())
         self.lease.tick()
+        if self.also_tick is not None:
+            self.also_tick()

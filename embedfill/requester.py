@@ -177,6 +177,7 @@ class Requester(Learner):
         self.shape.follow(self.embedder)
         with self.slots:
             self._wait_for_budget(tokens)
+            sent = time.monotonic()
             try:
                 answer = self.embedder.fetch(texts)
             except TransientProviderError as error:
@@ -187,6 +188,8 @@ class Requester(Learner):
             except FatalProviderError:  # a bad key or model: stop before another process sends
                 self._stop_others()
                 raise
+            finally:
+                self.shared.observe_latency(time.monotonic() - sent)
         result = self.embedder.decode(answer)
         result.tokens = self._check_answer(result, texts, tokens)
         self.limiter.succeeded()

@@ -67,6 +67,7 @@ class Settings:
     follow: bool = False
     poll_seconds: float = 30.0
     updated_column: str | None = None
+    http: str | None = None  # serve: where /healthz and /metrics answer
 
     # The Batch API.
     batch_api: bool = False

@@ -4,6 +4,7 @@ Counters are per worker slot: each worker process (single-threaded) is the only 
 its slot, so a worker killed mid-update can never leave a lock held that the parent waits on.
 """
 
+import bisect
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -12,7 +13,12 @@ if TYPE_CHECKING:
 
 # left: rows a write left out for a reason not theirs (edited while the request was out, filled or
 # deleted by someone else, held by another transaction): still NULL, for the next pass or run.
-FIELDS = ("embedded", "failed", "tokens", "requests", "retries", "rate_limited", "truncated", "left")
+# lat0..lat10: requests answered (or failed) within each LATENCY_BUCKETS bound, the last one beyond; latency_ms:
+# their sum (serve's /metrics histogram).
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_FIELDS = tuple(f"lat{index}" for index in range(len(LATENCY_BUCKETS) + 1))
+COUNTS = ("embedded", "failed", "tokens", "requests", "retries", "rate_limited", "truncated", "left", "latency_ms")
+FIELDS = (*COUNTS, *LATENCY_FIELDS)
 
 RUNNING, STOPPING, FATAL = 0, 1, 2
 
@@ -45,6 +51,10 @@ class SharedState:
         for name, amount in amounts.items():
             if amount:
                 self._counters[base + FIELDS.index(name)] += amount
+
+    def observe_latency(self, seconds: float) -> None:
+        """One request's time, from its sending to its answer's last byte (or its failure)."""
+        self.add(latency_ms=round(seconds * 1000), **{LATENCY_FIELDS[bisect.bisect_left(LATENCY_BUCKETS, seconds)]: 1})
 
     def take_range(self) -> int:
         """The index of the next range to walk (past the end when none is left)."""

@@ -10,6 +10,7 @@ from psycopg2 import sql
 
 from . import catalog, db, guard, indexes, logs
 from .errors import EXIT_OK, DatabaseError
+from .tracked import providers_by_host
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -59,6 +60,14 @@ def show_status(settings: "Settings", out: TextIO, top: int = 5, as_json: bool =
                 tracking += f" oldest_null_age={(oldest or 'none').replace(' ', '_')}"
         conn.rollback()
         holds, record = guard.describe_column(conn, target), guard.column_record(conn, target)
+        serve = None  # what `serve` does with the column: only a tracked column with a record is its
+        if tracking.startswith("on") and record is not None and not record["claimed_by"]:
+            host = record["provider"]
+            serve = (
+                "fills it"
+                if host in providers_by_host(settings)
+                else f"leaves it alone: no provider is configured for {host} (set its URL and key)"
+            )
         from .batches import status_lines  # imported here: batches pulls in the driver, which status needs not
 
         batches = status_lines(conn, target)
@@ -77,6 +86,7 @@ def show_status(settings: "Settings", out: TextIO, top: int = 5, as_json: bool =
             "tracking": tracking.startswith("on"),
             "oldest_null_age": oldest,
             "holds": record,
+            "serve": serve,
             "runs": [
                 {"run": run_id, "share": f"1/{count}", "tpm": tpm, "rpm": rpm, "running_for": age}
                 for run_id, tpm, rpm, count, age in leases
@@ -95,6 +105,8 @@ def show_status(settings: "Settings", out: TextIO, top: int = 5, as_json: bool =
         file=out,
     )
     print(holds, file=out)
+    if serve is not None:
+        print(f"serve {serve}", file=out)
     for run_id, tpm, rpm, runs, age in leases:
         budgets = " ".join(f"{name}={value / runs:.0f}" for name, value in (("tpm", tpm), ("rpm", rpm)) if value)
         print(f"run {run_id} share=1/{runs} {budgets or 'no configured budget'} running_for={age}".rstrip(), file=out)

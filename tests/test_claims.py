@@ -142,10 +142,9 @@ def test_the_lease_is_renewed_every_two_seconds_without_waiting(database_url, db
     schema.ensure(conn)
     conn.close()
 
-    class Table:
-        qualified_name = "public.foods"
-
-    lease = Lease(resolve({"database_url": database_url}, {}, {}), Table, RateLimiter(multiprocessing.get_context()))
+    lease = Lease(
+        resolve({"database_url": database_url}, {}, {}), "public.foods", RateLimiter(multiprocessing.get_context())
+    )
     lease.renew()
     seen, slowest, started = set(), 0.0, time.monotonic()
     while time.monotonic() - started < 2.5 * RENEW_SECONDS:

@@ -1,0 +1,116 @@
+"""What `serve` keeps filled, as the database says: every column with a confirmed record in
+etl_columns (model, dimensions, provider host, text columns, id column: written by its first run's
+vectors or by `init --track-changes`) whose change-tracking trigger is installed and enabled.
+
+Credentials stay out of the database: a record names its provider's host only, and the host is
+matched to a provider configured in config.env or the environment (its key, URL, deployment). A
+column whose host no configured provider has is left alone, with the reason: never filled with
+another model, or through another server."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg2
+from psycopg2.extras import RealDictCursor
+
+from . import catalog, db, guard
+from .errors import EtlError
+from .providers import PROVIDERS, make_provider
+
+if TYPE_CHECKING:
+    from .catalog import Target
+    from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One tracked column: the settings that fill it, or why it is left alone."""
+
+    name: str  # schema.table.column
+    settings: "Settings | None" = None
+    target: "Target | None" = None
+    why: str | None = None
+
+
+def providers_by_host(base: "Settings") -> dict[str, str]:
+    """The host of each provider whose settings are complete (its key, its URL), to the provider's name;
+    ETL_PROVIDER's first when two are at one host."""
+    hosts: dict[str, str] = {}
+    for name in dict.fromkeys([base.provider, *PROVIDERS]):
+        provider = make_provider(dataclasses.replace(base, provider=name))
+        try:
+            provider.check()
+        except EtlError:
+            continue
+        hosts.setdefault(provider.host, name)
+    return hosts
+
+
+def discover(conn: db.Connection, base: "Settings") -> list[Kept]:
+    """Every tracked column, with the settings that fill it or why it is left alone (autocommit `conn`)."""
+    hosts = providers_by_host(base)
+    with conn.cursor(cursor_factory=RealDictCursor) as cur:
+        cur.execute(db.load_sql("serve/tracked_columns"))
+        records = [dict(row) for row in cur.fetchall()]
+    found = []
+    for record in records:
+        kept = _column(conn, base, record, hosts)
+        if kept is not None:
+            found.append(kept)
+    return found
+
+
+def _column(conn: db.Connection, base: "Settings", record: dict[str, Any], hosts: dict[str, str]) -> Kept | None:
+    """The column of one record (None when it is not tracked)."""
+    name = f"{record['table_name']}.{record['column_name']}"
+    parts = catalog.split_table_name(record["table_name"])
+    try:
+        id_column = record["id_column"] or catalog.scalar(
+            conn, db.load_sql("serve/primary_key"), {"relation": catalog.relation_literal(conn, parts)}
+        )
+        settings = dataclasses.replace(
+            base,
+            table=record["table_name"],
+            id_column=id_column or base.id_column,
+            text_columns=tuple(record["recipe"]),
+            embedding_column=record["column_name"],
+            model=record["model"],
+            dimensions=None,
+            extra_body=None,
+            provider=hosts.get(record["provider"], base.provider),
+        )
+        target = catalog.inspect_target(conn, settings)
+        relation = catalog.relation_literal(conn, target.name_parts)
+        trigger = catalog.tracking_name(target)[1]
+        if not catalog.scalar(conn, db.load_sql("sync/tracking_status"), {"relation": relation, "trigger": trigger}):
+            return None
+    except (psycopg2.Error, EtlError) as error:
+        return Kept(name, why=db.first_line(error))
+    if record["provider"] not in hosts:
+        return Kept(
+            name,
+            why=f"no provider is configured for {record['provider']}, which filled it (set its URL and key in "
+            "config.env or the environment: OPENAI_BASE_URL and OPENAI_API_KEY, or AZURE_OPENAI_*)",
+        )
+    extra_body = _extra_body(base, record["extra_body"])
+    if extra_body is None:
+        return Kept(name, why="its vectors were asked with a secret field that EMBEDDING_EXTRA_BODY does not give")
+    settings = dataclasses.replace(settings, extra_body=extra_body or None)
+    native = make_provider(settings, target.dimensions).output_dimensions
+    if record["dimensions"] and record["dimensions"] != native:
+        settings = dataclasses.replace(settings, dimensions=record["dimensions"])  # it was asked for them
+    return Kept(name, settings, target)
+
+
+def _extra_body(base: "Settings", recorded: str) -> str | None:
+    """The request fields the column's vectors were asked with ('' none), or None when the record keeps
+    a secret's hash only and EMBEDDING_EXTRA_BODY is not the same fields."""
+    if not recorded:
+        return ""
+    if guard.recorded_extra_body(base.extra_body) == recorded:
+        return base.extra_body
+    if any(str(value).startswith("sha256:") for value in json.loads(recorded).values()):
+        return None
+    return recorded
