@@ -31,7 +31,7 @@ SECTIONS = [
         + ["reconnect_seconds", "max_input_tokens", "price"],
     ),
     ("Vector indexes", "indexes", ["defer_index", "maintenance_work_mem", "max_parallel_maintenance_workers"]),
-    ("Keeping in sync", "sync", ["follow", "poll_seconds", "updated_column", "http"]),
+    ("Keeping in sync", "sync", ["follow", "poll_seconds", "http", "updated_column"]),
     ("The Batch API", "batch API", ["batch_api", "batch_rows"]),
     ("Output", "output", ["log_file", "log_format", "log_level"]),
 ]
@@ -48,6 +48,7 @@ EXAMPLES = {
     "EMBEDDING_DIMENSIONS": "1536",
     "EMBEDDING_EXTRA_BODY": '{"input_type": "document"}',
     "ETL_TABLE": "foods",
+    "ETL_HTTP": "127.0.0.1:9300",
     "ETL_TEXT_COLUMNS": "name,category,description",
     "ETL_RPM": "3000",
     "ETL_TPM": "1000000",
@@ -79,6 +80,7 @@ UNSET = {
     "maintenance_work_mem": "the server's maintenance_work_mem",
     "max_parallel_maintenance_workers": "the server's max_parallel_maintenance_workers",
     "updated_column": "unset",
+    "http": "off",
     "log_file": "stderr",
 }
 

@@ -31,6 +31,10 @@ class DatabaseError(EtlError):
     """The database is unreachable or the table is not what the configuration says."""
 
 
+class DatabaseGone(DatabaseError):
+    """The database connection was lost and did not come back within --reconnect-seconds."""
+
+
 class ProviderError(EtlError):
     """An error from the embeddings provider, wrapped once from the SDK's exception."""
 

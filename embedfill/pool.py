@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import logs
-from .errors import EtlError, Stop
+from .errors import DatabaseGone, EtlError, Stop
 from .requester import Requester
 from .worker import Worker
 
@@ -89,7 +89,8 @@ def embed_ranges(_task: object) -> None:
     except EtlError as error:
         worker.shared.request_stop(fatal=True)
         log.debug("fatal error", exc_info=True)
-        raise EtlError(str(error)) from None
+        kind = DatabaseGone if isinstance(error, DatabaseGone) else EtlError  # serve waits for the database
+        raise kind(str(error)) from None
     except Exception as error:  # a bug: stop everything, keep the traceback in the log
         worker.shared.request_stop(fatal=True)
         log.error("unexpected error in worker", exc_info=True)

@@ -26,7 +26,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import catalog, db, driver, logs, planner, schema, tracked
-from .errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EtlError
+from .errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, DatabaseGone, EtlError
 from .follow import DEBOUNCE_SECONDS
 from .guard import describe_identity
 from .lease import SERVE_TABLES, Lease, end_dead_runs
@@ -251,9 +251,11 @@ class Service:
         after, elapsed = run.totals(), time.monotonic() - started
         took = after["embedded"] + after["failed"] - before["embedded"] - before["failed"]
         if run.fatal is not None:
+            # The database gone: the loop's own connection waits for it. Anything else waits PARK_SECONDS.
+            park = 0.0 if isinstance(run.fatal, DatabaseGone) else PARK_SECONDS
             with logs.column(column.name):
-                log.warning("column %s: %s; trying it again in %.0f s", column.name, run.fatal, PARK_SECONDS)
-            column.parked_until = time.monotonic() + PARK_SECONDS
+                log.warning("column %s: %s; trying it again in %.0f s", column.name, run.fatal, park)
+            column.parked_until = time.monotonic() + park
             run.fatal = None
         if took:
             column.slice = max(self.processes * column.settings.batch_size, round(took / elapsed * SLICE_SECONDS))

@@ -66,8 +66,8 @@ class Settings:
     # Keeping in sync.
     follow: bool = False
     poll_seconds: float = 30.0
-    updated_column: str | None = None
     http: str | None = None  # serve: where /healthz and /metrics answer
+    updated_column: str | None = None
 
     # The Batch API.
     batch_api: bool = False

@@ -26,7 +26,7 @@ import numpy as np
 import psycopg2
 
 from . import db
-from .errors import DatabaseError, FatalProviderError, Stop
+from .errors import DatabaseError, DatabaseGone, FatalProviderError, Stop
 from .lease import LEASE_SECONDS, RENEW_SECONDS
 from .planner import Range, RangeCursor
 from .requester import Failure, Requester, Row, backoff
@@ -199,7 +199,7 @@ class Worker:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DatabaseError(
+                raise DatabaseGone(
                     f"lost the database connection and could not reconnect within {window:.0f} s "
                     f"({db.first_line(error)}); check the server, then rerun to resume"
                 )

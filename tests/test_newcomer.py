@@ -321,7 +321,7 @@ def test_a_flag_of_another_verb_is_refused_with_the_verbs_that_read_it(tmp_path)
     result = cli("status", "--workers", "2", cwd=tmp_path, env=clean_env())
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().endswith(
-        "unrecognized arguments: --workers 2 (--workers is read by run, demo, verify, not by status)"
+        "unrecognized arguments: --workers 2 (--workers is read by run, demo, verify, serve, not by status)"
     )
 
 

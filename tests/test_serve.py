@@ -189,7 +189,8 @@ def test_healthz_follows_the_database(etl, own_pgdata):
         proxy.black = False  # back: new connections go through again
         assert wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=30)
         execute(conn, "UPDATE foods SET name = 'after ' || id WHERE id <= 10")
-        assert wait_for(lambda: nulls(conn, "foods") == 0, timeout=60), "the service did not come back"
+        if not wait_for(lambda: nulls(conn, "foods") == 0, timeout=60):
+            pytest.fail(f"the service did not come back: {stop(run)[1]}")
         assert len(check_table(conn, "foods")[0]) == 200
         _, err = stop(run)
         assert run.returncode == 143, err
