@@ -98,9 +98,9 @@ def dispatch(
         # Without configuration these look at the demo's table, with the demo's provider.
         flags = _demo_flags(flags, preliminary)
     if verb == "serve":
-        from . import service
+        from .service import Service
 
-        return service.serve(resolve(flags, os.environ, file_values))
+        return Service(resolve(flags, os.environ, file_values)).serve()
     required = ("table",) if verb == "init" else ("table", "text_columns")
     settings = resolve(flags, os.environ, file_values, required=required)
     if verb == "init":

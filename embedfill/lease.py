@@ -11,11 +11,12 @@ progress lines nor the answer to a signal."""
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.extensions
@@ -83,15 +84,66 @@ def _gone(rest: str) -> bool:
         return False
 
 
-class Lease:
-    """This run's row in etl_runs; tells the limiter its share."""
+class Beat:
+    """A statement sent every RENEW_SECONDS through an asynchronous connection that the parent's loop
+    drives a step at a time (`tick`): it never waits on the database. `answered` gets the first
+    column of its row; `answered_at` says when the database last answered."""
+
+    def __init__(self, database_url: str | None, statement: str, params: dict[str, Any] | None = None) -> None:
+        self.database_url, self.statement, self.params = database_url, statement, params or {}
+        self.sent_at = -RENEW_SECONDS
+        self.answered_at = -math.inf
+        self.conn: db.Connection = None  # the asynchronous connection, and the statement sent on it
+        self.cursor: db.Cursor = None
+        self.pending = False  # a round is under way
+        self.began = 0.0
+
+    def tick(self) -> None:
+        """Take the round one step further, every RENEW_SECONDS. A database that does not answer costs
+        nothing here: the round is abandoned after STEP_SECONDS and started again."""
+        now = time.monotonic()
+        try:
+            if not self.pending:
+                if now - self.sent_at < RENEW_SECONDS:
+                    return
+                self.pending, self.sent_at, self.began = True, now, now
+                if self.conn is None:
+                    self.conn = db.connect(self.database_url, async_=True)
+            if now - self.began > STEP_SECONDS:
+                raise TimeoutError(f"no answer within {STEP_SECONDS:g} s")
+            if self.conn.poll() != psycopg2.extensions.POLL_OK:
+                return
+            if self.cursor is None:  # connected (or idle since the last round): send it
+                self.cursor = self.conn.cursor()
+                self.cursor.execute(self.statement, self.params)
+                return
+            value = self.cursor.fetchone()[0]
+            self.cursor, self.pending, self.answered_at = None, False, time.monotonic()
+            self.answered(value)
+        except (psycopg2.Error, EtlError, TimeoutError) as error:
+            log.debug("no answer from the database: %s", db.first_line(error))
+            self.close()
+
+    def answered(self, value: Any) -> None:
+        """What to do with the answer (nothing: a heartbeat)."""
+
+    def close(self) -> None:
+        """Drop the round under way (before a fork: no socket crosses it)."""
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = self.cursor = None
+        self.pending = False
+
+
+class Lease(Beat):
+    """This run's row in etl_runs, renewed by `tick`; tells the limiter its share."""
 
     def __init__(self, settings: "Settings", table_name: str, limiter: "RateLimiter") -> None:
         """`table_name`: the table the run fills (serve's lease says SERVE_TABLES)."""
         self.settings = settings
         self.limiter = limiter
         self.run_id = f"{socket.gethostname()}:{os.getpid()}:{namespace()}.{secrets.token_hex(3)}"
-        self.params = {
+        params = {
             "run_id": self.run_id,
             "key_hash": key_hash(settings),
             "table_name": table_name,
@@ -99,52 +151,24 @@ class Lease:
             "rpm": settings.rpm,
             "lease_seconds": LEASE_SECONDS,
         }
+        super().__init__(settings.database_url, db.load_sql("lease/renew_lease"), params)
         self.runs = 1
-        self.renewed_at = -RENEW_SECONDS
-        self.conn: db.Connection = None  # the asynchronous connection, and the renewal sent on it
-        self.cursor: db.Cursor = None
-        self.pending = False  # a renewal is under way
-        self.began = 0.0
 
     def renew(self) -> None:
         """Renew now, waiting for the database (before the workers start: their share is known)."""
         conn = db.connect(self.settings.database_url)
         try:
             with conn.cursor() as cur:
-                cur.execute(db.load_sql("lease/renew_lease"), self.params)
+                cur.execute(self.statement, self.params)
                 runs = cur.fetchone()[0]
             conn.commit()
         finally:
             conn.close()
-        self.renewed_at = time.monotonic()
+        self.sent_at = self.answered_at = time.monotonic()
         self._share(runs)
 
-    def tick(self) -> None:
-        """Take the renewal one step further, every RENEW_SECONDS; never waits on the database. A
-        database that does not answer costs nothing here: the run keeps its share, and its lease
-        runs out."""
-        now = time.monotonic()
-        try:
-            if not self.pending:
-                if now - self.renewed_at < RENEW_SECONDS:
-                    return
-                self.pending, self.renewed_at, self.began = True, now, now
-                if self.conn is None:
-                    self.conn = db.connect(self.settings.database_url, async_=True)
-            if now - self.began > STEP_SECONDS:
-                raise TimeoutError(f"no answer within {STEP_SECONDS:g} s")
-            if self.conn.poll() != psycopg2.extensions.POLL_OK:
-                return
-            if self.cursor is None:  # connected (or idle since the last renewal): send it
-                self.cursor = self.conn.cursor()
-                self.cursor.execute(db.load_sql("lease/renew_lease"), self.params)
-                return
-            runs = self.cursor.fetchone()[0]
-            self.cursor, self.pending = None, False
-            self._share(runs)
-        except (psycopg2.Error, EtlError, TimeoutError) as error:
-            log.debug("could not renew this run's lease: %s", db.first_line(error))
-            self.close()
+    def answered(self, value: Any) -> None:
+        self._share(value)
 
     def _share(self, runs: int) -> None:
         self.limiter["renewed_at"] = time.monotonic()  # the workers claim while this is fresh
@@ -172,10 +196,3 @@ class Lease:
                 conn.close()
         except (psycopg2.Error, EtlError) as error:
             log.debug("could not end this run's lease: %s", db.first_line(error))
-
-    def close(self) -> None:
-        """Drop the renewal under way (before a fork: no socket crosses it)."""
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = self.cursor = None
-        self.pending = False

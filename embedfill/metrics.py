@@ -20,7 +20,8 @@ from .models import estimate_cost
 from .shared import LATENCY_BUCKETS, LATENCY_FIELDS
 
 if TYPE_CHECKING:
-    from .service import Column, Service
+    from .service import Service
+    from .tracked import Column
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,20 @@ class Collector:
         return totals
 
 
+HEALTH_SECONDS = 10.0  # /healthz: the database answered, and the service's loop turned, within this
+
+
+def health(service: "Service") -> tuple[bool, str]:
+    """(healthy, why): the database answered within HEALTH_SECONDS and the loop turns."""
+    now = time.monotonic()
+    seen = max(service.pulse.answered_at, service.listener.seen_at)
+    if now - seen > HEALTH_SECONDS:
+        return False, f"the database has not answered for {now - seen:.0f} s"
+    if now - service.beat > HEALTH_SECONDS:
+        return False, f"the service's loop has not turned for {now - service.beat:.0f} s"
+    return True, f"ok: {len(service.columns)} columns kept, {len(service.alone)} left alone"
+
+
 def start(service: "Service", address: str) -> HTTPServer:
     """Listen on HOST:PORT and answer from a daemon thread; a one-line UsageError when the address is taken."""
     host, _, port = address.rpartition(":")
@@ -112,7 +127,7 @@ def start(service: "Service", address: str) -> HTTPServer:
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
-                healthy, why = service.health()
+                healthy, why = health(service)
                 self._answer(200 if healthy else 503, f"{why}\n".encode(), "text/plain; charset=utf-8")
             elif path == "/metrics":
                 self._answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)

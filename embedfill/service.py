@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 import multiprocessing
-import select
 import signal
 import sys
 import time
@@ -23,19 +22,19 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import psycopg2
-from psycopg2 import sql
 
 from . import catalog, db, driver, logs, planner, schema, tracked
 from .errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, DatabaseGone, EtlError
-from .follow import DEBOUNCE_SECONDS
 from .guard import describe_identity
-from .lease import SERVE_TABLES, Lease, end_dead_runs
+from .lease import SERVE_TABLES, Beat, Lease, end_dead_runs
+from .listener import LOOK_TIMEOUT, Listener
 from .passes import Run
 from .progress import Progress
 from .providers import make_provider
 from .ratelimit import RateLimiter
 from .shape import Shape
 from .texts import load_encoding
+from .tracked import Column, Kept
 from .worker import process_count
 
 if TYPE_CHECKING:
@@ -45,31 +44,7 @@ log = logging.getLogger(__name__)
 
 SLICE_SECONDS = 5.0  # a column's pass, when others wait: about this long
 PARK_SECONDS = 60.0  # a column whose pass stopped on an error is left this long before the next
-HEALTH_SECONDS = 10.0  # /healthz: the database answered, and the loop turned, within this
 SAY_SECONDS = 60.0  # a line per column that embedded something, this often
-LOOK_TIMEOUT = "5s"  # the loop's own queries (discovery, probes, counts) never hold it longer
-
-
-class Column:
-    """One kept column: its settings, its Run (passes of the pool), what the loop knows of its backlog."""
-
-    def __init__(self, kept: tracked.Kept, run: Run, processes: int) -> None:
-        assert kept.settings is not None and kept.target is not None
-        self.name, self.settings, self.target, self.run = kept.name, kept.settings, kept.target, run
-        self.channel = catalog.tracking_name(kept.target)[1]
-        self.dirty = True  # rows may wait: look
-        self.slice = processes * kept.settings.batch_size * 2  # the first pass is short: its rate sets the next
-        self.parked_until = 0.0
-        self.waiting: int | None = None  # rows NULL at the last count
-        self.waiting_since: float | None = None  # since when rows wait (the last time none did, as seen here)
-        self.said: dict[str, int] = {}
-
-    def counted(self, waiting: int) -> None:
-        self.waiting = waiting
-        if not waiting:
-            self.waiting_since = None
-        elif self.waiting_since is None:
-            self.waiting_since = time.monotonic()
 
 
 class Service:
@@ -84,13 +59,11 @@ class Service:
         self.alone: dict[str, str] = {}  # columns left alone, and why (said once)
         self.keys: dict[str, tuple[RateLimiter, Lease]] = {}  # API key (its quota key) -> limiter, lease
         self.shapes: dict[tuple[str, str], Shape] = {}  # (endpoint, model) -> what its answers taught
-        self.listener: db.Connection | None = None
-        self.listening: set[str] = set()
+        self.listener = Listener(settings.database_url, self._idle)
+        self.pulse = Beat(settings.database_url, "SELECT 1")  # /healthz: does the database answer, now?
         self.looked_at = -math.inf
         self.turn = 0  # round robin: where the next round starts
-        self.beat = self.db_seen = time.monotonic()
-        self.said_at = time.monotonic()
-        self.lost = False  # the database is away (said once)
+        self.beat = self.said_at = time.monotonic()
         self.current: Column | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
@@ -118,7 +91,8 @@ class Service:
         try:
             self.loop()
         finally:
-            self._close_listener()
+            self.listener.close()
+            self.pulse.close()
             for column in self.columns.values():
                 column.run.embedder.close()
             for _, lease in self.keys.values():
@@ -165,7 +139,7 @@ class Service:
         try:
             found = tracked.discover(conn, self.settings)
         except (psycopg2.Error, EtlError) as error:
-            self._away(error)
+            self.listener.away(error)
             return
         self.looked_at = time.monotonic()
         names = set()
@@ -192,7 +166,7 @@ class Service:
             column.dirty = True
             self._count(column)
 
-    def _add(self, kept: tracked.Kept) -> str | None:
+    def _add(self, kept: Kept) -> str | None:
         """Set up a column (its API key's lease and limiter, its guard and Run); None, or why it is left alone."""
         settings = kept.settings
         assert settings is not None
@@ -235,9 +209,10 @@ class Service:
                 return False
             ranges = planner.plan_ranges(conn, column.target, self.processes, column.settings.batch_size)
         except (psycopg2.Error, EtlError) as error:
-            self._away(error)
+            self.listener.away(error)
             return False
-        self._close_listener()  # no socket crosses the fork
+        self.listener.close()  # no socket crosses the fork
+        self.pulse.close()
         for _, lease in self.keys.values():
             lease.close()
         before, started = run.totals(), time.monotonic()
@@ -272,7 +247,7 @@ class Service:
         except psycopg2.errors.QueryCanceled:
             log.debug("counting the rows waiting in %s took over %s", column.name, LOOK_TIMEOUT)
         except (psycopg2.Error, EtlError) as error:
-            self._away(error)
+            self.listener.away(error)
 
     def _say(self, column: Column, totals: dict[str, int]) -> None:
         """A line per column that embedded rows, every SAY_SECONDS at most."""
@@ -288,74 +263,28 @@ class Service:
                 *(totals[name] for name in ("embedded", "failed", "tokens", "requests", "rate_limited")),
             )
 
-    # --- the database -------------------------------------------------------------------------------
+    # --- waiting -------------------------------------------------------------------------------------
     def _connection(self) -> db.Connection | None:
-        """The loop's connection, LISTENing on every kept column's channel (reopened when lost: a fresh
-        LISTEN may have missed notifications, so every column is looked at again); None while the
-        database is away."""
-        try:
-            if self.listener is None:
-                name = f"{db.APPLICATION_PREFIX}:serve:r{multiprocessing.current_process().pid}w0"
-                self.listener = db.connect(self.settings.database_url, application_name=name, timeout=5)
-                self.listener.autocommit = True
-                with self.listener.cursor() as cur:
-                    cur.execute("SET statement_timeout = %s", (LOOK_TIMEOUT,))
-                self.listening = set()
-                for column in self.columns.values():
-                    column.dirty = True
-            with self.listener.cursor() as cur:
-                for channel in {column.channel for column in self.columns.values()} - self.listening:
-                    cur.execute(sql.SQL(db.load_sql("sync/listen")).format(channel=sql.Identifier(channel)))
-                    self.listening.add(channel)
-        except (psycopg2.Error, EtlError) as error:
-            self._away(error)
-            return None
-        self.db_seen = time.monotonic()
-        if self.lost:
-            self.lost = False
-            log.info("the database answers again")
-        return self.listener
+        """The loop's connection (listener.py), LISTENing on every kept column's channel; reopened, every
+        column is looked at again (a notification may have been missed)."""
+        conn = self.listener.connection(self._channels())
+        if self.listener.fresh:
+            self.listener.fresh = False
+            for column in self.columns.values():
+                column.dirty = True
+        return conn
 
-    def _away(self, error: BaseException) -> None:
-        """The database did not answer: say so once, drop the connection, wait a second (ticking)."""
-        if not self.lost:
-            self.lost = True
-            log.warning("lost the database (%s); trying again every second", db.first_line(error))
-        self._close_listener()
-        self._idle(1.0)
-
-    def _close_listener(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-        self.listener = None
+    def _channels(self) -> list[str]:
+        return [column.channel for column in self.columns.values()]
 
     def wait(self) -> None:
-        """Until a notification (then DEBOUNCE_SECONDS more, for full batches), the next look, a parked
-        column's turn, or a signal."""
-        conn = self._connection()
-        if conn is None:
-            return
-        parked = [column.parked_until for column in self.columns.values() if column.parked_until > time.monotonic()]
+        """Until a notification, the next look, a parked column's turn, or a signal."""
+        now = time.monotonic()
+        parked = [column.parked_until for column in self.columns.values() if column.parked_until > now]
         deadline = min([self.looked_at + self.settings.poll_seconds, *parked])
-        woken: float | None = None
-        by_channel = {column.channel: column for column in self.columns.values()}
-        while not self.received:
-            now = time.monotonic()
-            end = min(deadline, woken + DEBOUNCE_SECONDS) if woken else deadline
-            if now >= end:
-                return
-            self.tick()
-            try:
-                if select.select([conn], [], [], min(0.5, end - now))[0]:
-                    conn.poll()
-            except (psycopg2.Error, OSError) as error:
-                self._away(error)
-                return
-            while conn.notifies:
-                column = by_channel.get(conn.notifies.pop().channel)
-                if column is not None:
-                    column.dirty = True
-                    woken = woken or time.monotonic()
+        notified = self.listener.wait(self._channels(), deadline, lambda: bool(self.received), self.tick)
+        for column in self.columns.values():
+            column.dirty = column.dirty or column.channel in notified
 
     def _idle(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -367,21 +296,5 @@ class Service:
         """Between two looks: every lease a step further (never waiting), and the loop's heartbeat."""
         for _, lease in self.keys.values():
             lease.tick()
+        self.pulse.tick()
         self.beat = time.monotonic()
-
-    # --- what /healthz and /metrics read (from their thread) ---------------------------------------
-    def health(self) -> tuple[bool, str]:
-        """(healthy, why): the database answered within HEALTH_SECONDS and the loop turns."""
-        now = time.monotonic()
-        renewed = [limiter["renewed_at"] for limiter, _ in list(self.keys.values())]
-        seen = max([self.db_seen, *renewed])
-        if now - seen > HEALTH_SECONDS:
-            return False, f"the database has not answered for {now - seen:.0f} s"
-        if now - self.beat > HEALTH_SECONDS:
-            return False, f"the service's loop has not turned for {now - self.beat:.0f} s"
-        return True, f"ok: {len(self.columns)} columns kept, {len(self.alone)} left alone"
-
-
-def serve(settings: "Settings") -> int:
-    """`etl.py serve`: returns the exit code."""
-    return Service(settings).serve()

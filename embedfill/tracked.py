@@ -9,6 +9,7 @@ another model, or through another server."""
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from .providers import PROVIDERS, make_provider
 
 if TYPE_CHECKING:
     from .catalog import Target
+    from .passes import Run
     from .settings import Settings
 
 
@@ -114,3 +116,25 @@ def _extra_body(base: "Settings", recorded: str) -> str | None:
     if any(str(value).startswith("sha256:") for value in json.loads(recorded).values()):
         return None
     return recorded
+
+
+class Column:
+    """One kept column: its settings, its Run (passes of the pool), what the loop knows of its backlog."""
+
+    def __init__(self, kept: Kept, run: "Run", processes: int) -> None:
+        assert kept.settings is not None and kept.target is not None
+        self.name, self.settings, self.target, self.run = kept.name, kept.settings, kept.target, run
+        self.channel = catalog.tracking_name(kept.target)[1]
+        self.dirty = True  # rows may wait: look
+        self.slice = processes * kept.settings.batch_size * 2  # the first pass is short: its rate sets the next
+        self.parked_until = 0.0
+        self.waiting: int | None = None  # rows NULL at the last count
+        self.waiting_since: float | None = None  # since when rows wait (the last time none did, as seen here)
+        self.said: dict[str, int] = {}
+
+    def counted(self, waiting: int) -> None:
+        self.waiting = waiting
+        if not waiting:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = time.monotonic()

@@ -248,3 +248,20 @@ def test_two_serves_share_the_work_and_the_key(etl, db):
     assert twice <= 0.02 * 3000, f"{twice} rows paid for twice"
     lines = [json.loads(line) for err in errs for line in err.splitlines() if line.startswith("{")]
     assert any(line["column"] == "public.foods.embedding" and "embedded=" in line["message"] for line in lines)
+
+
+def test_with_nothing_to_keep_it_waits_healthy(etl, db):
+    """No tracked column (yet): the service waits, and /healthz stays 200 past HEALTH_SECONDS between two
+    looks (its own heartbeat on the database, not the looks, says the database answers)."""
+    from embedfill.metrics import HEALTH_SECONDS
+
+    port = free_port()
+    run = etl.start("serve", "--poll-seconds", "60", "--http", f"127.0.0.1:{port}")
+    try:
+        assert wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=20)
+        time.sleep(HEALTH_SECONDS + 3)
+        status, body = get(port, "/healthz")
+        assert (status, body) == (200, "ok: 0 columns kept, 0 left alone\n")
+    finally:
+        _, err = stop(run)
+    assert run.returncode == 143, err
