@@ -265,3 +265,20 @@ def test_with_nothing_to_keep_it_waits_healthy(etl, db):
     finally:
         _, err = stop(run)
     assert run.returncode == 143, err
+
+
+def test_an_untracked_column_is_let_go(etl, db):
+    make_foods(db, 100)
+    track(etl, "foods")
+    run = serve(etl, free_port())
+    try:
+        assert wait_for(lambda: nulls(db, "foods") == 0, timeout=30)
+        untrack = etl.run("init", "--untrack", **env_for_table("foods", TEXTS))
+        assert untrack.returncode == 0, untrack.stderr
+        time.sleep(2.5)  # more than a poll interval
+        execute(db, "UPDATE foods SET embedding = NULL WHERE id <= 10")  # NULL, but nobody asked to keep it now
+        time.sleep(2.5)
+        assert nulls(db, "foods") == 10
+    finally:
+        _, err = stop(run)
+    assert "column public.foods.embedding: no longer tracked; no longer kept" in err
