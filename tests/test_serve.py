@@ -282,3 +282,19 @@ def test_an_untracked_column_is_let_go(etl, db):
     finally:
         _, err = stop(run)
     assert "column public.foods.embedding: no longer tracked; no longer kept" in err
+
+
+def test_metrics_show_what_the_server_taught(etl, db):
+    """A server that takes at most 16 inputs a request: the lesson is kept and shown as a learned limit."""
+    make_foods(db, 200)
+    track(etl, "foods")
+    etl.fake.input_cap = 16
+    port = free_port()
+    run = serve(etl, port, "--batch-size", "50")
+    try:
+        assert wait_for(lambda: nulls(db, "foods") == 0, timeout=30)
+        seen = metrics(port)
+    finally:
+        stop(run)
+    assert seen[("embedfill_learned_limit", "public.foods.embedding", "max_inputs")] == 16
+    assert max(etl.fake.batch_sizes[-5:]) <= 16 and len(check_table(db)[0]) == 200  # taught: 16 at most
