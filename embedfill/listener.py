@@ -22,9 +22,9 @@ LOOK_TIMEOUT = "5s"  # the loop's own queries never hold it longer
 
 
 class Listener:
-    def __init__(self, database_url: str | None, idle: Callable[[float], None]) -> None:
+    def __init__(self, database_url: str | None, tick: Callable[[], None], stopped: Callable[[], bool]) -> None:
         self.database_url = database_url
-        self.idle = idle  # sleeps (and ticks) for that many seconds, or less after a signal
+        self.tick, self.stopped = tick, stopped  # the loop's work while it waits; a signal came
         self.conn: db.Connection | None = None
         self.listening: set[str] = set()
         self.fresh = False  # reopened since the caller last looked: notifications may have been missed
@@ -62,28 +62,33 @@ class Listener:
         self.close()
         self.idle(1.0)
 
+    def idle(self, seconds: float) -> None:
+        """Sleep up to `seconds` (less after a signal), ticking."""
+        deadline = time.monotonic() + seconds
+        while not self.stopped() and time.monotonic() < deadline:
+            self.tick()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
     def close(self) -> None:
         """Close it (before a fork: no socket crosses it)."""
         if self.conn is not None:
             self.conn.close()
         self.conn = None
 
-    def wait(
-        self, channels: Iterable[str], deadline: float, stopped: Callable[[], bool], tick: Callable[[], None]
-    ) -> set[str]:
+    def wait(self, channels: Iterable[str], deadline: float) -> set[str]:
         """The channels notified: after the first notification, DEBOUNCE_SECONDS more (a burst of edits
-        becomes full batches); or none by `deadline`, or at a signal (`stopped`)."""
+        becomes full batches); or none by `deadline`, or at a signal."""
         conn = self.connection(channels)
         if conn is None:
             return set()
         woken: float | None = None
         notified: set[str] = set()
-        while not stopped():
+        while not self.stopped():
             now = time.monotonic()
             end = min(deadline, woken + DEBOUNCE_SECONDS) if woken else deadline
             if now >= end:
                 break
-            tick()
+            self.tick()
             try:
                 if select.select([conn], [], [], min(0.5, end - now))[0]:
                     conn.poll()

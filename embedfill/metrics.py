@@ -98,8 +98,8 @@ class Collector:
         current = shared.totals() if shared is not None else {}
         totals = {}
         for field, value in earlier.items():
-            key = (column.name, field)
-            self.high[key] = totals[field] = max(self.high.get(key, 0), value + current.get(field, 0))
+            key, now = (column.name, field), value + current.get(field, 0) + column.before.get(field, 0)
+            self.high[key] = totals[field] = max(self.high.get(key, 0), now)
         return totals
 
 

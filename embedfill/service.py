@@ -5,11 +5,10 @@ One loop, in the parent: it sleeps on LISTEN (every tracked column's channel, on
 and looks every --poll-seconds; then, round robin over the columns with rows to embed, it gives each
 a slice: one pass of the worker pool (passes.Run: claims, the model guard, the failure ledger,
 reconnects, as for any run) of at most the rows the column's last pass embedded in SLICE_SECONDS,
-so that a backlog holds the other columns back by one slice at most. The columns of one API key
-share one lease and one rate limiter: one quota, divided with the other runs and serve processes on
-that key through PostgreSQL as runs divide it. The tracked columns are looked up again every
---poll-seconds. /healthz and /metrics (metrics.py) answer from a thread that reads what this loop
-and the workers' counters say, never the database."""
+so that a backlog holds the other columns back by one slice at most. The columns of one API key share
+one lease and one rate limiter: one quota, divided with the other runs and serve processes on that key
+through PostgreSQL as runs divide it. /healthz and /metrics (metrics.py) answer from a thread that
+reads what this loop and the workers' counters say, never the database."""
 
 import dataclasses
 import logging
@@ -24,10 +23,10 @@ from typing import TYPE_CHECKING
 import psycopg2
 
 from . import catalog, db, driver, logs, planner, schema, tracked
-from .errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, DatabaseGone, EtlError
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, DatabaseGone, EtlError
 from .guard import describe_identity
 from .lease import SERVE_TABLES, Beat, Lease, end_dead_runs
-from .listener import LOOK_TIMEOUT, Listener
+from .listener import Listener
 from .passes import Run
 from .progress import Progress
 from .providers import make_provider
@@ -42,8 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SLICE_SECONDS = 5.0  # a column's pass, when others wait: about this long
-PARK_SECONDS = 60.0  # a column whose pass stopped on an error is left this long before the next
+SLICE_SECONDS = 5.0  # a column's pass, when others wait: about this long; cut when no request succeeded in it
+PARK_SECONDS, PARK_MOST = 300.0, 3600.0  # a pass stopped on an error: its column waits 5 min, then twice as long...
+CUT_SECONDS, CUT_MOST = 30.0, 600.0  # a pass cut (its server failing): 30 s, then twice as long...
+BUSY_SECONDS = 10.0  # a column whose table did not answer in LOOK_TIMEOUT (locked) is looked at again after this
 SAY_SECONDS = 60.0  # a line per column that embedded something, this often
 
 
@@ -59,14 +60,14 @@ class Service:
         self.alone: dict[str, str] = {}  # columns left alone, and why (said once)
         self.keys: dict[str, tuple[RateLimiter, Lease]] = {}  # API key (its quota key) -> limiter, lease
         self.shapes: dict[tuple[str, str], Shape] = {}  # (endpoint, model) -> what its answers taught
-        self.listener = Listener(settings.database_url, self._idle)
+        self.retired: dict[str, dict[str, int]] = {}  # the totals of columns let go: their counters go on
+        self.listener = Listener(settings.database_url, self.tick, lambda: bool(self.received))
         self.pulse = Beat(settings.database_url, "SELECT 1")  # /healthz: does the database answer, now?
         self.looked_at = -math.inf
         self.turn = 0  # round robin: where the next round starts
-        self.beat = self.said_at = time.monotonic()
+        self.beat = time.monotonic()
         self.current: Column | None = None
 
-    # --- lifetime --------------------------------------------------------------------------------
     def serve(self) -> int:
         """Until SIGTERM or SIGINT (then in-flight batches finish within the grace period): 143 or 130."""
         from . import metrics
@@ -81,12 +82,18 @@ class Service:
             load_encoding()  # exact counts for the budget: once, before any fork
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         http = metrics.start(self, self.settings.http) if self.settings.http else None
-        log.info(
-            "serving the tracked columns of %s: %d requests in flight at most, a look every %g s%s",
+        said = f"; /healthz and /metrics on http://{self.settings.http}" if http else ""
+        where, workers, poll = (
             db.describe_url(self.settings.database_url),
             self.settings.workers,
             self.settings.poll_seconds,
-            f"; /healthz and /metrics on http://{self.settings.http}" if http else "",
+        )
+        log.info(
+            "serving the tracked columns of %s: %d requests in flight at most, a look every %g s%s",
+            where,
+            workers,
+            poll,
+            said,
         )
         try:
             self.loop()
@@ -103,7 +110,7 @@ class Service:
                 signal.signal(sig, handler)
         signum = self.received[0]
         log.warning("stopped by %s: committed batches are kept", signal.Signals(signum).name)
-        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_OK
+        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
@@ -129,7 +136,6 @@ class Service:
             if not served and not self.received:
                 self.wait()
 
-    # --- the columns -------------------------------------------------------------------------------
     def look(self) -> None:
         """Look up the tracked columns again (new ones set up, untracked ones dropped), and count the rows
         each has waiting."""
@@ -144,9 +150,10 @@ class Service:
         self.looked_at = time.monotonic()
         names = set()
         for kept in found:
+            self.tick()
             names.add(kept.name)
             known = self.columns.get(kept.name)
-            if known is not None and known.settings == kept.settings:
+            if kept.busy or (known is not None and known.settings == kept.settings):
                 continue
             if known is not None:
                 self._drop(kept.name, "its record or the configuration changed")
@@ -160,9 +167,9 @@ class Service:
                 self.alone[kept.name] = why
         for name in [name for name in self.columns if name not in names]:
             self._drop(name, "no longer tracked")
-        for name in [name for name in self.alone if name not in names]:
-            del self.alone[name]
-        for column in self.columns.values():
+        self.alone = {name: why for name, why in self.alone.items() if name in names}
+        for column in list(self.columns.values()):
+            self.tick()
             column.dirty = True
             self._count(column)
 
@@ -186,7 +193,9 @@ class Service:
         run.received = self.received  # one list: a signal reaches the pass under way
         run.also_tick = self.tick
         run.progress = Progress(sys.stderr, interval=math.inf, tty=False)  # no bar, no line: serve says its own
-        column = Column(dataclasses.replace(kept, target=target), run, self.processes)
+        column = Column(
+            dataclasses.replace(kept, target=target), run, self.processes, self.retired.pop(kept.name, None)
+        )
         self.columns[kept.name] = column
         log.info("keeping %s filled with %s", kept.name, describe_identity(identity))
         return None
@@ -194,6 +203,7 @@ class Service:
     def _drop(self, name: str, why: str) -> None:
         column = self.columns.pop(name)
         column.run.embedder.close()
+        self.retired[name] = column.totals()
         log.info("column %s: %s; no longer kept", name, why)
 
     def give_slice(self, column: Column) -> bool:
@@ -208,6 +218,9 @@ class Service:
                 column.counted(0)
                 return False
             ranges = planner.plan_ranges(conn, column.target, self.processes, column.settings.batch_size)
+        except psycopg2.errors.QueryCanceled:  # its table is locked (VACUUM FULL, a migration): later
+            column.parked_until = time.monotonic() + BUSY_SECONDS
+            return False
         except (psycopg2.Error, EtlError) as error:
             self.listener.away(error)
             return False
@@ -217,7 +230,7 @@ class Service:
             lease.close()
         before, started = run.totals(), time.monotonic()
         run.limiter["last_success"] = started  # an idle spell is no stall
-        self.current = column
+        self.current, column.cut = column, False
         try:
             with logs.column(column.name):  # in the JSON lines of the pass, the workers' too
                 run.embed(ranges, limit=column.slice)
@@ -225,45 +238,34 @@ class Service:
             self.current = None
         after, elapsed = run.totals(), time.monotonic() - started
         took = after["embedded"] + after["failed"] - before["embedded"] - before["failed"]
-        if run.fatal is not None:
-            # The database gone: the loop's own connection waits for it. Anything else waits PARK_SECONDS.
-            park = 0.0 if isinstance(run.fatal, DatabaseGone) else PARK_SECONDS
-            with logs.column(column.name):
-                log.warning("column %s: %s; trying it again in %.0f s", column.name, run.fatal, park)
-            column.parked_until = time.monotonic() + park
-            run.fatal = None
-        if took:
+        if isinstance(run.fatal, DatabaseGone):  # the loop's own connection waits for the database
+            log.warning("column %s: %s", column.name, run.fatal)
+        elif run.fatal is not None:
+            column.failed(str(run.fatal), PARK_SECONDS, PARK_MOST)
+        elif column.cut:
+            why = (
+                f"no request succeeded for {SLICE_SECONDS:g} s while other columns wait (its server's errors are above)"
+            )
+            column.failed(why, CUT_SECONDS, CUT_MOST)
+        elif took:
+            column.took(column.totals(), SAY_SECONDS)
             column.slice = max(self.processes * column.settings.batch_size, round(took / elapsed * SLICE_SECONDS))
+        run.fatal = None
         column.dirty = took > 0  # rows claimed by another run: wait for a notification or the next look
-        self._say(column, after)
         return took > 0
 
     def _count(self, column: Column) -> None:
+        """How many rows wait in the column (LOOK_TIMEOUT at most: a locked table keeps the last count)."""
         conn = self._connection()
         if conn is None:
             return
         try:
             column.counted(catalog.count_null(conn, column.target))
         except psycopg2.errors.QueryCanceled:
-            log.debug("counting the rows waiting in %s took over %s", column.name, LOOK_TIMEOUT)
+            pass
         except (psycopg2.Error, EtlError) as error:
             self.listener.away(error)
 
-    def _say(self, column: Column, totals: dict[str, int]) -> None:
-        """A line per column that embedded rows, every SAY_SECONDS at most."""
-        if time.monotonic() - self.said_at < SAY_SECONDS and column.said:
-            return
-        if totals["embedded"] + totals["failed"] == column.said.get("embedded", 0) + column.said.get("failed", 0):
-            return
-        self.said_at, column.said = time.monotonic(), dict(totals)
-        with logs.column(column.name):
-            log.info(
-                "column %s embedded=%d failed=%d tokens=%d requests=%d rate_limited=%d",
-                column.name,
-                *(totals[name] for name in ("embedded", "failed", "tokens", "requests", "rate_limited")),
-            )
-
-    # --- waiting -------------------------------------------------------------------------------------
     def _connection(self) -> db.Connection | None:
         """The loop's connection (listener.py), LISTENing on every kept column's channel; reopened, every
         column is looked at again (a notification may have been missed)."""
@@ -282,19 +284,17 @@ class Service:
         now = time.monotonic()
         parked = [column.parked_until for column in self.columns.values() if column.parked_until > now]
         deadline = min([self.looked_at + self.settings.poll_seconds, *parked])
-        notified = self.listener.wait(self._channels(), deadline, lambda: bool(self.received), self.tick)
+        notified = self.listener.wait(self._channels(), deadline)
         for column in self.columns.values():
             column.dirty = column.dirty or column.channel in notified
 
-    def _idle(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.received and time.monotonic() < deadline:
-            self.tick()
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-
     def tick(self) -> None:
-        """Between two looks: every lease a step further (never waiting), and the loop's heartbeat."""
+        """Between two looks, and during a pass: every lease a step further (never waiting), the loop's
+        heartbeat; and a pass whose server fails (no request succeeded for SLICE_SECONDS, not for 429s)
+        is cut when other columns are kept."""
         for _, lease in self.keys.values():
             lease.tick()
         self.pulse.tick()
         self.beat = time.monotonic()
+        if self.current is not None and len(self.columns) > 1:
+            self.current.cut_if_stuck(SLICE_SECONDS)

@@ -9,6 +9,7 @@ another model, or through another server."""
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 from psycopg2.extras import RealDictCursor
 
-from . import catalog, db, guard
+from . import catalog, db, guard, logs
 from .errors import EtlError
 from .providers import PROVIDERS, make_provider
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .catalog import Target
@@ -34,6 +37,7 @@ class Kept:
     settings: "Settings | None" = None
     target: "Target | None" = None
     why: str | None = None
+    busy: bool = False  # its table did not answer in time (locked): as it was
 
 
 def providers_by_host(base: "Settings") -> dict[str, str]:
@@ -88,6 +92,8 @@ def _column(conn: db.Connection, base: "Settings", record: dict[str, Any], hosts
         trigger = catalog.tracking_name(target)[1]
         if not catalog.scalar(conn, db.load_sql("sync/tracking_status"), {"relation": relation, "trigger": trigger}):
             return None
+    except psycopg2.errors.QueryCanceled:  # a lock held on the table (VACUUM FULL, a migration): busy, not gone
+        return Kept(name, busy=True)
     except (psycopg2.Error, EtlError) as error:
         return Kept(name, why=db.first_line(error))
     if record["provider"] not in hosts:
@@ -121,16 +127,25 @@ def _extra_body(base: "Settings", recorded: str) -> str | None:
 class Column:
     """One kept column: its settings, its Run (passes of the pool), what the loop knows of its backlog."""
 
-    def __init__(self, kept: Kept, run: "Run", processes: int) -> None:
+    def __init__(self, kept: Kept, run: "Run", processes: int, before: dict[str, int] | None = None) -> None:
         assert kept.settings is not None and kept.target is not None
         self.name, self.settings, self.target, self.run = kept.name, kept.settings, kept.target, run
         self.channel = catalog.tracking_name(kept.target)[1]
+        self.before = before or {}  # the totals of this column's earlier Runs in this process (/metrics)
         self.dirty = True  # rows may wait: look
         self.slice = processes * kept.settings.batch_size * 2  # the first pass is short: its rate sets the next
         self.parked_until = 0.0
+        self.park = 0.0  # the last wait after a failed pass: doubled by the next, until a pass takes rows
+        self.failure: str | None = None  # what the last failed pass said (said once)
+        self.cut = False  # its pass was stopped: no request succeeded for CUT_SECONDS while others wait
         self.waiting: int | None = None  # rows NULL at the last count
         self.waiting_since: float | None = None  # since when rows wait (the last time none did, as seen here)
         self.said: dict[str, int] = {}
+        self.said_at = 0.0
+
+    def totals(self) -> dict[str, int]:
+        """What this process did for the column, its earlier Runs included."""
+        return {name: value + self.before.get(name, 0) for name, value in self.run.totals().items()}
 
     def counted(self, waiting: int) -> None:
         self.waiting = waiting
@@ -138,3 +153,37 @@ class Column:
             self.waiting_since = None
         elif self.waiting_since is None:
             self.waiting_since = time.monotonic()
+
+    def cut_if_stuck(self, seconds: float) -> None:
+        """Stop the pass under way when its server fails (requests failed, not for 429s, and none succeeded
+        for `seconds`): the other columns wait while it does."""
+        shared = self.run.shared
+        if shared is None or shared.stopping():
+            return
+        totals = shared.totals()
+        if totals["retries"] > totals["rate_limited"] and time.monotonic() - self.run.limiter["last_success"] > seconds:
+            self.cut = True
+            shared.request_stop()
+
+    def failed(self, why: str, first: float, most: float) -> None:
+        """A pass that stopped on `why`: wait `first` s, then twice as long after each failure, up to
+        `most`; said once (again at DEBUG)."""
+        self.park = min(most, self.park * 2 or first)
+        self.parked_until = time.monotonic() + self.park
+        with logs.column(self.name):
+            level = logging.DEBUG if why == self.failure else logging.WARNING
+            log.log(level, "column %s: %s; its next turn in %.0f s", self.name, why, self.park)
+        self.failure = why
+
+    def took(self, totals: dict[str, int], every: float) -> None:
+        """A pass that took rows: the failures are over; a line of totals, every `every` s at most."""
+        self.park, self.failure = 0.0, None
+        if self.said and time.monotonic() - self.said_at < every:
+            return
+        self.said_at, self.said = time.monotonic(), totals
+        with logs.column(self.name):
+            log.info(
+                "column %s embedded=%d failed=%d tokens=%d requests=%d rate_limited=%d",
+                self.name,
+                *(totals[name] for name in ("embedded", "failed", "tokens", "requests", "rate_limited")),
+            )
