@@ -122,7 +122,7 @@ def _rows_left(conn: db.Connection, settings: "Settings") -> int:
     a column that holds another provider's or model's vectors is started over."""
     target = catalog.inspect_target(conn, settings)
     held, wanted = guard.column_record(conn, target), guard.column_identity(settings, target)
-    if held is not None and any(held[key] != wanted[key] for key in wanted):
+    if held is not None and guard.differing(held, wanted):
         return 0
     return catalog.count_null(conn, target)
 

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import psycopg2
 from psycopg2.extras import RealDictCursor
@@ -125,11 +126,11 @@ def guard_column(
                 describe_identity(wanted),
             )
         held = column_record(conn, target)  # two runs starting together: the first row in is the record
-    differing = [key for key in wanted if held is not None and held[key] != wanted[key]]
-    if held is not None and differing:
+    different = [] if held is None else differing(held, wanted)
+    if held is not None and different:
         raise ConfigError(
-            f"{target.display}.{target.embedding_column} holds {describe_identity(held, differing)}; this run would "
-            f"add {describe_identity(wanted, differing, 'ones')}. Fill a new column (--embedding-column embedding_v2, "
+            f"{target.display}.{target.embedding_column} holds {describe_identity(held, different)}; this run would "
+            f"add {describe_identity(wanted, different, 'ones')}. Fill a new column (--embedding-column embedding_v2, "
             "created by init --dimensions N) or clear this one first (init --reset-column --yes)"
         )
     return wanted
@@ -145,14 +146,25 @@ def keep_column(conn: db.Connection, settings: "Settings", target: Target) -> st
             record_column(cur, target, wanted, _has_vectors(conn, target))
         conn.commit()
         held = column_record(conn, target) or wanted
-    differing = [key for key in wanted if held[key] != wanted[key]]
-    if differing:
+    different = differing(held, wanted)
+    if different:
         raise ConfigError(
-            f"{target.display}.{target.embedding_column} holds {describe_identity(held, differing)}, not "
-            f"{describe_identity(wanted, differing, 'ones')}: set the settings it was filled with, or clear it first "
+            f"{target.display}.{target.embedding_column} holds {describe_identity(held, different)}, not "
+            f"{describe_identity(wanted, different, 'ones')}: set the settings it was filled with, or clear it first "
             "(init --reset-column --yes)"
         )
     return f"column {target.display}.{target.embedding_column} keeps {describe_identity(held)} (`serve` fills it)"
+
+
+def differing(held: Mapping[str, Any], wanted: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[str]:
+    """The keys (of `wanted`) whose values the record `held` does not have. A provider recorded by its
+    host alone (records made before they kept the port, or at the scheme's own port) is that host at
+    any port."""
+
+    def same(key: str) -> bool:
+        return held[key] == wanted[key] or (key == "provider" and held[key] == urlsplit(f"//{wanted[key]}").hostname)
+
+    return [key for key in (keys or list(wanted)) if not same(key)]
 
 
 def describe_identity(identity: Mapping[str, Any], keys: Sequence[str] | None = None, noun: str = "vectors") -> str:

@@ -29,7 +29,7 @@ def query_vector(
     """The vector of `text` by the configured provider, and the model that made it; refused when
     the column holds vectors of another model or dimension count (they would not compare)."""
     held, wanted = guard.column_record(conn, target), guard.column_identity(settings, target)
-    differing = [key for key in ("model", "dimensions") if held is not None and held[key] != wanted[key]]
+    differing = [] if held is None else guard.differing(held, wanted, ("model", "dimensions"))
     if held is not None and differing:  # vectors of two models are not comparable: the nearest rows would be noise
         raise ConfigError(
             f"{target.display}.{target.embedding_column} holds {guard.describe_identity(held, differing)}; "

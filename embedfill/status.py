@@ -10,7 +10,7 @@ from psycopg2 import sql
 
 from . import catalog, db, guard, indexes, logs
 from .errors import EXIT_OK, DatabaseError
-from .tracked import providers_by_host
+from .tracked import provider_for, providers_by_host
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -65,7 +65,7 @@ def show_status(settings: "Settings", out: TextIO, top: int = 5, as_json: bool =
             host = record["provider"]
             serve = (
                 "fills it"
-                if host in providers_by_host(settings)
+                if provider_for(host, providers_by_host(settings))
                 else f"leaves it alone: no provider is configured for {host} (set its URL and key)"
             )
         from .batches import status_lines  # imported here: batches pulls in the driver, which status needs not

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 import numpy as np
 import psycopg2
@@ -263,7 +264,8 @@ class WorkerStore:
     def _confirm(self, cur: Cursor, identity: Mapping[str, Any]) -> None:
         """The first vectors of this connection: the column's record must say what they are (it is made
         at the start of the run, and confirmed here, in the same transaction as the vectors)."""
-        cur.execute(load_sql("guard/confirm_column"), {**self.keys, **identity})
+        host = urlsplit(f"//{identity['provider']}").hostname or identity["provider"]
+        cur.execute(load_sql("guard/confirm_column"), {**self.keys, **identity, "provider_host": host})
         if cur.fetchone() is None:
             raise ConfigError(
                 f"etl_columns no longer says that {self.target.display}.{self.target.embedding_column} holds "

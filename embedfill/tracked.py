@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import psycopg2
 from psycopg2.extras import RealDictCursor
@@ -54,6 +55,14 @@ def providers_by_host(base: "Settings") -> dict[str, str]:
     return hosts
 
 
+def provider_for(recorded: str, hosts: dict[str, str]) -> str | None:
+    """The configured provider (of `providers_by_host`) at the host a record names; a host recorded
+    without its port (records made before they kept it) is any configured port of that host."""
+    return hosts.get(recorded) or next(
+        (name for host, name in hosts.items() if urlsplit(f"//{host}").hostname == recorded), None
+    )
+
+
 def discover(conn: db.Connection, base: "Settings") -> list[Kept]:
     """Every tracked column, with the settings that fill it or why it is left alone (autocommit `conn`)."""
     hosts = providers_by_host(base)
@@ -85,7 +94,7 @@ def _column(conn: db.Connection, base: "Settings", record: dict[str, Any], hosts
             model=record["model"],
             dimensions=None,
             extra_body=None,
-            provider=hosts.get(record["provider"], base.provider),
+            provider=provider_for(record["provider"], hosts) or base.provider,
         )
         target = catalog.inspect_target(conn, settings)
         relation = catalog.relation_literal(conn, target.name_parts)
@@ -96,7 +105,7 @@ def _column(conn: db.Connection, base: "Settings", record: dict[str, Any], hosts
         return Kept(name, busy=True)
     except (psycopg2.Error, EtlError) as error:
         return Kept(name, why=db.first_line(error))
-    if record["provider"] not in hosts:
+    if provider_for(record["provider"], hosts) is None:
         return Kept(
             name,
             why=f"no provider is configured for {record['provider']}, which filled it (set its URL and key in "

@@ -217,6 +217,11 @@ class FakeOpenAI:
     def base_url(self):
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
+    @property
+    def host(self):
+        """Where it listens, as the model guard records a provider: host:port."""
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
     def stop(self):
         if self.server:
             self.server.shutdown()

@@ -35,7 +35,7 @@ def test_every_row_right_through_azure(etl, db, azure_env):
     # priced as the model the deployment serves, not as an unknown model called "emb-small"
     with db.cursor() as cur:  # the model guard knows the column by the model and the Azure resource's host
         cur.execute("SELECT model, provider FROM etl_columns")
-        assert cur.fetchall() == [("text-embedding-3-small", "127.0.0.1")]
+        assert cur.fetchall() == [("text-embedding-3-small", etl.fake.host)]
     summary = dict(pair.split("=") for pair in result.stdout.split()[1:])
     assert summary["cost_usd"] == f"{int(summary['tokens']) * 0.02 / 1e6:.4f}" != "0.0000"
 

@@ -46,7 +46,7 @@ def counts(db):
         (
             [],
             {"ETL_PROVIDER": "local"},
-            f"foods.embedding holds {SMALL} from 127.0.0.1; this run would add local-hashing ones from local.",
+            f"foods.embedding holds {SMALL} from FAKE; this run would add local-hashing ones from local.",
         ),
         (["--dry-run"], {"EMBEDDING_MODEL": "text-embedding-3-large"}, "this run would add text-embedding-3-large"),
         (["verify"], {"EMBEDDING_MODEL": "text-embedding-3-large"}, "this run would add text-embedding-3-large"),
@@ -57,12 +57,12 @@ def test_another_model_provider_or_recipe_is_refused_before_any_request(etl, db,
     first = etl.run("--limit", "20", **env_for_table(**DIMS))
     assert first.returncode == 0, first.stderr
     held = record(db)
-    assert held == [("text-embedding-3-small", 8, "127.0.0.1", ["name", "category", "description"], False)]
+    assert held == [("text-embedding-3-small", 8, etl.fake.host, ["name", "category", "description"], False)]
     requests = etl.fake.requests
 
     refused = etl.run(*verb, **{**env_for_table(**DIMS), **change})
     assert refused.returncode == 1, refused.stderr
-    assert message in refused.stderr
+    assert message.replace("FAKE", etl.fake.host) in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and refused.stdout == ""
     assert etl.fake.requests == requests  # no request sent
     assert counts(db) == (20, 20) and record(db) == held  # nothing written
@@ -89,9 +89,9 @@ def test_a_column_with_vectors_of_unknown_origin_is_adopted_with_a_warning(etl, 
     assert first.returncode == 0, first.stderr
     assert (
         "foods.embedding already held vectors when this tool first saw it: recorded as text-embedding-3-small "
-        "vectors of 8 dimensions from 127.0.0.1 (text: name,category,description), but their origin is unknown"
+        f"vectors of 8 dimensions from {etl.fake.host} (text: name,category,description), but their origin is unknown"
     ) in first.stderr
-    assert record(db) == [("text-embedding-3-small", 8, "127.0.0.1", ["name", "category", "description"], True)]
+    assert record(db) == [("text-embedding-3-small", 8, etl.fake.host, ["name", "category", "description"], True)]
     assert etl.fake.inputs == 20
     embedded, null = check_table(db)
     assert len(embedded) == 30 and null == []
@@ -100,7 +100,7 @@ def test_a_column_with_vectors_of_unknown_origin_is_adopted_with_a_warning(etl, 
     assert again.returncode == 0 and "origin is unknown" not in again.stderr
     status = etl.run("status", **env_for_table())
     assert (
-        "column foods.embedding holds text-embedding-3-small vectors of 8 dimensions from 127.0.0.1 "
+        f"column foods.embedding holds text-embedding-3-small vectors of 8 dimensions from {etl.fake.host} "
         "(text: name,category,description) (recorded "
     ) in status.stdout
     assert "; vectors already there then: origin unknown)" in status.stdout
@@ -144,7 +144,7 @@ def test_reset_column_clears_vectors_record_and_failures_then_another_model_fill
     large = etl.run("--limit", "30", **env_for_table(EMBEDDING_MODEL="text-embedding-3-large", **DIMS))
     assert large.returncode == 0, large.stderr
     assert "origin is unknown" not in large.stderr
-    assert record(db)[0][:3] == ("text-embedding-3-large", 8, "127.0.0.1")
+    assert record(db)[0][:3] == ("text-embedding-3-large", 8, etl.fake.host)
     embedded, _ = check_table(db)
     assert len(embedded) == 30
 
@@ -155,7 +155,7 @@ def test_the_demo_forgets_its_record_when_it_recreates_its_table(etl, db):
     assert record(db, "embedfill_demo") == [("local-hashing", 256, "local", ["name", "category", "description"], False)]
     keyed = etl.run("demo", "--rows", "50", **DIMS)
     assert keyed.returncode == 0, keyed.stderr
-    assert record(db, "embedfill_demo")[0][:3] == ("text-embedding-3-small", 8, "127.0.0.1")
+    assert record(db, "embedfill_demo")[0][:3] == ("text-embedding-3-small", 8, etl.fake.host)
     embedded, null = check_table(db, table="embedfill_demo")
     assert len(embedded) == 50 and null == []
     assert etl.fake.inputs == 50

@@ -40,7 +40,7 @@ def test_a_run_fills_every_row_through_api_embed(etl, db):
     assert numbers["embedded"] == "300" and numbers["retries"] == "2"
     assert int(numbers["tokens"]) == fake.tokens_served > 0  # prompt_eval_count, summed
     # the model guard knows the column by the model and the Ollama server's host, never a key
-    assert record(db) == [("tiny-embed", 8, "127.0.0.1", ["name", "category", "description"], False)]
+    assert record(db) == [("tiny-embed", 8, etl.fake.host, ["name", "category", "description"], False)]
 
     embedded_one = run(etl, "embed", "김치찌개")  # the admin verbs go through the same provider
     assert embedded_one.returncode == 0, embedded_one.stderr

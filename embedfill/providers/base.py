@@ -110,8 +110,14 @@ class Provider(ABC):
 
     @property
     def host(self) -> str:
-        """Its identity for the model guard: the endpoint's host, never the key."""
-        return urlsplit(self.endpoint).hostname or self.endpoint
+        """Its identity for the model guard: the endpoint's host, and its port unless the scheme's own
+        (two servers of one machine are two providers), never the key."""
+        parts = urlsplit(self.endpoint)
+        if not parts.hostname:
+            return self.endpoint
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        default = {"http": 80, "https": 443}.get(parts.scheme)
+        return host if parts.port in (None, default) else f"{host}:{parts.port}"
 
     @property
     def quota_key(self) -> str:
