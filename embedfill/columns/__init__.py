@@ -24,11 +24,11 @@ class ColumnType:
     largest: float | None = None  # the largest finite value the type holds (None: float32's)
     distance: str = "<=>"  # the cosine distance operator, for `search`
 
-    def binary(self, vectors: np.ndarray) -> list[bytes]:
-        """Each row of a float32 matrix in the type's binary format (what COPY ... FORMAT binary and
-        pgvector's send/recv functions read): int16 dimensions, int16 unused, the values."""
-        head = np.array([vectors.shape[1], 0], dtype=">u2").tobytes()
-        return [head + row.tobytes() for row in vectors.astype(self.dtype)]
+    def binary(self, vectors: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """A float32 matrix in the type's binary format (what COPY ... FORMAT binary and pgvector's
+        send/recv functions read): the head of every row (int16 dimensions, int16 unused), and the
+        values, a row each. Apart, so that a row's values are copied once, into the COPY's chunk."""
+        return struct.pack(">HH", vectors.shape[1], 0), vectors.astype(self.dtype)
 
     def holds(self, vectors: np.ndarray) -> np.ndarray:
         """Which rows the type can store: finite values within its range."""
@@ -77,16 +77,17 @@ def copy_chunks(
     sent as NULL."""
     yield _COPY_HEADER
     size = np.dtype(kind.dtype).itemsize * vectors.shape[1] + 4  # the vector field: its header, its values
-    length = struct.pack(">i", size)
     per_chunk = max(1, COPY_CHUNK_BYTES // (size + 96))
     null = struct.pack(">i", -1)
     for start in range(0, len(row_ids), per_chunk):
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         end = start + per_chunk
-        for row_id, digest, field in zip(row_ids[start:end], hashes[start:end], kind.binary(vectors[start:end])):
+        head, values = kind.binary(vectors[start:end])
+        field = struct.pack(">i", size) + head
+        for row_id, digest, row in zip(row_ids[start:end], hashes[start:end], values):
             encoded = row_id.encode("utf-8")
             hashed = null if digest is None else struct.pack(">iq", 8, digest)
-            parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, length, field)
+            parts += (struct.pack(">hi", 3, len(encoded)), encoded, hashed, field, row.data)  # a view: join copies it
         yield b"".join(parts)
     yield _COPY_TRAILER
 
