@@ -123,14 +123,14 @@ class Service:
             self.tick()
             if time.monotonic() - self.looked_at >= self.settings.poll_seconds:
                 self.look()
-            served = False
-            names = list(self.columns)
+            served, names = False, list(self.columns)
             for index in range(len(names)):
                 column = self.columns.get(names[(self.turn + index) % len(names)])
                 if self.received:
                     return
                 if column is None or not column.dirty or column.parked_until > time.monotonic():
                     continue
+                self.tick()  # a probe of a locked table takes LOOK_TIMEOUT: the lease and /healthz go on
                 served = self.give_slice(column) or served
             self.turn += 1
             if not served and not self.received:
@@ -261,8 +261,8 @@ class Service:
             return
         try:
             column.counted(catalog.count_null(conn, column.target))
-        except psycopg2.errors.QueryCanceled:
-            pass
+        except psycopg2.errors.QueryCanceled:  # its table is locked: no probe of it for a while either
+            column.parked_until = time.monotonic() + BUSY_SECONDS
         except (psycopg2.Error, EtlError) as error:
             self.listener.away(error)
 
