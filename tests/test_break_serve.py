@@ -221,23 +221,18 @@ def test_mixed_case_schema_and_table_with_uuid_and_text_ids(etl, db):
     track(etl, "Codes")
     port = free_port()
     run = serve(etl, port)
+
+    def filled():
+        return all(
+            execute(db, f"SELECT count(*) FROM {table} WHERE embedding IS NULL")[0][0] == 0
+            for table in ('"Sales"."Order Items"', '"Codes"')
+        )
+
     try:
-        assert wait_for(
-            lambda: (
-                execute(db, 'SELECT count(*) FROM "Sales"."Order Items" WHERE embedding IS NULL')[0][0] == 0
-                and execute(db, 'SELECT count(*) FROM "Codes" WHERE embedding IS NULL')[0][0] == 0
-            ),
-            timeout=40,
-        ), run.stderr
+        assert wait_for(filled, timeout=40), run.stderr
         execute(db, "INSERT INTO \"Sales\".\"Order Items\" (name, category) VALUES ('late', 'c')")
         execute(db, "UPDATE \"Codes\" SET name = 'edited' WHERE id = 'code-0007'")
-        assert wait_for(
-            lambda: (
-                execute(db, 'SELECT count(*) FROM "Sales"."Order Items" WHERE embedding IS NULL')[0][0] == 0
-                and execute(db, 'SELECT count(*) FROM "Codes" WHERE embedding IS NULL')[0][0] == 0
-            ),
-            timeout=20,
-        ), run.stderr
+        assert wait_for(filled, timeout=20), run.stderr
         seen = metrics(port)
     finally:
         _, err = stop(run)
