@@ -27,6 +27,7 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, DatabaseGone, EtlError
 from .guard import describe_identity
 from .lease import SERVE_TABLES, Beat, Lease, end_dead_runs
 from .listener import Listener
+from .parser import command_name
 from .passes import Run
 from .progress import Progress
 from .providers import make_provider
@@ -83,18 +84,8 @@ class Service:
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         http = metrics.start(self, self.settings.http) if self.settings.http else None
         said = f"; /healthz and /metrics on http://{self.settings.http}" if http else ""
-        where, workers, poll = (
-            db.describe_url(self.settings.database_url),
-            self.settings.workers,
-            self.settings.poll_seconds,
-        )
-        log.info(
-            "serving the tracked columns of %s: %d requests in flight at most, a look every %g s%s",
-            where,
-            workers,
-            poll,
-            said,
-        )
+        where, workers = db.describe_url(self.settings.database_url), self.settings.workers
+        log.info("serving the tracked columns of %s, %d requests in flight at most%s", where, workers, said)
         try:
             self.loop()
         finally:
@@ -147,6 +138,8 @@ class Service:
         except (psycopg2.Error, EtlError) as error:
             self.listener.away(error)
             return
+        if not found and self.looked_at == -math.inf:  # the first look: say how to give it a column
+            log.info("no tracked column yet: `%s init --track-changes --table T --text-columns A,B`", command_name())
         self.looked_at = time.monotonic()
         names = set()
         for kept in found:
@@ -243,15 +236,14 @@ class Service:
         elif run.fatal is not None:
             column.failed(str(run.fatal), PARK_SECONDS, PARK_MOST)
         elif column.cut:
-            why = (
-                f"no request succeeded for {SLICE_SECONDS:g} s while other columns wait (its server's errors are above)"
-            )
+            why = f"no request succeeded for {SLICE_SECONDS:g} s while others waited (its server's errors are above)"
             column.failed(why, CUT_SECONDS, CUT_MOST)
         elif took:
             column.took(column.totals(), SAY_SECONDS)
             column.slice = max(self.processes * column.settings.batch_size, round(took / elapsed * SLICE_SECONDS))
         run.fatal = None
-        column.dirty = took > 0  # rows claimed by another run: wait for a notification or the next look
+        # A failed pass's column goes again when its wait ends; rows claimed by another run: at a notification or look
+        column.dirty = took > 0 or column.parked_until > time.monotonic()
         return took > 0
 
     def _count(self, column: Column) -> None:

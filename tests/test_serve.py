@@ -265,6 +265,7 @@ def test_with_nothing_to_keep_it_waits_healthy(etl, db):
     finally:
         _, err = stop(run)
     assert run.returncode == 143, err
+    assert "no tracked column yet: `python etl.py init --track-changes --table T --text-columns A,B`" in err
 
 
 def test_an_untracked_column_is_let_go(etl, db):
